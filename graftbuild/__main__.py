@@ -1,0 +1,3 @@
+from graftbuild.cli import main
+
+main()

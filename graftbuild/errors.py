@@ -1,0 +1,22 @@
+"""Errors with an exit code: user errors (2) and build failures (1).
+
+Anything a user can fix (a recipe value, a path, a file that is not what it should be) raises
+``UserError``; a step that fails while building raises ``BuildError``. The CLI prints the message
+as one line and exits with the code; ``--debug`` shows the traceback.
+"""
+
+
+class GraftbuildError(Exception):
+    exit_code = 1
+
+
+class UserError(GraftbuildError):
+    """Bad input: the recipe, a path, a model folder. Exit code 2."""
+
+    exit_code = 2
+
+
+class BuildError(GraftbuildError):
+    """A step failed while building. Exit code 1."""
+
+    exit_code = 1
