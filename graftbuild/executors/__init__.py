@@ -1,0 +1,5 @@
+"""Executors run a stale node's step; the scheduler decides which nodes and in what order."""
+
+from graftbuild.executors.local import LocalExecutor
+
+EXECUTORS = {"local": LocalExecutor}

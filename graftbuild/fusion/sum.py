@@ -1,0 +1,32 @@
+"""``sum``: task arithmetic, θ + Σ wᵢ Δ̂ᵢ in the declared order."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from graftbuild.fusion.base import StrategyParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SumStrategy:
+    name: ClassVar[str] = "sum"
+    version: ClassVar[int] = 1
+
+    class Params(StrategyParams):
+        pass
+
+    def combine(
+        self,
+        base: torch.Tensor,
+        deltas: list[torch.Tensor | None],
+        weights: list[float],
+        params: StrategyParams,
+        tensor_name: str,
+    ) -> torch.Tensor:
+        out = base.clone()
+        for delta, w in zip(deltas, weights, strict=True):
+            if delta is not None:
+                out.add_(delta, alpha=w)
+        return out

@@ -1,0 +1,197 @@
+"""The planner: a recipe becomes a networkx DAG of nodes, each with what goes into its key.
+
+Node ids are what users type on the command line: ``base``, ``source:NAME``, ``pack:NAME``,
+``fuse:NAME``, ``eval:NAME``. A node names its step (the pure function that builds it), its
+normalised config, its upstream nodes (``deps``, by role) and the external files it reads
+(``files``, by role). Those, with the step's version, are everything its key is made of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from graftbuild.errors import UserError
+from graftbuild.recipe import Recipe
+
+
+@dataclass
+class Node:
+    id: str
+    step: str
+    """Step name in ``graftbuild.steps.STEPS``; "input" for a folder the user provides."""
+    config: dict[str, Any] = field(default_factory=dict)
+    deps: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    """Key part -> the words that explain a change in it ("config.profile", "dep:source", ...)."""
+    output: Path | None = None
+    """Where the built artifact is materialised for the user (None: stays in the cache)."""
+    path: Path | None = None
+    """For an input node: the user's folder."""
+
+    @property
+    def kind(self) -> str:
+        return self.id.split(":", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.split(":", 1)[-1]
+
+    @property
+    def is_input(self) -> bool:
+        return self.step == "input"
+
+
+@dataclass
+class BuildGraph:
+    recipe: Recipe
+    graph: nx.DiGraph
+
+    def node(self, node_id: str) -> Node:
+        return self.graph.nodes[node_id]["node"]
+
+    def order(self, targets: list[str] | None = None) -> list[Node]:
+        """Nodes in a deterministic topological order, restricted to ``targets`` and their
+        ancestors when given."""
+        g = self.graph
+        if targets:
+            missing = [t for t in targets if t not in g]
+            if missing:
+                import difflib
+
+                hints = [difflib.get_close_matches(t, list(g), n=1) for t in missing]
+                hint = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
+                raise UserError(f"unknown target(s) {missing}{hint}; nodes: {sorted(g)}")
+            keep = set(targets)
+            for t in targets:
+                keep |= nx.ancestors(g, t)
+            g = g.subgraph(keep)
+        return [self.node(n) for n in nx.lexicographical_topological_sort(g)]
+
+
+def build_graph(recipe: Recipe) -> BuildGraph:
+    out = recipe.project.out or recipe.root / "out"
+    nodes: list[Node] = []
+
+    base = recipe.base
+    if base.path is not None:
+        nodes.append(Node("base", "input", path=base.path, labels={"output": "base model changed"}))
+    else:
+        nodes.append(
+            Node(
+                "base",
+                "init",
+                config={"seed": base.seed, "dtype": base.dtype},
+                files={"config": base.config, "tokenizer": base.tokenizer},  # type: ignore[dict-item]
+                labels={
+                    "file:config": "base model config changed",
+                    "file:tokenizer": "base tokenizer changed",
+                    "config.seed": "base init seed changed",
+                    "config.dtype": "base dtype changed",
+                },
+                output=out / "base",
+            )
+        )
+
+    for name, src in recipe.sources.items():
+        sid = f"source:{name}"
+        if src.path is not None:
+            nodes.append(
+                Node(sid, "input", path=src.path, labels={"output": f"source '{name}' weights changed"})
+            )
+        else:
+            assert src.finetune is not None
+            ft = src.finetune.model_dump(mode="json", exclude={"data"})
+            nodes.append(
+                Node(
+                    sid,
+                    "finetune",
+                    config={"train": ft},
+                    deps={"base": "base"},
+                    files={"data": src.finetune.data},
+                    labels={
+                        "file:data": f"source '{name}' training data changed",
+                        "config.train": f"source '{name}' finetune settings changed",
+                        "dep:base": "base model changed",
+                    },
+                    output=out / "sources" / name,
+                )
+            )
+        nodes.append(
+            Node(
+                f"pack:{name}",
+                "pack",
+                config={"profile": recipe.profile(src.compression).normalised()},
+                deps={"base": "base", "source": sid},
+                labels={
+                    "config.profile": f"compression profile '{src.compression}' changed",
+                    "dep:source": f"source '{name}' weights changed",
+                    "dep:base": "base model changed",
+                },
+                output=out / "packs" / name,
+            )
+        )
+
+    for f in recipe.fuse:
+        deps = {"base": "base"} | {f"pack.{i}": f"pack:{p}" for i, p in enumerate(f.packs)}
+        labels = {
+            "config.packs": "fusion order changed",
+            "config.weights": "fusion weights changed",
+            "config.strategy": "fusion strategy changed",
+            "config.options": "fusion options changed",
+            "config.shard_size": "shard size changed",
+            "dep:base": "base model changed",
+        } | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)}
+        nodes.append(
+            Node(
+                f"fuse:{f.name}",
+                "fuse",
+                config={
+                    "packs": f.packs,
+                    "weights": f.weight_list(),
+                    "strategy": f.strategy,
+                    "options": f.options,
+                    "shard_size": f.shard_size,
+                },
+                deps=deps,
+                labels=labels,
+                output=f.output or out / "fused" / f.name,
+            )
+        )
+
+    for e in recipe.eval:
+        datasets = sorted(e.data)
+        nodes.append(
+            Node(
+                f"eval:{e.name}",
+                "eval",
+                config={
+                    "models": e.models,
+                    "datasets": datasets,
+                    "field": e.field,
+                    "seq_len": e.seq_len,
+                    "batch_size": e.batch_size,
+                },
+                deps={f"model.{i}": m for i, m in enumerate(e.models)},
+                files={f"data.{d}": e.data[d] for d in datasets},
+                labels={f"dep:model.{i}": f"model {m} changed" for i, m in enumerate(e.models)}
+                | {f"file:data.{d}": f"eval data '{d}' changed" for d in datasets}
+                | {"config.models": "evaluated models changed"},
+                output=out / "evals" / e.name,
+            )
+        )
+
+    g = nx.DiGraph()
+    for n in nodes:
+        g.add_node(n.id, node=n)
+    for n in nodes:
+        for dep in n.deps.values():
+            g.add_edge(dep, n.id)
+    if not nx.is_directed_acyclic_graph(g):
+        cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
+        raise UserError(f"{recipe.path}: the recipe's nodes form a cycle: {cycle}")
+    return BuildGraph(recipe, g)

@@ -1,0 +1,149 @@
+"""Content hashes (xxh3-128) of bytes, files and folders, and the stat cache that avoids re-reading.
+
+A file's hash is reused without reading it while its (size, mtime_ns, ctime_ns, inode) are
+unchanged. ctime is part of the signature because tools that restore mtimes (rsync -t, tar,
+``touch -d``) would otherwise hide a change; ctime cannot be set from user space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+CHUNK = 1 << 23  # 8 MiB reads: large enough to run at memory/disk speed
+
+
+def hash_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """A stable byte encoding of JSON-able data: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def hash_obj(obj: Any) -> str:
+    return hash_bytes(canonical_json(obj))
+
+
+def hash_file(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def is_tracked(rel: str) -> bool:
+    """Which files of a folder count towards its content hash.
+
+    Hidden files (our own markers among them) and markdown (model cards, READMEs) do not change
+    what a model computes, so they are left out.
+    """
+    parts = rel.split("/")
+    return not any(p.startswith(".") for p in parts) and not rel.endswith(".md")
+
+
+def iter_files(root: Path, keep: Callable[[str], bool] = is_tracked) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of the regular files under ``root``, sorted, filtered."""
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if keep(rel) and p.is_file():
+                out.append((rel, p))
+    return iter(sorted(out))
+
+
+@dataclass
+class TreeHash:
+    """A folder's hash and the per-file hashes it was made of (for saying what changed)."""
+
+    digest: str
+    files: dict[str, str]
+
+
+def combine(files: dict[str, str]) -> str:
+    return hash_obj(sorted(files.items()))
+
+
+@dataclass
+class StatCache:
+    """Maps an absolute path to (stat signature, hash); persisted as JSON in the cache folder.
+
+    ``hashed`` lists the files actually read during this process: tests use it to show that a
+    no-op build reads no weight file.
+    """
+
+    path: Path | None = None
+    entries: dict[str, list[Any]] = field(default_factory=dict)
+    hashed: list[Path] = field(default_factory=list)
+    dirty: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> StatCache:
+        try:
+            entries = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            entries = {}
+        return cls(path=path, entries=entries if isinstance(entries, dict) else {})
+
+    def file(self, path: Path) -> str:
+        path = Path(os.path.abspath(path))
+        st = path.stat()
+        sig = _signature(st)
+        key = str(path)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        digest = hash_file(path)
+        self.hashed.append(path)
+        self.entries[key] = [sig, digest]
+        self.dirty = True
+        return digest
+
+    def tree(self, root: Path, keep: Callable[[str], bool] = is_tracked) -> TreeHash:
+        files = {rel: self.file(p) for rel, p in iter_files(root, keep)}
+        return TreeHash(combine(files), files)
+
+    def input_hash(self, path: Path) -> TreeHash:
+        """Hash of a declared input: a single file or a folder."""
+        if path.is_dir():
+            return self.tree(path)
+        return TreeHash(self.file(path), {path.name: self.file(path)})
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        # Merge with what another process may have written since we loaded.
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            on_disk = {}
+        if isinstance(on_disk, dict):
+            on_disk.update(self.entries)
+            self.entries = on_disk
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries, sort_keys=True))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def tree_hash_uncached(root: Path) -> TreeHash:
+    """Hash of a folder read in full (for objects freshly written by a step)."""
+    files = {rel: hash_file(p) for rel, p in iter_files(root)}
+    return TreeHash(combine(files), files)

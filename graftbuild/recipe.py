@@ -1,0 +1,303 @@
+"""The recipe: a TOML file validated by pydantic models (unknown keys are errors).
+
+Relative paths resolve against the recipe file's folder. Every user mistake becomes a
+``UserError`` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from graftbuild.compress.profiles import DEFAULT_PROFILE
+from graftbuild.errors import UserError
+
+ROLE_NAMES = ("embed", "head", "attn", "mlp", "norm", "other")
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    root = (info.context or {}).get("root")
+    path = Path(value).expanduser()
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    return path.resolve() if root is not None else path
+
+
+RelPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectSpec(Model):
+    name: str = Field(min_length=1)
+    version: str = "0.0.0"
+    cache: RelPath | None = None
+    """Cache folder (default: ``cache`` beside the recipe; ``--cache`` and GRAFTBUILD_CACHE win)."""
+    out: RelPath | None = None
+    """Where built artifacts are materialised (default: ``out`` beside the recipe)."""
+
+
+class BaseSpec(Model):
+    path: RelPath | None = None
+    config: RelPath | None = None
+    tokenizer: RelPath | None = None
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaseSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give either `path` (a model folder) or `config` + `tokenizer`")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("`config` needs `tokenizer` (a tokenizer folder)")
+        if self.path is not None and self.tokenizer is not None:
+            raise ValueError("`tokenizer` goes with `config`; a model folder carries its own")
+        return self
+
+
+class FinetuneSpec(Model):
+    data: RelPath
+    field: str = "text"
+    """For .jsonl data: the field holding each example's text."""
+    steps: int = Field(gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seq_len: int = Field(default=64, gt=1)
+    seed: int = 0
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class SourceSpec(Model):
+    path: RelPath | None = None
+    finetune: FinetuneSpec | None = None
+    compression: str = "default"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSpec:
+        if (self.path is None) == (self.finetune is None):
+            raise ValueError("give either `path` (a model folder) or `finetune = {...}`")
+        return self
+
+
+def normalise_codec(spec: Any) -> dict[str, Any]:
+    """A codec spec with its defaults filled in: {"method": ..., **params}."""
+    from graftbuild.compress.codecs import parse_spec
+
+    if isinstance(spec, str):
+        spec = {"method": spec}
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ValueError('expected a table with a `method`, e.g. { method = "lowrank" }')
+    codec, params = parse_spec(spec)
+    return {"method": codec.name, **params.model_dump(mode="json")}
+
+
+class CompressionProfile(Model):
+    embed: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["embed"]))
+    head: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["head"]))
+    attn: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["attn"]))
+    mlp: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["mlp"]))
+    norm: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["norm"]))
+    other: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["other"]))
+    roles: dict[str, Literal["embed", "head", "attn", "mlp", "norm", "other"]] = Field(
+        default_factory=dict
+    )
+    """Regex -> role overrides, tried before the built-in name patterns."""
+
+    @field_validator("embed", "head", "attn", "mlp", "norm", "other", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> dict[str, Any]:
+        return normalise_codec(v)
+
+    @field_validator("roles")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"bad regular expression {pattern!r}: {e}") from e
+        return v
+
+    def normalised(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class FuseSpec(Model):
+    name: str = Field(min_length=1)
+    packs: list[str] = Field(min_length=1)
+    """Fusion order."""
+    strategy: str = "sum"
+    weights: dict[str, float] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Strategy-specific parameters (validated by the strategy)."""
+    output: RelPath | None = None
+    shard_size: int = Field(default=2_000_000_000, gt=0)
+    """Largest weight shard in bytes; bigger models are split HF-style with an index."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FuseSpec:
+        from graftbuild.fusion import parse_strategy
+
+        if len(set(self.packs)) != len(self.packs):
+            raise ValueError(f"`packs` lists a pack twice: {self.packs}")
+        unknown = sorted(set(self.weights) - set(self.packs))
+        if unknown:
+            raise ValueError(f"`weights` names packs not in `packs`: {unknown}")
+        self.options = parse_strategy(self.strategy, self.options)
+        return self
+
+    def weight_list(self) -> list[float]:
+        return [float(self.weights.get(p, 1.0)) for p in self.packs]
+
+
+class EvalSpec(Model):
+    name: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    """Node ids to evaluate: "base", "source:NAME", "fuse:NAME"."""
+    data: dict[str, RelPath] = Field(min_length=1)
+    """Dataset name -> held-out text or jsonl file."""
+    field: str = "text"
+    seq_len: int = Field(default=64, gt=1)
+    batch_size: int = Field(default=16, gt=0)
+
+
+class Recipe(Model):
+    project: ProjectSpec
+    base: BaseSpec
+    compression: dict[str, CompressionProfile] = Field(default_factory=dict)
+    sources: dict[str, SourceSpec] = Field(min_length=1)
+    fuse: list[FuseSpec] = Field(default_factory=list)
+    eval: list[EvalSpec] = Field(default_factory=list)
+
+    # Filled by load_recipe, not part of the TOML.
+    path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Recipe:
+        profiles = set(self.compression) | {"default"}
+        for name, src in self.sources.items():
+            if src.compression not in profiles:
+                raise ValueError(
+                    f"sources.{name}.compression: no profile {src.compression!r}"
+                    f"{_suggest(src.compression, profiles)}; defined: {sorted(profiles)}"
+                )
+        seen: set[str] = set()
+        for i, f in enumerate(self.fuse):
+            if f.name in seen:
+                raise ValueError(f"fuse[{i}].name: duplicate fuse name {f.name!r}")
+            seen.add(f.name)
+            for p in f.packs:
+                if p not in self.sources:
+                    raise ValueError(
+                        f"fuse[{i}].packs: no source {p!r}{_suggest(p, self.sources)}"
+                    )
+        nodes = self.model_ids()
+        seen = set()
+        for i, e in enumerate(self.eval):
+            if e.name in seen:
+                raise ValueError(f"eval[{i}].name: duplicate eval name {e.name!r}")
+            seen.add(e.name)
+            for m in e.models:
+                if m not in nodes:
+                    raise ValueError(
+                        f"eval[{i}].models: {m!r} is not a model node{_suggest(m, nodes)}; "
+                        f"models are: {sorted(nodes)}"
+                    )
+        return self
+
+    def model_ids(self) -> set[str]:
+        return (
+            {"base"} | {f"source:{s}" for s in self.sources} | {f"fuse:{f.name}" for f in self.fuse}
+        )
+
+    def profile(self, name: str) -> CompressionProfile:
+        return self.compression.get(name) or CompressionProfile()
+
+    @property
+    def root(self) -> Path:
+        assert self.path is not None
+        return self.path.parent
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the table at ``loc`` (for suggesting a fix to an unknown key)."""
+    children: dict[tuple[type, str], tuple[type, bool]] = {
+        # (parent, key) -> (child model, whether a name or index comes between)
+        (Recipe, "project"): (ProjectSpec, False),
+        (Recipe, "base"): (BaseSpec, False),
+        (Recipe, "compression"): (CompressionProfile, True),
+        (Recipe, "sources"): (SourceSpec, True),
+        (Recipe, "fuse"): (FuseSpec, True),
+        (Recipe, "eval"): (EvalSpec, True),
+        (SourceSpec, "finetune"): (FinetuneSpec, False),
+    }
+    cls: type = Recipe
+    parts = iter(loc)
+    for part in parts:
+        if (cls, part) not in children:
+            return []
+        cls, keyed = children[(cls, part)]
+        if keyed:
+            next(parts, None)
+    return [f for f in cls.model_fields if not (cls is Recipe and f == "path")]
+
+
+def _format_errors(file: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            msg = f"unknown key {key!r}{_suggest(key, _fields_at(loc[:-1]))}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(
+                e["input"], dict | list
+            ):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{file}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path).resolve()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; give the recipe's .toml file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+    try:
+        recipe = Recipe.model_validate(data, context={"root": path.parent})
+    except ValidationError as e:
+        raise UserError(_format_errors(path, e)) from None
+    recipe.path = path
+    return recipe

@@ -1,0 +1,242 @@
+"""The scheduler: walks the DAG in topological order, asks the rebuilder whether each node is up
+to date, hands stale ones to an executor, and records what it did.
+
+``plan`` answers without building: a node below a stale one is reported stale because its inputs
+are not known yet (it may still be reused through early cutoff when ``make`` runs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from graftbuild.errors import UserError
+from graftbuild.graph import BuildGraph, Node, build_graph
+from graftbuild.progress import NullReporter, Reporter
+from graftbuild.rebuilder import explain, explain_input, key_parts
+from graftbuild.recipe import Recipe
+from graftbuild.steps.base import BuildSettings, StepContext
+from graftbuild.store import MARKER, Store
+
+State = Literal["fresh", "stale"]
+
+
+@dataclass
+class NodeResult:
+    id: str
+    state: State
+    reasons: list[str] = field(default_factory=list)
+    key: str | None = None
+    output_hash: str | None = None
+    action: str | None = None
+    """After make: "built", "reused" or "restored" (re-materialised from the cache)."""
+    output: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "reasons": self.reasons}
+
+
+@dataclass
+class MakeResult:
+    nodes: list[NodeResult]
+    hashed_files: list[Path]
+
+    def ids(self, action: str) -> list[str]:
+        return [n.id for n in self.nodes if n.action == action]
+
+    @property
+    def built(self) -> list[str]:
+        return self.ids("built")
+
+    @property
+    def reused(self) -> list[str]:
+        return [n.id for n in self.nodes if n.action in ("reused", "restored")]
+
+    def node(self, node_id: str) -> NodeResult:
+        return next(n for n in self.nodes if n.id == node_id)
+
+
+def cache_dir(recipe: Recipe, override: Path | None = None) -> Path:
+    if override is not None:
+        return override
+    env = os.environ.get("GRAFTBUILD_CACHE")
+    if env:
+        return Path(env)
+    return recipe.project.cache or recipe.root / "cache"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: Store,
+        settings: BuildSettings | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.graph: BuildGraph = build_graph(recipe)
+        self.store = store
+        self.settings = settings or BuildSettings()
+        self.reporter = reporter or NullReporter()
+        assert recipe.path is not None
+        self.traces = store.load_traces(recipe.path)
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _hash_input(self, path: Path, what: str) -> Any:
+        if not path.exists():
+            raise UserError(f"{self.recipe.path}: {what}: path not found: {path}")
+        return self.store.stat_cache.input_hash(path)
+
+    def _input_node(self, node: Node) -> tuple[str, dict[str, str]]:
+        from graftbuild.tensors import weight_files
+
+        assert node.path is not None
+        if not node.path.is_dir():
+            raise UserError(
+                f"{self.recipe.path}: {node.id}: expected a model folder, not found: {node.path}"
+            )
+        weight_files(node.path)  # refuse pickles and empty folders before hashing
+        th = self.store.stat_cache.tree(node.path)
+        return th.digest, th.files
+
+    def _file_hashes(self, node: Node) -> dict[str, str]:
+        return {role: self._hash_input(p, f"{node.id} {role}").digest for role, p in node.files.items()}
+
+    def _artifact_path(self, node: Node, digest: str) -> Path:
+        return node.path if node.is_input else self.store.object_path(digest)  # type: ignore[return-value]
+
+    def _materialized(self, node: Node, digest: str) -> bool:
+        if node.output is None:
+            return True
+        import json
+
+        try:
+            return json.loads((node.output / MARKER).read_text()).get("object") == digest
+        except (FileNotFoundError, ValueError, AttributeError):
+            return False
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def plan(self, targets: list[str] | None = None) -> list[NodeResult]:
+        from graftbuild.steps import STEPS
+
+        outputs: dict[str, str] = {}
+        results: list[NodeResult] = []
+        for node in self.graph.order(targets):
+            trace = self.traces.get(node.id)
+            if node.is_input:
+                digest, files = self._input_node(node)
+                outputs[node.id] = digest
+                same = trace is not None and trace.get("output") == digest
+                results.append(
+                    NodeResult(node.id, "fresh" if same else "stale",
+                               [] if same else explain_input(node, files, trace),
+                               output_hash=digest)
+                )
+                continue
+            files = self._file_hashes(node)
+            unknown = [d for d in node.deps.values() if d not in outputs]
+            if unknown:
+                known = {r: outputs.get(d, "?") for r, d in node.deps.items()}
+                parts = key_parts(node, STEPS[node.step].version, known, files)
+                direct = [r for r in explain(node, parts, trace) if r != "output missing from the cache"]
+                upstream = [f"{d} is stale (reused if it rebuilds to the same bytes)" for d in unknown]
+                changed_deps = {node.labels.get(f"dep:{r}") for r, d in node.deps.items() if d in unknown}
+                direct = [r for r in direct if r not in changed_deps]
+                results.append(NodeResult(node.id, "stale", direct + upstream))
+                continue
+            parts = key_parts(node, STEPS[node.step].version, {r: outputs[d] for r, d in node.deps.items()}, files)
+            hit = self.store.lookup(parts.key)
+            if hit is None:
+                results.append(NodeResult(node.id, "stale", explain(node, parts, trace), key=parts.key))
+                continue
+            outputs[node.id] = hit
+            if self._materialized(node, hit):
+                results.append(NodeResult(node.id, "fresh", key=parts.key, output_hash=hit))
+            else:
+                results.append(
+                    NodeResult(node.id, "stale",
+                               [f"output missing: {node.output} (restored from the cache, no rebuild)"],
+                               key=parts.key, output_hash=hit)
+                )
+        return results
+
+    # -- make ----------------------------------------------------------------------------------
+
+    def make(self, targets: list[str] | None = None, executor: Any = None) -> MakeResult:
+        from graftbuild.executors.local import LocalExecutor
+
+        executor = executor or LocalExecutor()
+
+        def waiting(pid: str) -> None:
+            self.reporter.log(f"waiting for another graftbuild build (pid {pid}) using {self.store.root}")
+
+        with self.store.lock(on_wait=waiting):
+            self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
+            try:
+                return self._make(targets, executor)
+            finally:
+                self.store.stat_cache.save()
+
+    def _make(self, targets: list[str] | None, executor: Any) -> MakeResult:
+        from graftbuild.steps import STEPS
+
+        outputs: dict[str, str] = {}
+        results: list[NodeResult] = []
+        for node in self.graph.order(targets):
+            trace = self.traces.get(node.id)
+            if node.is_input:
+                digest, files = self._input_node(node)
+                outputs[node.id] = digest
+                changed = trace is None or trace.get("output") != digest
+                results.append(
+                    NodeResult(node.id, "stale" if changed else "fresh",
+                               explain_input(node, files, trace) if changed else [],
+                               output_hash=digest, action="built" if changed else "reused",
+                               output=node.path)
+                )
+                self._save_trace(node, {"output": digest, "files": files})
+                continue
+            files = self._file_hashes(node)
+            deps = {r: outputs[d] for r, d in node.deps.items()}
+            step = STEPS[node.step]
+            parts = key_parts(node, step.version, deps, files)
+            digest = self.store.lookup(parts.key)
+            if digest is None:
+                reasons = explain(node, parts, trace)
+                self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(reasons)}")
+                with self.store.staging(node.id) as out:
+                    ctx = StepContext(
+                        node_id=node.id,
+                        config=node.config,
+                        inputs={r: self._artifact_path(self.graph.node(d), outputs[d])
+                                for r, d in node.deps.items()},
+                        input_hashes=deps,
+                        files=dict(node.files),
+                        out=out,
+                        settings=self.settings,
+                        progress=self.reporter,
+                    )
+                    executor.run(node.step, ctx)
+                    digest = self.store.commit(out)
+                self.store.record(parts.key, digest, node.id)
+                action, state = "built", "stale"
+            else:
+                reasons, action, state = [], "reused", "fresh"
+            outputs[node.id] = digest
+            if node.output is not None and self.store.materialize(digest, node.output, node.id):
+                if action == "reused":
+                    action, state = "restored", "stale"
+                    reasons = [f"output missing: {node.output} (restored from the cache)"]
+            results.append(NodeResult(node.id, state, reasons, parts.key, digest, action, node.output))
+            self._save_trace(node, {"key": parts.key, "parts": parts.to_json(), "output": digest})
+        return MakeResult(results, list(self.store.stat_cache.hashed))
+
+    def _save_trace(self, node: Node, entry: dict[str, Any]) -> None:
+        if self.traces.get(node.id) == entry:
+            return
+        self.traces[node.id] = entry
+        self.store.save_traces(self.recipe.path, self.traces)  # type: ignore[arg-type]

@@ -1,0 +1,18 @@
+"""Steps by name: the pure function that builds each kind of node.
+
+Add a node kind: a module here with a class like ``PackStep`` (``name``, ``version``, ``run``),
+one line in ``STEPS``, and its node in ``graftbuild/graph.py``.
+"""
+
+from __future__ import annotations
+
+from graftbuild.steps.base import Step
+from graftbuild.steps.evaluate import EvalStep
+from graftbuild.steps.finetune import FinetuneStep
+from graftbuild.steps.fuse import FuseStep
+from graftbuild.steps.init import InitStep
+from graftbuild.steps.pack import PackStep
+
+STEPS: dict[str, Step] = {
+    s.name: s for s in (InitStep(), FinetuneStep(), PackStep(), FuseStep(), EvalStep())
+}

@@ -1,0 +1,62 @@
+"""``fuse``: θ + strategy(Δ̂₁ … Δ̂ₙ), streamed tensor by tensor into a Hugging Face model folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+from graftbuild.errors import BuildError
+from graftbuild.steps.base import StepContext
+from graftbuild.steps.pack import PACK_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+
+class FuseStep:
+    name: ClassVar[str] = "fuse"
+    version: ClassVar[int] = 1
+
+    def run(self, ctx: StepContext) -> None:
+        from contextlib import ExitStack
+
+        from graftbuild.fusion import get_strategy
+        from graftbuild.modeling import set_threads
+        from graftbuild.skillpack import PackReader
+        from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
+
+        set_threads(ctx.settings.threads)
+        cfg = ctx.config
+        strategy = get_strategy(cfg["strategy"])
+        params = strategy.Params.model_validate(cfg["options"])
+        roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
+        with ExitStack() as stack:
+            base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
+            readers = [stack.enter_context(PackReader(ctx.inputs[r] / PACK_FILE)) for r in roles]
+            for r, reader in zip(roles, readers, strict=True):
+                if reader.header.get("base") != ctx.input_hashes["base"]:
+                    raise BuildError(
+                        f"{ctx.node_id}: {cfg['packs'][roles.index(r)]} was packed against "
+                        "another base model"
+                    )
+                extra = sorted(set(reader.names()) - set(base.infos))
+                if extra:
+                    raise BuildError(f"{ctx.node_id}: pack tensors not in the base: {extra[:5]}")
+            names = base.names()
+
+            def fused() -> Iterator[tuple[str, torch.Tensor]]:
+                import torch
+
+                with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
+                    for name in names:
+                        b = base.get(name)
+                        deltas = [r.decode(name) if name in r.entries else None for r in readers]
+                        out = strategy.combine(
+                            b.to(torch.float32), deltas, cfg["weights"], params, name
+                        )
+                        yield name, out.to(b.dtype)
+                        advance(1)
+
+            infos = [base.infos[n] for n in names]
+            copy_non_weight_files(ctx.inputs["base"], ctx.out)
+            write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])

@@ -1,0 +1,85 @@
+"""``pack``: a source's delta against the base, compressed module by module into a SkillPack.
+
+Streams: one tensor of the base and one of the source are in memory at a time.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from graftbuild.errors import UserError
+from graftbuild.steps.base import StepContext
+
+PACK_FILE = "skillpack.safetensors"
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class PackStep:
+    name: ClassVar[str] = "pack"
+    version: ClassVar[int] = 1
+
+    def run(self, ctx: StepContext) -> None:
+        import torch
+
+        from graftbuild.compress.roles import classify
+        from graftbuild.modeling import set_threads
+        from graftbuild.skillpack import PackWriter, encode_tensor
+        from graftbuild.tensors import ModelWeights
+
+        set_threads(ctx.settings.threads)
+        profile = ctx.config["profile"]
+        # The header names the base (fusing checks it) but not the source folder's hash: a pack
+        # is a function of the delta alone, so a source change that leaves the weights as they
+        # were yields the same bytes and the fuse below is reused (early cutoff).
+        header = {"base": ctx.input_hashes["base"]}
+        with (
+            ModelWeights(ctx.inputs["base"]) as base,
+            ModelWeights(ctx.inputs["source"]) as src,
+            PackWriter(ctx.out / PACK_FILE, header) as writer,
+        ):
+            check_same_layout(base, src)
+            names = base.names()
+            with ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance:
+                for name in names:
+                    info = base.infos[name]
+                    if info.dtype not in _DTYPE_NAMES:
+                        raise UserError(f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}")
+                    b = base.get(name)
+                    delta = src.get(name).to(torch.float32) - b.to(torch.float32)
+                    del b
+                    if not torch.isfinite(delta).all():
+                        raise UserError(
+                            f"{src.folder}: tensor {name!r}: the delta against the base has NaN or Inf"
+                        )
+                    role = classify(name, delta.ndim, profile["roles"])
+                    codec, params, encoded = encode_tensor(delta.to(ctx.settings.device), profile[role])
+                    writer.add(name, role, codec, params, tuple(delta.shape),
+                               _DTYPE_NAMES[info.dtype], encoded)
+                    advance(1)
+
+
+def check_same_layout(base: object, src: object) -> None:
+    """A source must have exactly the base's tensor names and shapes (else: a transfer step)."""
+    from graftbuild.tensors import ModelWeights
+
+    assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
+    only_base = sorted(set(base.infos) - set(src.infos))
+    only_src = sorted(set(src.infos) - set(base.infos))
+    shapes = sorted(
+        f"{n} {list(base.infos[n].shape)} vs {list(src.infos[n].shape)}"
+        for n in set(base.infos) & set(src.infos)
+        if base.infos[n].shape != src.infos[n].shape
+    )
+    if only_base or only_src or shapes:
+        parts = []
+        if only_base:
+            parts.append(f"missing from source: {only_base[:5]}")
+        if only_src:
+            parts.append(f"not in base: {only_src[:5]}")
+        if shapes:
+            parts.append(f"shapes differ: {shapes[:5]}")
+        raise UserError(
+            f"{src.folder} does not have the base's architecture ({'; '.join(parts)}); a source "
+            "of another architecture needs a transfer step, not a delta"
+        )

@@ -1,0 +1,262 @@
+"""Model folders and streaming safetensors I/O.
+
+Reading goes through safetensors' memory map one tensor at a time; writing streams tensors into
+(possibly sharded) files whose headers are laid out in advance, so neither side ever holds a whole
+model. Weights are read from safetensors only: pickle formats are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graftbuild.errors import UserError
+from graftbuild.hashing import is_tracked
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# safetensors dtype codes and their byte sizes
+_ST_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+def torch_dtype_to_st(dtype: torch.dtype) -> str:
+    import torch
+
+    table = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint8: "U8", torch.bool: "BOOL",
+    }  # fmt: skip
+    return table[dtype]
+
+
+def st_to_torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }  # fmt: skip
+    return table[code]
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without torch (a few bytes)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a valid safetensors file (header is not a table)")
+    return header
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a model folder (index-aware), or a UserError saying why not."""
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index} names missing weight files: {missing}")
+        return files
+    files = sorted(p for p in folder.glob("*.safetensors") if is_tracked(p.name))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(
+            f"{folder}: weights only in pickle format ({', '.join(pickles)}); graftbuild never "
+            "unpickles (it can run code). Convert them to safetensors first."
+        )
+    raise UserError(f"{folder}: no safetensors weights (*.safetensors) in this model folder")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code, e.g. "F32"
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = _ST_DTYPES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ModelWeights:
+    """Lazy, memory-mapped access to a model folder's tensors, one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.files = weight_files(self.folder)
+        self.infos: dict[str, TensorInfo] = {}
+        for f in self.files:
+            for name, entry in read_header(f).items():
+                if name == "__metadata__":
+                    continue
+                if name in self.infos:
+                    raise UserError(f"{self.folder}: tensor {name!r} appears in two weight files")
+                self.infos[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], f)
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> ModelWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def names(self) -> list[str]:
+        """Tensor names in file order then name order (the order shards are written in)."""
+        return sorted(self.infos, key=lambda n: (self.files.index(self.infos[n].file), n))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.infos[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types
+                raise UserError(f"{info.file}: cannot read safetensors file ({e})") from None
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise UserError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> None:
+    """Copy config, tokenizer and other tracked files of a model folder, but not its weights."""
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or not is_tracked(p.name):
+            continue
+        if p.suffix == ".safetensors" or p.name == INDEX_NAME or p.suffix in PICKLE_SUFFIXES:
+            continue
+        shutil.copyfile(p, dst / p.name)
+
+
+def plan_shards(infos: list[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a bigger tensor
+    gets a shard of its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    used = 0
+    for info in infos:
+        if shards[-1] and used + info.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(info)
+        used += info.nbytes
+    return shards
+
+
+class SafetensorsStreamWriter:
+    """Writes one safetensors file whose tensors (names, shapes, dtypes) are known in advance,
+    taking their data one at a time, in the declared order."""
+
+    def __init__(self, path: Path, infos: list[TensorInfo], metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for info in infos:
+            header[info.name] = {
+                "dtype": info.dtype,
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
+            offset += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._expected = [i for i in infos]
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        info = self._expected.pop(0)
+        if info.name != name or tuple(tensor.shape) != info.shape:
+            raise RuntimeError(f"stream writer expected {info.name} {info.shape}, got {name}")
+        if torch_dtype_to_st(tensor.dtype) != info.dtype:
+            raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
+        self._f.write(data.numpy().tobytes())
+
+    def close(self) -> None:
+        if self._expected:
+            raise RuntimeError(f"stream writer closed with {len(self._expected)} tensors unwritten")
+        self._f.close()
+
+
+def _byte_dtype() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def write_model_weights(
+    out: Path,
+    infos: list[TensorInfo],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    shard_size: int,
+) -> list[Path]:
+    """Stream tensors into ``model.safetensors`` or HF-style shards plus an index."""
+    shards = plan_shards(infos, shard_size)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+    ]
+    written: list[Path] = []
+    for shard, fname in zip(shards, names, strict=True):
+        writer = SafetensorsStreamWriter(out / fname, shard, {"format": "pt"})
+        for _ in shard:
+            name, tensor = next(tensors)
+            writer.write(name, tensor)
+        writer.close()
+        written.append(out / fname)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(i.nbytes for i in infos)},
+            "weight_map": {i.name: fname for shard, fname in zip(shards, names) for i in shard},
+        }
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return written
