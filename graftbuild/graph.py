@@ -101,7 +101,12 @@ def build_graph(recipe: Recipe) -> BuildGraph:
         sid = f"source:{name}"
         if src.path is not None:
             nodes.append(
-                Node(sid, "input", path=src.path, labels={"output": f"source '{name}' weights changed"})
+                Node(
+                    sid,
+                    "input",
+                    path=src.path,
+                    labels={"output": f"source '{name}' weights changed"},
+                )
             )
         else:
             assert src.finetune is not None

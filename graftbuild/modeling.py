@@ -34,7 +34,9 @@ def load_tokenizer(folder: Path) -> Any:
 
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # transformers raises many types; all mean "not a usable tokenizer"
         raise UserError(f"{folder}: cannot load a tokenizer from this folder ({e})") from None
     if tok.eos_token_id is None:

@@ -60,7 +60,10 @@ def explain(node: Node, parts: KeyParts, trace: dict[str, Any] | None) -> list[s
         now: dict[str, str] = getattr(parts, section)
         for k in sorted(set(before) | set(now)):
             if before.get(k) != now.get(k):
-                label = node.labels.get(prefix + k) or f"{section[:-1] if section != 'config' else 'setting'} '{k}' changed"
+                label = (
+                    node.labels.get(prefix + k)
+                    or f"{section[:-1] if section != 'config' else 'setting'} '{k}' changed"
+                )
                 if label not in reasons:
                     reasons.append(label)
     return reasons or ["output missing from the cache"]

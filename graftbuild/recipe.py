@@ -206,9 +206,7 @@ class Recipe(Model):
             seen.add(f.name)
             for p in f.packs:
                 if p not in self.sources:
-                    raise ValueError(
-                        f"fuse[{i}].packs: no source {p!r}{_suggest(p, self.sources)}"
-                    )
+                    raise ValueError(f"fuse[{i}].packs: no source {p!r}{_suggest(p, self.sources)}")
         nodes = self.model_ids()
         seen = set()
         for i, e in enumerate(self.eval):
@@ -275,8 +273,10 @@ def _format_errors(file: Path, err: ValidationError) -> str:
             msg = f"unknown key {key!r}{_suggest(key, _fields_at(loc[:-1]))}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and e["type"] not in ("missing",) and not isinstance(
-                e["input"], dict | list
+            if (
+                "input" in e
+                and e["type"] not in ("missing",)
+                and not isinstance(e["input"], dict | list)
             ):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{file}: {where}: {msg}")

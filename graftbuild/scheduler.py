@@ -103,7 +103,9 @@ class Scheduler:
         return th.digest, th.files
 
     def _file_hashes(self, node: Node) -> dict[str, str]:
-        return {role: self._hash_input(p, f"{node.id} {role}").digest for role, p in node.files.items()}
+        return {
+            role: self._hash_input(p, f"{node.id} {role}").digest for role, p in node.files.items()
+        }
 
     def _artifact_path(self, node: Node, digest: str) -> Path:
         return node.path if node.is_input else self.store.object_path(digest)  # type: ignore[return-value]
@@ -132,9 +134,12 @@ class Scheduler:
                 outputs[node.id] = digest
                 same = trace is not None and trace.get("output") == digest
                 results.append(
-                    NodeResult(node.id, "fresh" if same else "stale",
-                               [] if same else explain_input(node, files, trace),
-                               output_hash=digest)
+                    NodeResult(
+                        node.id,
+                        "fresh" if same else "stale",
+                        [] if same else explain_input(node, files, trace),
+                        output_hash=digest,
+                    )
                 )
                 continue
             files = self._file_hashes(node)
@@ -142,25 +147,39 @@ class Scheduler:
             if unknown:
                 known = {r: outputs.get(d, "?") for r, d in node.deps.items()}
                 parts = key_parts(node, STEPS[node.step].version, known, files)
-                direct = [r for r in explain(node, parts, trace) if r != "output missing from the cache"]
-                upstream = [f"{d} is stale (reused if it rebuilds to the same bytes)" for d in unknown]
-                changed_deps = {node.labels.get(f"dep:{r}") for r, d in node.deps.items() if d in unknown}
+                direct = [
+                    r for r in explain(node, parts, trace) if r != "output missing from the cache"
+                ]
+                upstream = [
+                    f"{d} is stale (reused if it rebuilds to the same bytes)" for d in unknown
+                ]
+                changed_deps = {
+                    node.labels.get(f"dep:{r}") for r, d in node.deps.items() if d in unknown
+                }
                 direct = [r for r in direct if r not in changed_deps]
                 results.append(NodeResult(node.id, "stale", direct + upstream))
                 continue
-            parts = key_parts(node, STEPS[node.step].version, {r: outputs[d] for r, d in node.deps.items()}, files)
+            parts = key_parts(
+                node, STEPS[node.step].version, {r: outputs[d] for r, d in node.deps.items()}, files
+            )
             hit = self.store.lookup(parts.key)
             if hit is None:
-                results.append(NodeResult(node.id, "stale", explain(node, parts, trace), key=parts.key))
+                results.append(
+                    NodeResult(node.id, "stale", explain(node, parts, trace), key=parts.key)
+                )
                 continue
             outputs[node.id] = hit
             if self._materialized(node, hit):
                 results.append(NodeResult(node.id, "fresh", key=parts.key, output_hash=hit))
             else:
                 results.append(
-                    NodeResult(node.id, "stale",
-                               [f"output missing: {node.output} (restored from the cache, no rebuild)"],
-                               key=parts.key, output_hash=hit)
+                    NodeResult(
+                        node.id,
+                        "stale",
+                        [f"output missing: {node.output} (restored from the cache, no rebuild)"],
+                        key=parts.key,
+                        output_hash=hit,
+                    )
                 )
         return results
 
@@ -172,7 +191,9 @@ class Scheduler:
         executor = executor or LocalExecutor()
 
         def waiting(pid: str) -> None:
-            self.reporter.log(f"waiting for another graftbuild build (pid {pid}) using {self.store.root}")
+            self.reporter.log(
+                f"waiting for another graftbuild build (pid {pid}) using {self.store.root}"
+            )
 
         with self.store.lock(on_wait=waiting):
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
@@ -193,10 +214,14 @@ class Scheduler:
                 outputs[node.id] = digest
                 changed = trace is None or trace.get("output") != digest
                 results.append(
-                    NodeResult(node.id, "stale" if changed else "fresh",
-                               explain_input(node, files, trace) if changed else [],
-                               output_hash=digest, action="built" if changed else "reused",
-                               output=node.path)
+                    NodeResult(
+                        node.id,
+                        "stale" if changed else "fresh",
+                        explain_input(node, files, trace) if changed else [],
+                        output_hash=digest,
+                        action="built" if changed else "reused",
+                        output=node.path,
+                    )
                 )
                 self._save_trace(node, {"output": digest, "files": files})
                 continue
@@ -212,8 +237,10 @@ class Scheduler:
                     ctx = StepContext(
                         node_id=node.id,
                         config=node.config,
-                        inputs={r: self._artifact_path(self.graph.node(d), outputs[d])
-                                for r, d in node.deps.items()},
+                        inputs={
+                            r: self._artifact_path(self.graph.node(d), outputs[d])
+                            for r, d in node.deps.items()
+                        },
                         input_hashes=deps,
                         files=dict(node.files),
                         out=out,
@@ -227,11 +254,15 @@ class Scheduler:
             else:
                 reasons, action, state = [], "reused", "fresh"
             outputs[node.id] = digest
-            if node.output is not None and self.store.materialize(digest, node.output, node.id):
-                if action == "reused":
-                    action, state = "restored", "stale"
-                    reasons = [f"output missing: {node.output} (restored from the cache)"]
-            results.append(NodeResult(node.id, state, reasons, parts.key, digest, action, node.output))
+            restored = node.output is not None and self.store.materialize(
+                digest, node.output, node.id
+            )
+            if restored and action == "reused":
+                action, state = "restored", "stale"
+                reasons = [f"output missing: {node.output} (restored from the cache)"]
+            results.append(
+                NodeResult(node.id, state, reasons, parts.key, digest, action, node.output)
+            )
             self._save_trace(node, {"key": parts.key, "parts": parts.to_json(), "output": digest})
         return MakeResult(results, list(self.store.stat_cache.hashed))
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-# safetensors dtype codes and their byte sizes
-_ST_DTYPES = {
+# safetensors dtype codes and their byte sizes (the format's own tags)
+ST_ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
@@ -75,7 +75,7 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors weight files of a model folder (index-aware), or a UserError saying why not."""
+    """The safetensors weight files of a folder (index-aware), or a UserError saying why not."""
     if not folder.is_dir():
         raise UserError(f"model folder not found: {folder}")
     index = folder / INDEX_NAME
@@ -110,7 +110,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = _ST_DTYPES[self.dtype]
+        n = ST_ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -208,7 +208,7 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._expected = [i for i in infos]
-        self._f = open(path, "wb")
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close(); tensors arrive one by one
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
 
@@ -242,9 +242,11 @@ def write_model_weights(
     """Stream tensors into ``model.safetensors`` or HF-style shards plus an index."""
     shards = plan_shards(infos, shard_size)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-    ]
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     written: list[Path] = []
     for shard, fname in zip(shards, names, strict=True):
         writer = SafetensorsStreamWriter(out / fname, shard, {"format": "pt"})
@@ -256,7 +258,9 @@ def write_model_weights(
     if n > 1:
         index = {
             "metadata": {"total_size": sum(i.nbytes for i in infos)},
-            "weight_map": {i.name: fname for shard, fname in zip(shards, names) for i in shard},
+            "weight_map": {
+                i.name: fname for shard, fname in zip(shards, names, strict=True) for i in shard
+            },
         }
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written

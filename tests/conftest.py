@@ -1,4 +1,4 @@
-"""Tiny local models and recipes for the tests (no downloads: seeded configs, the repo's tokenizer)."""
+"""Tiny local models and recipes for tests (no downloads: seeded configs, the repo's tokenizer)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,18 @@ TINY_LLAMA = {
 }
 
 
-def save_model(folder: Path, state: dict, config_from: Path | None = None, config: dict | None = None) -> None:
+def save_model(
+    folder: Path, state: dict, config_from: Path | None = None, config: dict | None = None
+) -> None:
     """Write a HF model folder: safetensors weights, config and the tokenizer."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if config_from is not None:
         shutil.copyfile(config_from / "config.json", folder / "config.json")
     else:
@@ -57,7 +62,9 @@ def make_base(folder: Path, seed: int = 0, config: dict | None = None) -> dict:
     return state
 
 
-def make_source(folder: Path, base_folder: Path, seed: int, rank: int = 2, scale: float = 0.05) -> None:
+def make_source(
+    folder: Path, base_folder: Path, seed: int, rank: int = 2, scale: float = 0.05
+) -> None:
     """A synthetic fine-tune: base + a low-rank component + small dense noise per matrix."""
     import torch
     from safetensors.torch import load_file

@@ -43,7 +43,9 @@ def ft_project(tmp_path: Path) -> Path:
     shutil.copytree(TOKENIZER, tmp_path / "tokenizer")
     (tmp_path / "a.txt").write_text("".join(f"{i} + {i} = {2 * i}\n" for i in range(60)))
     (tmp_path / "b.txt").write_text("".join(f"def f{i}(x): return x * {i}\n" for i in range(60)))
-    (tmp_path / "a_heldout.txt").write_text("".join(f"{i} + {i} = {2 * i}\n" for i in range(60, 80)))
+    (tmp_path / "a_heldout.txt").write_text(
+        "".join(f"{i} + {i} = {2 * i}\n" for i in range(60, 80))
+    )
     recipe = tmp_path / "graftbuild.toml"
     recipe.write_text(RECIPE)
     return recipe
@@ -52,7 +54,13 @@ def ft_project(tmp_path: Path) -> Path:
 def test_finetune_chain_builds_and_rebuilds_one_source(ft_project: Path, tmp_path: Path) -> None:
     first = make(ft_project)
     assert first.built == [
-        "base", "source:a", "pack:a", "source:b", "pack:b", "fuse:release", "eval:losses"
+        "base",
+        "source:a",
+        "pack:a",
+        "source:b",
+        "pack:b",
+        "fuse:release",
+        "eval:losses",
     ]
     metrics = json.loads((first.node("eval:losses").output / "metrics.json").read_text())  # type: ignore[operator]
     assert set(metrics) == {"base", "source:a", "fuse:release"}
@@ -70,7 +78,9 @@ def test_finetune_chain_builds_and_rebuilds_one_source(ft_project: Path, tmp_pat
     assert result.built == ["source:b", "pack:b", "fuse:release", "eval:losses"]
 
     # Finetune settings are part of the key, spelled-out defaults are not a change.
-    ft_project.write_text(ft_project.read_text().replace("seed = 2 }", "seed = 2, weight_decay = 0.0 }"))
+    ft_project.write_text(
+        ft_project.read_text().replace("seed = 2 }", "seed = 2, weight_decay = 0.0 }")
+    )
     assert make(ft_project).built == []
 
 

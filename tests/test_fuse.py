@@ -65,7 +65,9 @@ def test_exact_profile_fuses_to_task_arithmetic(path_project: Path) -> None:
             return model(input_ids=ids).logits
 
     reference = {n: b + 0.7 * (x[n] - b) + 1.3 * (y[n] - b) for n, b in base.items()}
-    torch.testing.assert_close(logits(out), logits(models / "base", reference), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(out), logits(models / "base", reference), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_fused_output_loads_and_generates(path_project: Path) -> None:

@@ -12,7 +12,9 @@ from helpers import make, plan
 ALL = ["base", "source:x", "pack:x", "source:y", "pack:y", "fuse:release"]
 
 
-def test_first_build_builds_everything_and_second_build_reads_no_weights(path_project: Path) -> None:
+def test_first_build_builds_everything_and_second_build_reads_no_weights(
+    path_project: Path,
+) -> None:
     first = make(path_project)
     assert first.built == ALL
     assert any(p.suffix == ".safetensors" for p in first.hashed_files)
@@ -59,9 +61,7 @@ def test_only_fusion_weights_changed_rebuilds_only_the_fuse(path_project: Path) 
 
 def test_profile_change_rebuilds_packs_using_it_then_the_fuse(path_project: Path) -> None:
     make(path_project)
-    path_project.write_text(
-        path_project.read_text().replace('energy = 0.9 }', 'energy = 0.8 }')
-    )
+    path_project.write_text(path_project.read_text().replace("energy = 0.9 }", "energy = 0.8 }"))
     p = plan(path_project)
     assert p["pack:x"].reasons == ["compression profile 'default' changed"]
     assert p["pack:y"].state == "fresh"
@@ -70,11 +70,15 @@ def test_profile_change_rebuilds_packs_using_it_then_the_fuse(path_project: Path
 
 def test_spelling_out_defaults_changes_no_key(path_project: Path) -> None:
     make(path_project)
-    text = path_project.read_text().replace(
-        'attn = { method = "lowrank", energy = 0.9 }',
-        'attn = { method = "lowrank", energy = 0.9, dtype = "float16" }\n'
-        'norm = { method = "exact" }\nother = "exact"',
-    ).replace('path = "models/x"', 'path = "models/x"\ncompression = "default"')
+    text = (
+        path_project.read_text()
+        .replace(
+            'attn = { method = "lowrank", energy = 0.9 }',
+            'attn = { method = "lowrank", energy = 0.9, dtype = "float16" }\n'
+            'norm = { method = "exact" }\nother = "exact"',
+        )
+        .replace('path = "models/x"', 'path = "models/x"\ncompression = "default"')
+    )
     path_project.write_text(text)
     assert make(path_project).built == []
 

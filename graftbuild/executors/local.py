@@ -20,4 +20,6 @@ class LocalExecutor:
         except MemoryError:
             raise BuildError(f"{ctx.node_id}: out of memory") from None
         except Exception as e:
-            raise BuildError(f"{ctx.node_id}: step '{step_name}' failed: {type(e).__name__}: {e}") from e
+            raise BuildError(
+                f"{ctx.node_id}: step '{step_name}' failed: {type(e).__name__}: {e}"
+            ) from e

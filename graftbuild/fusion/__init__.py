@@ -1,4 +1,4 @@
-"""Fusion strategies, by name. Add one: a module with a class like ``SumStrategy``, one line here."""
+"""Fusion strategies by name. Add one: a module with a class like ``SumStrategy``, a line here."""
 
 from __future__ import annotations
 

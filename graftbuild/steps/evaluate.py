@@ -30,8 +30,12 @@ class EvalStep:
                 results[model_id] = {}
                 for d, examples in texts.items():
                     loss, tokens = heldout_loss(
-                        folder, examples, cfg["seq_len"], cfg["batch_size"],
-                        ctx.files[f"data.{d}"], ctx.settings.device,
+                        folder,
+                        examples,
+                        cfg["seq_len"],
+                        cfg["batch_size"],
+                        ctx.files[f"data.{d}"],
+                        ctx.settings.device,
                     )
                     results[model_id][d] = {
                         "loss": round(loss, 6),
@@ -42,7 +46,7 @@ class EvalStep:
         (ctx.out / METRICS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def heldout_loss(folder, examples, seq_len, batch_size, source, device="cpu") -> tuple[float, int]:  # noqa: ANN001
+def heldout_loss(folder, examples, seq_len, batch_size, source, device="cpu") -> tuple[float, int]:
     """Mean next-token loss over every chunk of the data, in a fixed order."""
     import torch
 

@@ -21,8 +21,13 @@ class FinetuneStep:
         import torch
 
         from graftbuild.modeling import load_causal_lm, load_tokenizer, set_threads
-        from graftbuild.tensors import ModelWeights, TensorInfo, copy_non_weight_files
-        from graftbuild.tensors import torch_dtype_to_st, write_model_weights
+        from graftbuild.tensors import (
+            ModelWeights,
+            TensorInfo,
+            copy_non_weight_files,
+            torch_dtype_to_st,
+            write_model_weights,
+        )
         from graftbuild.textdata import read_examples, token_chunks
 
         cfg = ctx.config["train"]

@@ -32,7 +32,9 @@ class InitStep:
             cfg = json.loads(cfg_path.read_text())
             model_type = cfg.pop("model_type")
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{cfg_path}: expected a transformers config JSON with model_type ({e})")
+            raise UserError(
+                f"{cfg_path}: expected a transformers config JSON with model_type ({e})"
+            ) from None
         try:
             config = AutoConfig.for_model(model_type, **cfg)
         except ValueError as e:

@@ -44,18 +44,27 @@ class PackStep:
                 for name in names:
                     info = base.infos[name]
                     if info.dtype not in _DTYPE_NAMES:
-                        raise UserError(f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}")
+                        raise UserError(
+                            f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}"
+                        )
                     b = base.get(name)
                     delta = src.get(name).to(torch.float32) - b.to(torch.float32)
                     del b
                     if not torch.isfinite(delta).all():
-                        raise UserError(
-                            f"{src.folder}: tensor {name!r}: the delta against the base has NaN or Inf"
-                        )
+                        raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
                     role = classify(name, delta.ndim, profile["roles"])
-                    codec, params, encoded = encode_tensor(delta.to(ctx.settings.device), profile[role])
-                    writer.add(name, role, codec, params, tuple(delta.shape),
-                               _DTYPE_NAMES[info.dtype], encoded)
+                    codec, params, encoded = encode_tensor(
+                        delta.to(ctx.settings.device), profile[role]
+                    )
+                    writer.add(
+                        name,
+                        role,
+                        codec,
+                        params,
+                        tuple(delta.shape),
+                        _DTYPE_NAMES[info.dtype],
+                        encoded,
+                    )
                     advance(1)
 
 

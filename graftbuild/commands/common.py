@@ -1,0 +1,71 @@
+"""What the commands share: recipe/target arguments, cache option, opening a scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from graftbuild.scheduler import Scheduler
+
+DEFAULT_RECIPE = "graftbuild.toml"
+
+
+def console(stderr: bool = False, quiet: bool = False) -> Console:
+    return Console(stderr=stderr, quiet=quiet, emoji=False, highlight=False)
+
+
+def split_args(args: tuple[str, ...]) -> tuple[Path, list[str]]:
+    """``[RECIPE] [TARGET...]``: the first argument is the recipe if it looks like one."""
+    if args and (args[0].endswith(".toml") or Path(args[0]).is_file()):
+        return Path(args[0]), list(args[1:])
+    return Path(DEFAULT_RECIPE), list(args)
+
+
+def open_scheduler(
+    recipe_path: Path,
+    cache: Path | None,
+    device: str = "cpu",
+    jobs: int | None = None,
+    quiet: bool = False,
+) -> Scheduler:
+    from graftbuild.progress import Reporter
+    from graftbuild.recipe import load_recipe
+    from graftbuild.scheduler import Scheduler, cache_dir
+    from graftbuild.steps.base import BuildSettings
+    from graftbuild.store import Store
+
+    recipe = load_recipe(recipe_path)
+    reporter = Reporter(console(stderr=True, quiet=quiet))
+    device = resolve_device(device, reporter)
+    store = Store(cache_dir(recipe, cache))
+    return Scheduler(recipe, store, BuildSettings(device=device, threads=jobs), reporter)
+
+
+def resolve_device(device: str, reporter: Any) -> str:
+    """``cuda`` when there is none falls back to the CPU, saying so."""
+    if device == "cpu":
+        return device
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        reporter.log(
+            "[yellow]warning:[/] --device cuda requested but no CUDA device is available; "
+            "using the CPU"
+        )
+        return "cpu"
+    return device
+
+
+def recipe_options(f: Any) -> Any:
+    """``[RECIPE] [TARGET...]``, ``--cache``, ``--json``."""
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(
+        f
+    )
+    f = click.option(
+        "--cache", type=click.Path(path_type=Path), help="Cache folder (overrides the recipe)."
+    )(f)
+    return click.argument("args", nargs=-1)(f)

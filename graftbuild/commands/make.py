@@ -1,0 +1,59 @@
+"""``graftbuild make [RECIPE] [TARGET...]``: build what is stale, reuse the rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
+
+
+@click.command()
+@recipe_options
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
+def make(
+    args: tuple[str, ...],
+    cache: Path | None,
+    as_json: bool,
+    device: str,
+    jobs: int | None,
+    quiet: bool,
+) -> None:
+    """Build the recipe's targets (default: every node), rebuilding only what is stale."""
+    recipe_path, targets = split_args(args)
+    sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
+    result = sched.make(targets or None)
+    print_summary(console(stderr=as_json, quiet=quiet), sched, result)
+    if as_json:
+        click.echo(json.dumps({"built": result.built, "reused": result.reused}))
+
+
+def print_summary(out: Console, sched: Any, result: Any) -> None:
+    table = Table("node", "action", "output", box=None, pad_edge=False)
+    styles = {"built": "yellow", "reused": "green", "restored": "cyan"}
+    for n in result.nodes:
+        table.add_row(n.id, f"[{styles.get(n.action, '')}]{n.action}[/]", str(n.output or ""))
+    out.print(table)
+    for n in result.nodes:
+        if n.id.startswith("eval:") and n.output_hash:
+            print_metrics(out, n.id, sched.store.object_path(n.output_hash) / "metrics.json")
+    out.print(f"built {len(result.built)}, reused {len(result.reused)}")
+
+
+def print_metrics(out: Console, node_id: str, path: Path) -> None:
+    metrics: dict[str, dict[str, dict[str, float]]] = json.loads(path.read_text())
+    models = list(metrics)
+    datasets = sorted({d for m in metrics.values() for d in m})
+    table = Table("held-out loss", *models, title=node_id, title_justify="left")
+    for d in datasets:
+        table.add_row(
+            d, *(f"{metrics[m][d]['loss']:.3f}" if d in metrics[m] else "" for m in models)
+        )
+    out.print(table)

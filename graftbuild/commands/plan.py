@@ -1,0 +1,30 @@
+"""``graftbuild plan [RECIPE] [TARGET...]``: fresh or stale, and why, without building."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
+
+
+@click.command()
+@recipe_options
+def plan(args: tuple[str, ...], cache: Path | None, as_json: bool) -> None:
+    """Show every node as fresh or stale, with the reasons, without building."""
+    recipe_path, targets = split_args(args)
+    sched = open_scheduler(recipe_path, cache, quiet=as_json)
+    with sched.store.lock():
+        nodes = sched.plan(targets or None)
+        sched.store.stat_cache.save()
+    if as_json:
+        click.echo(json.dumps({"nodes": [n.to_json() for n in nodes]}))
+        return
+    table = Table("node", "state", "why", box=None, pad_edge=False)
+    for n in nodes:
+        style = "green" if n.state == "fresh" else "yellow"
+        table.add_row(n.id, f"[{style}]{n.state}[/]", "; ".join(n.reasons))
+    console().print(table)

@@ -1,0 +1,1 @@
+"""Delta compression: module roles, codecs, bit-packing and quantisation."""

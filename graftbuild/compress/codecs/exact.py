@@ -1,0 +1,48 @@
+"""``exact``: the float32 delta as-is. Used for norms, biases, and as the lossy codecs' fallback.
+
+Parts: ``data`` (float32, the tensor's shape). Decode: ``data``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from graftbuild.compress.codecs._common import as_float32, numel
+from graftbuild.compress.codecs.base import CodecParams, Encoded
+
+if TYPE_CHECKING:
+    import torch
+
+FALLBACK = "exact"  # value of meta["fallback"] when a lossy codec stored a tensor exactly
+
+
+class ExactParams(CodecParams):
+    """No parameters."""
+
+
+def encode_exact(delta: torch.Tensor, meta: dict[str, Any] | None = None) -> Encoded:
+    data = as_float32(delta).to("cpu", copy=True).contiguous()
+    return Encoded({"data": data}, dict(meta or {}))
+
+
+def decode_exact(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    return parts["data"].to(torch.float32).reshape(shape)
+
+
+class ExactCodec:
+    name: ClassVar[str] = "exact"
+    version: ClassVar[int] = 1
+    Params: ClassVar[type[CodecParams]] = ExactParams
+
+    def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
+        return encode_exact(delta)
+
+    def decode(
+        self, parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        return decode_exact(parts, shape)
+
+    def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
+        return 4 * numel(shape)

@@ -1,0 +1,90 @@
+"""``prune``: magnitude pruning, keep the largest-|Δ| fraction of entries (GraftLLM's operator
+for embeddings and the output head).
+
+Parts: ``indices`` (1-D int32, or int64 for tensors of 2**31 entries or more; flat row-major
+positions, strictly ascending) and ``values`` (1-D, ``dtype``). Decode: zeros of the shape with
+``flat[indices] = values``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field
+
+from graftbuild.compress.codecs._common import (
+    DTYPE_NBYTES,
+    ValueDType,
+    as_float32,
+    expect_params,
+    numel,
+    torch_dtype,
+)
+from graftbuild.compress.codecs.base import CodecParams, Encoded
+
+if TYPE_CHECKING:
+    import torch
+
+_INT32_MAX = 2**31 - 1
+
+
+class PruneParams(CodecParams):
+    keep: float = Field(gt=0, le=1, description="fraction of entries kept (at least one)")
+    dtype: ValueDType = "float16"
+
+
+def kept_count(n: int, keep: float) -> int:
+    """Entries kept out of ``n``: ``round(keep * n)`` (half to even), at least 1, at most n."""
+    return 0 if n == 0 else max(1, min(n, round(keep * n)))
+
+
+def top_magnitude_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending int64 indices of the ``k`` largest |entries|; ties go to the lower index.
+
+    Uses a k-th value threshold rather than a full sort, so memory stays linear in the size.
+    """
+    import torch
+
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, dtype=torch.int64, device=flat.device)
+    mag = flat.abs()
+    threshold = torch.kthvalue(mag, n - k + 1).values  # the k-th largest magnitude
+    above = (mag > threshold).nonzero().squeeze(1)
+    ties = (mag == threshold).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+class PruneCodec:
+    name: ClassVar[str] = "prune"
+    version: ClassVar[int] = 1
+    Params: ClassVar[type[CodecParams]] = PruneParams
+
+    def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
+        import torch
+
+        params = expect_params(params, PruneParams)
+        flat = as_float32(delta).reshape(-1)
+        if not torch.isfinite(flat).all():
+            raise ValueError("prune: the delta has non-finite entries")
+        n = flat.numel()
+        k = kept_count(n, params.keep)
+        index_dtype = "int32" if n <= _INT32_MAX else "int64"
+        idx = top_magnitude_indices(flat, k)
+        values = flat[idx].to(torch_dtype(params.dtype)).cpu().contiguous()
+        indices = idx.to(torch_dtype(index_dtype)).cpu().contiguous()
+        meta = {"kept": k, "dtype": params.dtype, "index_dtype": index_dtype}
+        return Encoded({"indices": indices, "values": values}, meta)
+
+    def decode(
+        self, parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        import torch
+
+        out = torch.zeros(numel(shape), dtype=torch.float32)
+        out[parts["indices"].to(torch.int64)] = parts["values"].to(torch.float32)
+        return out.reshape(shape)
+
+    def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
+        k = int(meta["kept"])
+        return k * (DTYPE_NBYTES[meta["index_dtype"]] + DTYPE_NBYTES[meta["dtype"]])

@@ -1,0 +1,363 @@
+"""The SkillPack v1 file: one fine-tune's compressed delta in one ``.safetensors`` file.
+
+Every tensor of the delta is stored as its codec's parts, named ``"{tensor}::{part}"``; the
+safetensors ``__metadata__`` key ``graftbuild.skillpack`` holds canonical JSON describing the
+pack and each tensor (role, codec, params, shape, original dtype, codec metadata, part names).
+docs/SKILLPACK_FORMAT.md is the specification; this module is one implementation of it.
+
+The writer is hand-rolled (the safetensors layout is an 8-byte length, a JSON header and the raw
+bytes) so that parts can be spilled to disk as they are added: a pack never has to fit in memory.
+Bytes depend only on the content, not on the order of ``add`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from safetensors import safe_open
+
+from graftbuild.compress.codecs import Encoded, get_codec, parse_spec
+from graftbuild.compress.roles import ROLES
+from graftbuild.errors import UserError
+from graftbuild.tensors import ST_ITEMSIZE, torch_dtype_to_st
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+METADATA_KEY = "graftbuild.skillpack"
+PART_SEP = "::"
+
+_VERSION_RE = re.compile(r"^(\d+)\.(\d+)$")
+_COPY_CHUNK = 16 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, packs get the usual 0666 & ~umask
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, ASCII only, no NaN: equal content gives equal text."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def part_key(name: str, part: str) -> str:
+    return f"{name}{PART_SEP}{part}"
+
+
+def encode_tensor(delta: torch.Tensor, spec: Mapping[str, Any]) -> tuple[str, dict, Encoded]:
+    """(codec name, normalised params with defaults, encoding) of ``delta`` under ``spec``.
+
+    The delta is converted to float32 first and the codec computes on its device (parts come
+    back on the CPU); non-finite entries are a ValueError.
+    """
+    import torch
+
+    codec, params = parse_spec(spec)
+    x = delta.detach().to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("the delta has NaN or infinite entries")
+    return codec.name, params.model_dump(mode="json"), codec.encode(x, params)
+
+
+class PackWriter:
+    """Writes one SkillPack file atomically (temp file in the same folder, then ``os.replace``)."""
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.header = json.loads(canonical_json(header))  # a private copy; fails now on non-JSON
+        self._entries: dict[str, dict[str, Any]] = {}
+        # part key -> (safetensors dtype, shape, offset in the spill file, nbytes, itemsize)
+        self._parts: dict[str, tuple[str, list[int], int, int, int]] = {}
+        fd, spill = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".spill", dir=self.path.parent
+        )
+        self._spill_path = Path(spill)
+        self._spill: BinaryIO | None = os.fdopen(fd, "w+b")
+        self._spill_size = 0
+
+    def add(
+        self,
+        name: str,
+        role: str,
+        codec_name: str,
+        params: dict[str, Any],
+        shape: tuple[int, ...] | list[int] | torch.Size,
+        dtype: str,
+        encoded: Encoded,
+    ) -> None:
+        """Append one tensor's encoding. ``dtype`` is the original weight dtype's name."""
+        import torch
+
+        if self._spill is None:
+            raise ValueError(f"{self.path}: the pack writer is closed")
+        if PART_SEP in name or not name:
+            raise ValueError(f"tensor name {name!r} must be non-empty and not contain {PART_SEP!r}")
+        if name in self._entries:
+            raise ValueError(f"tensor {name!r} added twice to {self.path}")
+        if role not in ROLES:
+            raise ValueError(f"tensor {name!r}: unknown role {role!r}; valid roles: {ROLES}")
+        codec = get_codec(codec_name)
+        norm_params = codec.Params.model_validate(params).model_dump(mode="json")
+        entry = {
+            "role": role,
+            "codec": codec.name,
+            "codec_version": codec.version,
+            "params": norm_params,
+            "shape": [int(d) for d in shape],
+            "dtype": str(dtype).removeprefix("torch."),
+            "meta": encoded.meta,
+            "parts": sorted(encoded.parts),
+        }
+        try:
+            entry = json.loads(canonical_json(entry))  # a private copy, as the reader will see it
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tensor {name!r}: metadata is not canonical JSON ({exc})") from exc
+        staged: dict[str, tuple[str, list[int], torch.Tensor, int]] = {}
+        for part in entry["parts"]:
+            t = encoded.parts[part]
+            if PART_SEP in part or not part:
+                raise ValueError(f"tensor {name!r}: bad part name {part!r}")
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                raise ValueError(f"tensor {name!r}: part {part!r} is not a CPU tensor")
+            try:
+                tag = torch_dtype_to_st(t.dtype)
+            except KeyError:
+                raise ValueError(
+                    f"tensor {name!r}: part {part!r} has unsupported dtype {t.dtype}"
+                ) from None
+            itemsize = ST_ITEMSIZE[tag]
+            staged[part] = (tag, list(t.shape), t.detach().contiguous(), itemsize)
+        for part, (tag, shape_, t, itemsize) in staged.items():
+            data = t.reshape(-1).view(torch.uint8).numpy()
+            self._spill.write(memoryview(data))
+            self._parts[part_key(name, part)] = (
+                tag,
+                shape_,
+                self._spill_size,
+                data.nbytes,
+                itemsize,
+            )
+            self._spill_size += data.nbytes
+        self._entries[name] = entry
+
+    def close(self) -> int:
+        """Write the file and return its size in bytes."""
+        if self._spill is None:
+            raise ValueError(f"{self.path}: the pack writer is already closed")
+        if sys.byteorder != "little":
+            raise RuntimeError("SkillPack files are little-endian; big-endian hosts unsupported")
+        doc = {"format_version": FORMAT_VERSION, "header": self.header, "tensors": self._entries}
+        # Widest dtypes first keeps every tensor aligned to its element size.
+        order = sorted(self._parts, key=lambda k: (-self._parts[k][4], k))
+        st_header: dict[str, Any] = {"__metadata__": {METADATA_KEY: canonical_json(doc)}}
+        offset = 0
+        for key in order:
+            tag, shape, _, nbytes, _ = self._parts[key]
+            st_header[key] = {
+                "dtype": tag,
+                "shape": shape,
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        head = canonical_json(st_header).encode("utf-8")
+        head += b" " * (-len(head) % 8)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(struct.pack("<Q", len(head)))
+                out.write(head)
+                self._spill.flush()
+                for key in order:
+                    _, _, start, nbytes, _ = self._parts[key]
+                    self._spill.seek(start)
+                    left = nbytes
+                    while left:
+                        chunk = self._spill.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise OSError(f"{self._spill_path}: spill file truncated")
+                        out.write(chunk)
+                        left -= len(chunk)
+                out.flush()
+                os.fchmod(out.fileno(), 0o666 & ~_UMASK)
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            self.abort()
+            raise
+        self.abort()  # drops the spill file
+        return 8 + len(head) + offset
+
+    def abort(self) -> None:
+        """Discard everything; no file is written."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self._spill_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> PackWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            if self._spill is not None:
+                self.close()
+        else:
+            self.abort()
+
+
+def _parse_version(path: Path, version: Any) -> tuple[int, int]:
+    match = _VERSION_RE.match(version) if isinstance(version, str) else None
+    if match is None:
+        raise UserError(f"{path}: malformed SkillPack format_version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class PackReader:
+    """Reads a SkillPack lazily: metadata at open, each tensor's parts only when decoded."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such SkillPack file")
+        try:
+            self._f: Any = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise UserError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        try:
+            self._load_metadata()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_metadata(self) -> None:
+        raw = (self._f.metadata() or {}).get(METADATA_KEY)
+        if raw is None:
+            raise UserError(f"{self.path}: not a SkillPack (no {METADATA_KEY!r} metadata)")
+        try:
+            doc = json.loads(raw)
+            version = doc["format_version"]
+            header = doc.get("header") or {}
+            entries = doc.get("tensors") or {}
+            if not isinstance(header, dict) or not isinstance(entries, dict):
+                raise TypeError("'header' and 'tensors' must be objects")
+            if not all(isinstance(e, dict) for e in entries.values()):
+                raise TypeError("every tensor entry must be an object")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{self.path}: corrupt SkillPack metadata ({exc})") from exc
+        major, _minor = _parse_version(self.path, version)
+        if major != SUPPORTED_MAJOR:
+            raise UserError(
+                f"{self.path}: SkillPack format version {version} is not supported "
+                f"(this graftbuild reads {SUPPORTED_MAJOR}.x, writes {FORMAT_VERSION})"
+            )
+        keys = set(self._f.keys())
+        for name, entry in entries.items():
+            missing = [p for p in entry.get("parts", []) if part_key(name, p) not in keys]
+            if missing:
+                raise UserError(f"{self.path}: tensor {name!r} lacks parts {missing}")
+        self._format_version: str = version
+        self._header: dict[str, Any] = header
+        self._entries: dict[str, dict[str, Any]] = entries
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self._header
+
+    @property
+    def format_version(self) -> str:
+        return self._format_version
+
+    @property
+    def entries(self) -> dict[str, dict[str, Any]]:
+        return self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        if name not in self._entries:
+            raise UserError(f"{self.path}: no tensor {name!r} in this SkillPack")
+        return self._entries[name]
+
+    def _codec(self, name: str, entry: dict[str, Any]) -> Any:
+        try:
+            codec = get_codec(entry["codec"])
+        except ValueError as exc:
+            raise UserError(f"{self.path}: tensor {name!r}: {exc}") from None
+        if int(entry.get("codec_version", 1)) > codec.version:
+            raise UserError(
+                f"{self.path}: tensor {name!r} uses {codec.name} codec version "
+                f"{entry['codec_version']}, newer than this graftbuild's {codec.version}"
+            )
+        return codec
+
+    def decode(self, name: str) -> torch.Tensor:
+        """The float32 delta of ``name`` in its original shape."""
+        import torch
+
+        if self._f is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        entry = self._entry(name)
+        codec = self._codec(name, entry)
+        shape = tuple(int(d) for d in entry["shape"])
+        parts = {p: self._f.get_tensor(part_key(name, p)) for p in entry["parts"]}
+        out = codec.decode(parts, entry.get("meta", {}), shape)
+        if tuple(out.shape) != shape:
+            raise UserError(
+                f"{self.path}: tensor {name!r} decoded to {tuple(out.shape)}, not {shape}"
+            )
+        return out.to(torch.float32)
+
+    def payload_nbytes(self) -> int:
+        """Bytes of all stored tensors (the file minus its header)."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        total = 0
+        keys = self._f.keys()  # safe_open objects are not iterable
+        for key in keys:
+            sl = self._f.get_slice(key)
+            total += ST_ITEMSIZE[sl.get_dtype()] * math.prod(sl.get_shape())
+        return total
+
+    def expected_nbytes(self) -> int:
+        """Payload the codecs predict from ranks, bits and kept entries alone."""
+        return sum(
+            self._codec(name, e).expected_nbytes(e.get("meta", {}), tuple(e["shape"]))
+            for name, e in self._entries.items()
+        )
+
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None:
+            self._f.__exit__(None, None, None)
+        self._f = None
+
+    def __enter__(self) -> PackReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv (if needed) and installs graftbuild with its test extras.
+# torch==2.13.0 goes first: it is the CPU build, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+python -m pip install --quiet --disable-pip-version-check -e '.[test]'
