@@ -6,6 +6,7 @@ shows the traceback instead. Each command lives in ``graftbuild/commands/``.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -15,6 +16,10 @@ from graftbuild import __version__
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
 from graftbuild.errors import GraftbuildError
+
+# OpenMP threads that spin while waiting slow an SVD several-fold on a loaded machine; must be
+# set before torch loads (it is imported lazily, after this).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class _Group(click.Group):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see graftbuild/cli.py
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "recipes" / "quickstart" / "tokenizer"
