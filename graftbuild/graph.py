@@ -81,9 +81,10 @@ def build_graph(recipe: Recipe) -> BuildGraph:
     if base.path is not None:
         nodes.append(Node("base", "input", path=base.path, labels={"output": "base model changed"}))
     else:
+        init_id = "base:init" if base.finetune is not None else "base"
         nodes.append(
             Node(
-                "base",
+                init_id,
                 "init",
                 config={"seed": base.seed, "dtype": base.dtype},
                 files={"config": base.config, "tokenizer": base.tokenizer},  # type: ignore[dict-item]
@@ -93,9 +94,25 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                     "config.seed": "base init seed changed",
                     "config.dtype": "base dtype changed",
                 },
-                output=out / "base",
+                output=out / init_id.replace(":", "-"),
             )
         )
+        if base.finetune is not None:
+            nodes.append(
+                Node(
+                    "base",
+                    "finetune",
+                    config={"train": base.finetune.model_dump(mode="json", exclude={"data"})},
+                    deps={"base": init_id},
+                    files={"data": base.finetune.data},
+                    labels={
+                        "file:data": "base training data changed",
+                        "config.train": "base finetune settings changed",
+                        "dep:base": "base init changed",
+                    },
+                    output=out / "base",
+                )
+            )
 
     for name, src in recipe.sources.items():
         sid = f"source:{name}"

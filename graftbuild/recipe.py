@@ -52,24 +52,6 @@ class ProjectSpec(Model):
     """Where built artifacts are materialised (default: ``out`` beside the recipe)."""
 
 
-class BaseSpec(Model):
-    path: RelPath | None = None
-    config: RelPath | None = None
-    tokenizer: RelPath | None = None
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> BaseSpec:
-        if (self.path is None) == (self.config is None):
-            raise ValueError("give either `path` (a model folder) or `config` + `tokenizer`")
-        if self.config is not None and self.tokenizer is None:
-            raise ValueError("`config` needs `tokenizer` (a tokenizer folder)")
-        if self.path is not None and self.tokenizer is not None:
-            raise ValueError("`tokenizer` goes with `config`; a model folder carries its own")
-        return self
-
-
 class FinetuneSpec(Model):
     data: RelPath
     field: str = "text"
@@ -81,6 +63,26 @@ class FinetuneSpec(Model):
     seed: int = 0
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
+
+
+class BaseSpec(Model):
+    path: RelPath | None = None
+    config: RelPath | None = None
+    tokenizer: RelPath | None = None
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    finetune: FinetuneSpec | None = None
+    """Demos: train the seeded init on general text first, so the base knows something."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaseSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give either `path` (a model folder) or `config` + `tokenizer`")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("`config` needs `tokenizer` (a tokenizer folder)")
+        if self.path is not None and (self.tokenizer is not None or self.finetune is not None):
+            raise ValueError("`tokenizer` and `finetune` go with `config`, not with `path`")
+        return self
 
 
 class SourceSpec(Model):
@@ -222,9 +224,9 @@ class Recipe(Model):
         return self
 
     def model_ids(self) -> set[str]:
-        return (
-            {"base"} | {f"source:{s}" for s in self.sources} | {f"fuse:{f.name}" for f in self.fuse}
-        )
+        init = {"base:init"} if self.base.finetune is not None else set()
+        sources = {f"source:{s}" for s in self.sources}
+        return {"base"} | init | sources | {f"fuse:{f.name}" for f in self.fuse}
 
     def profile(self, name: str) -> CompressionProfile:
         return self.compression.get(name) or CompressionProfile()

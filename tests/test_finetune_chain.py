@@ -18,6 +18,7 @@ name = "ft"
 config = "base_config.json"
 tokenizer = "tokenizer"
 seed = 3
+finetune = { data = "general.txt", steps = 3, batch_size = 4, seq_len = 16 }
 
 [sources.a]
 finetune = { data = "a.txt", steps = 4, lr = 1e-3, batch_size = 4, seq_len = 16, seed = 1 }
@@ -43,6 +44,7 @@ def ft_project(tmp_path: Path) -> Path:
     shutil.copytree(TOKENIZER, tmp_path / "tokenizer")
     (tmp_path / "a.txt").write_text("".join(f"{i} + {i} = {2 * i}\n" for i in range(60)))
     (tmp_path / "b.txt").write_text("".join(f"def f{i}(x): return x * {i}\n" for i in range(60)))
+    (tmp_path / "general.txt").write_text("".join(f"the cat sat on mat {i}\n" for i in range(40)))
     (tmp_path / "a_heldout.txt").write_text(
         "".join(f"{i} + {i} = {2 * i}\n" for i in range(60, 80))
     )
@@ -54,6 +56,7 @@ def ft_project(tmp_path: Path) -> Path:
 def test_finetune_chain_builds_and_rebuilds_one_source(ft_project: Path, tmp_path: Path) -> None:
     first = make(ft_project)
     assert first.built == [
+        "base:init",
         "base",
         "source:a",
         "pack:a",

@@ -43,15 +43,16 @@ def print_summary(out: Console, sched: Any, result: Any) -> None:
     out.print(table)
     for n in result.nodes:
         if n.id.startswith("eval:") and n.output_hash:
-            print_metrics(out, n.id, sched.store.object_path(n.output_hash) / "metrics.json")
+            path = sched.store.object_path(n.output_hash) / "metrics.json"
+            print_metrics(out, n.id, path, sched.graph.node(n.id).config["models"])
     out.print(f"built {len(result.built)}, reused {len(result.reused)}")
 
 
-def print_metrics(out: Console, node_id: str, path: Path) -> None:
+def print_metrics(out: Console, node_id: str, path: Path, models: list[str]) -> None:
+    """Held-out loss per dataset (rows) and model (columns, in the recipe's order)."""
     metrics: dict[str, dict[str, dict[str, float]]] = json.loads(path.read_text())
-    models = list(metrics)
     datasets = sorted({d for m in metrics.values() for d in m})
-    table = Table("held-out loss", *models, title=node_id, title_justify="left")
+    table = Table("dataset", *models, title=f"{node_id}: held-out loss", title_justify="left")
     for d in datasets:
         table.add_row(
             d, *(f"{metrics[m][d]['loss']:.3f}" if d in metrics[m] else "" for m in models)
