@@ -25,8 +25,8 @@ import ast
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "data"
@@ -67,11 +67,18 @@ def gen_arith(rng: random.Random) -> str:
 # code: one-line Python snippets, all checked with ast.parse
 # --------------------------------------------------------------------------
 
-_VARS = ["x", "y", "n", "k", "val", "item", "count", "total", "idx", "acc"]
-_LISTS = ["xs", "ys", "nums", "items", "vals", "data", "row", "buf"]
-_WORDS = ["alpha", "beta", "gamma", "delta", "red", "blue", "green", "apple",
-          "pear", "plum", "north", "south", "east", "west", "key", "name"]
-_FUNCS = ["add", "sub", "mul", "scale", "shift", "bump", "clip", "twice"]
+# fmt: off
+_VARS = [
+    "x", "y", "n", "k", "val", "item", "count", "total", "idx", "acc",
+]
+_LISTS = [
+    "xs", "ys", "nums", "items", "vals", "data", "row", "buf",
+]
+_WORDS = [
+    "alpha", "beta", "gamma", "delta", "red", "blue", "green", "apple", "pear", "plum", "north",
+    "south", "east", "west", "key", "name",
+]
+# fmt: on
 
 
 def _code_templates(rng: random.Random) -> str:
@@ -140,11 +147,21 @@ def gen_code(rng: random.Random) -> str:
 #   the sentence ends with " ."
 # --------------------------------------------------------------------------
 
-_NOUNS = ["tav", "mir", "kes", "dor", "pel", "sun", "bor", "lim", "nak",
-          "fes", "gor", "yul", "ramb", "ilt", "quen", "osk"]
-_ADJS = ["lus", "ken", "vir", "dal", "sem", "hor", "pim", "zet"]
-_VERBS = ["vak", "tel", "mor", "sil", "gan", "pru", "dess", "hol", "rin", "kov"]
-_PLACES = ["dom", "vald", "ser", "kalm", "tunn", "perr"]
+# fmt: off
+_NOUNS = [
+    "tav", "mir", "kes", "dor", "pel", "sun", "bor", "lim", "nak", "fes", "gor", "yul", "ramb",
+    "ilt", "quen", "osk",
+]
+_ADJS = [
+    "lus", "ken", "vir", "dal", "sem", "hor", "pim", "zet",
+]
+_VERBS = [
+    "vak", "tel", "mor", "sil", "gan", "pru", "dess", "hol", "rin", "kov",
+]
+_PLACES = [
+    "dom", "vald", "ser", "kalm", "tunn", "perr",
+]
+# fmt: on
 
 
 def _np(rng: random.Random, suffix: str) -> str:
@@ -172,26 +189,45 @@ def gen_lang(rng: random.Random) -> str:
 # general: simple templated English, the "base domain"
 # --------------------------------------------------------------------------
 
-_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry",
-          "Iris", "Jack", "Lucy", "Mark", "Nora", "Oscar", "Paul", "Rosa"]
-_SUBJECTS = ["the farmer", "the teacher", "a child", "the old man", "my sister",
-             "the doctor", "a young girl", "the baker", "our neighbor",
-             "the driver", "a tall woman", "the student", "his brother"]
-_VERBS_PAST = ["found", "bought", "painted", "carried", "cleaned", "opened",
-               "watched", "fixed", "sold", "lost", "washed", "borrowed"]
-_VERBS_PRES = ["finds", "buys", "paints", "carries", "cleans", "opens",
-               "watches", "fixes", "sells", "loses", "washes", "borrows"]
-_OBJECTS = ["a red box", "the small chair", "an old book", "a blue cup",
-            "the wooden door", "a warm coat", "the green bike", "a long letter",
-            "the heavy bag", "a new lamp", "the garden gate", "a silver key"]
-_PLACES_EN = ["in the kitchen", "at the market", "near the river",
-              "in the park", "at school", "behind the house", "in the city",
-              "on the farm", "by the lake", "at the station", "in the village"]
-_TIMES = ["yesterday", "last week", "this morning", "on Sunday", "at night",
-          "in the spring", "after lunch", "before dinner"]
-_HABITS = ["every day", "every week", "on Mondays", "in the evening",
-           "each morning", "twice a month"]
-_ADJ_EN = ["happy", "tired", "quiet", "busy", "kind", "brave", "hungry", "calm"]
+# fmt: off
+_NAMES = [
+    "Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Lucy",
+    "Mark", "Nora", "Oscar", "Paul", "Rosa",
+]
+_SUBJECTS = [
+    "the farmer", "the teacher", "a child", "the old man", "my sister", "the doctor",
+    "a young girl", "the baker", "our neighbor", "the driver", "a tall woman", "the student",
+    "his brother",
+]
+_VERBS_PAST = [
+    "found", "bought", "painted", "carried", "cleaned", "opened", "watched", "fixed", "sold",
+    "lost", "washed", "borrowed",
+]
+_VERBS_PRES = [
+    "finds", "buys", "paints", "carries", "cleans", "opens", "watches", "fixes", "sells", "loses",
+    "washes", "borrows",
+]
+_OBJECTS = [
+    "a red box", "the small chair", "an old book", "a blue cup", "the wooden door", "a warm coat",
+    "the green bike", "a long letter", "the heavy bag", "a new lamp", "the garden gate",
+    "a silver key",
+]
+_PLACES_EN = [
+    "in the kitchen", "at the market", "near the river", "in the park", "at school",
+    "behind the house", "in the city", "on the farm", "by the lake", "at the station",
+    "in the village",
+]
+_TIMES = [
+    "yesterday", "last week", "this morning", "on Sunday", "at night", "in the spring",
+    "after lunch", "before dinner",
+]
+_HABITS = [
+    "every day", "every week", "on Mondays", "in the evening", "each morning", "twice a month",
+]
+_ADJ_EN = [
+    "happy", "tired", "quiet", "busy", "kind", "brave", "hungry", "calm",
+]
+# fmt: on
 
 
 def gen_general(rng: random.Random) -> str:
@@ -283,9 +319,7 @@ def make_tokenizer(train: dict[str, list[str]]) -> None:
     corpus = [line for name in SKILLS for line in train[name]]
     tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     if tok.get_vocab_size() != VOCAB_SIZE or tok.token_to_id(EOT) != 0:
-        raise RuntimeError(
-            f"tokenizer vocab {tok.get_vocab_size()}, eot id {tok.token_to_id(EOT)}"
-        )
+        raise RuntimeError(f"tokenizer vocab {tok.get_vocab_size()}, eot id {tok.token_to_id(EOT)}")
 
     # tokenizer.json comes straight from `tokenizers`; the two small JSON files
     # are written by hand so they do not depend on the transformers version
