@@ -124,7 +124,8 @@ class StatCache:
         """Hash of a declared input: a single file or a folder."""
         if path.is_dir():
             return self.tree(path)
-        return TreeHash(self.file(path), {path.name: self.file(path)})
+        digest = self.file(path)
+        return TreeHash(digest, {path.name: digest})
 
     def save(self) -> None:
         if self.path is None or not self.dirty:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import ClassVar
 
 from graftbuild.steps.base import StepContext
@@ -46,7 +47,14 @@ class EvalStep:
         (ctx.out / METRICS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def heldout_loss(folder, examples, seq_len, batch_size, source, device="cpu") -> tuple[float, int]:
+def heldout_loss(
+    folder: Path,
+    examples: list[str],
+    seq_len: int,
+    batch_size: int,
+    source: Path,
+    device: str = "cpu",
+) -> tuple[float, int]:
     """Mean next-token loss over every chunk of the data, in a fixed order."""
     import torch
 
