@@ -96,7 +96,8 @@ def main_recipe(steps: int, chain: list[str]) -> str:
         prompts = ", ".join(f'chain_{s} = "{QS}/data/{s}.train.txt"' for s in chain)
         chain_fuse = (
             f'[[fuse]]\nname = "chain"\npacks = {packs}\nstrategy = "routed"\n'
-            f'options = {{ prompts = {{ {prompts} }}, base_prompts = "{QS}/data/general.train.txt" }}\n'
+            f"options = {{ prompts = {{ {prompts} }}, "
+            f'base_prompts = "{QS}/data/general.train.txt" }}\n'
         )
     return MAIN.format(qs=QS, sources=sources, singles=singles, chain_fuse=chain_fuse)
 
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lines", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path("/tmp/graftbuild-fusion-bench"))
+    ap.add_argument("--reuse", action="store_true", help="Keep the work folder's cache.")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -137,8 +139,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     def build(text: str, name: str):
         path = work / name
@@ -210,6 +213,14 @@ def main() -> None:
         return out, acc, switch
 
     table["routed (router per line)"], acc, switch = routed_losses(res.node("fuse:routed").output)
+    g = GraftedModel.from_pretrained(res.node("fuse:routed").output)
+    oracle = {}
+    for d in DOMAINS:
+        g.activate([] if d == "general" else [d])
+        s_, c_ = seq_loss(g.model, seqs[d])
+        oracle[d] = s_ / c_
+    g.close()
+    table["routed (right pack active)"] = oracle
     t = time.perf_counter()
     g = GraftedModel.from_pretrained(res.node("fuse:routed").output)
     g.activate(["lang"])
@@ -243,13 +254,19 @@ def main() -> None:
     print("| model | " + " | ".join(DOMAINS) + " |")
     print("|---|" + "---:|" * len(DOMAINS))
     for name, row in table.items():
-        print(f"| {name} | " + " | ".join(f"{row[d]:.4f}" for d in DOMAINS) + " |")
+        print(
+            f"| {name} | " + " | ".join(f"{row[d]:.4f}" if d in row else "" for d in DOMAINS) + " |"
+        )
     print()
     print("Routed vs single-pack graft (relative loss change, skill's own data):")
     for s in SKILLS:
         single = table[f"single-pack graft {s}"][s]
         r = table["routed (router per line)"][s]
-        print(f"- {s}: routed {r:.4f} vs single {single:.4f}: {100 * (r / single - 1):+.2f}%")
+        o = table["routed (right pack active)"][s]
+        print(
+            f"- {s}: right pack active {o:.4f} ({100 * (o / single - 1):+.2f}%), router {r:.4f} "
+            f"({100 * (r / single - 1):+.2f}%) vs single-pack graft {single:.4f}"
+        )
     b, r = table["base (general)"]["general"], table["routed (router per line)"]["general"]
     print(f"- general (base domain): routed {r:.4f} vs base {b:.4f}: {100 * (r / b - 1):+.2f}%")
     for strat in ("sum", "ties", "dare"):

@@ -36,7 +36,9 @@ name = "bundle"
 packs = ["x", "y"]
 strategy = "routed"
 weights = {{ y = 0.5 }}
-options = {{ prompts = {{ x = "{DATA}/arith.train.txt", y = "PROMPTS_Y" }}, base_prompts = "{DATA}/lang.train.txt" }}
+[fuse.options]
+base_prompts = "{DATA}/lang.train.txt"
+prompts = {{ x = "{DATA}/arith.train.txt", y = "PROMPTS_Y" }}
 
 [[fuse]]
 name = "x"

@@ -25,7 +25,7 @@ class RoutedParams(StrategyParams):
     the recipe). Default: the source's finetune data."""
     base_prompts: str | None = None
     """Prompts of the base model's own domain: the router sends inputs like these to no pack."""
-    samples: int = Field(default=64, gt=0)
+    samples: int = Field(default=256, gt=0)
     """Prompts per class read from each file (the first ones)."""
     seq_len: int = Field(default=64, gt=0)
     """Tokens of a prompt the router looks at."""
