@@ -73,11 +73,14 @@ options = {{ base_prompts = "{qs}/data/general.train.txt" }}
 """
 
 
+LR = 2e-3
+
+
 def source(name: str, data: str, steps: int, parent: str | None = None) -> str:
     p = f'parent = "{parent}"\n' if parent else ""
     return (
         f'[sources.{name}]\n{p}finetune = {{ data = "{QS}/data/{data}.train.txt", '
-        f"steps = {steps}, lr = 2e-3, batch_size = 16 }}\n"
+        f"steps = {steps}, lr = {LR}, batch_size = 16 }}\n"
     )
 
 
@@ -126,8 +129,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lines", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path("/tmp/graftbuild-fusion-bench"))
+    ap.add_argument("--lr", type=float, default=LR, help="Skill finetune learning rate.")
     ap.add_argument("--reuse", action="store_true", help="Keep the work folder's cache.")
     args = ap.parse_args()
+    global LR
+    LR = args.lr
     sys.path.insert(0, str(REPO))
     import torch
 
@@ -250,7 +256,10 @@ def main() -> None:
                 d
             ]
 
-    print(f"build time (all recipes, {args.steps} finetune steps each): {build_s:.0f} s\n")
+    print(
+        f"build time (all recipes, {args.steps} finetune steps each, skill lr {LR}): "
+        f"{build_s:.0f} s\n"
+    )
     print("| model | " + " | ".join(DOMAINS) + " |")
     print("|---|" + "---:|" * len(DOMAINS))
     for name, row in table.items():
