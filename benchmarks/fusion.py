@@ -125,6 +125,7 @@ def seq_loss(model, seqs) -> tuple[float, int]:
 
 
 def main() -> None:
+    global LR
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lines", type=int, default=100)
@@ -132,7 +133,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LR, help="Skill finetune learning rate.")
     ap.add_argument("--reuse", action="store_true", help="Keep the work folder's cache.")
     args = ap.parse_args()
-    global LR
     LR = args.lr
     sys.path.insert(0, str(REPO))
     import torch
@@ -278,12 +278,15 @@ def main() -> None:
         )
     b, r = table["base (general)"]["general"], table["routed (router per line)"]["general"]
     print(f"- general (base domain): routed {r:.4f} vs base {b:.4f}: {100 * (r / b - 1):+.2f}%")
-    for strat in ("sum", "ties", "dare"):
-        worst = max(
-            100 * (table[strat][s] / table[f"single-pack graft {s}"][s] - 1) for s in SKILLS
-        )
-        gen = 100 * (table[strat]["general"] / b - 1)
-        print(f"- {strat}: worst skill {worst:+.2f}% vs single-pack graft; general {gen:+.2f}%")
+    print()
+    print("| strategy | " + " | ".join(DOMAINS) + " (base domain) |")
+    print("|---|" + "---:|" * len(DOMAINS))
+    for strat in ("routed (router per line)", "sum", "ties", "dare"):
+        cells = [
+            f"{100 * (table[strat][s] / table[f'single-pack graft {s}'][s] - 1):+.1f}%"
+            for s in SKILLS
+        ] + [f"{100 * (table[strat]['general'] / b - 1):+.1f}%"]
+        print(f"| {strat} | " + " | ".join(cells) + " |")
     print()
     print("Router accuracy on held-out lines: " + ", ".join(f"{d} {a:.3f}" for d, a in acc.items()))
     print("Chain router accuracy: " + ", ".join(f"{d} {a:.3f}" for d, a in chain_acc.items()))

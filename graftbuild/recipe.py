@@ -174,7 +174,7 @@ class FuseSpec(Model):
 class EvalSpec(Model):
     name: str = Field(min_length=1)
     models: list[str] = Field(min_length=1)
-    """Node ids to evaluate: "base", "source:NAME", "fuse:NAME"."""
+    """Node ids to evaluate: "base", "source:NAME", "fuse:NAME" (not routed), "graft:NAME"."""
     data: dict[str, RelPath] = Field(min_length=1)
     """Dataset name -> held-out text or jsonl file."""
     field: str = "text"

@@ -125,3 +125,23 @@ def test_chain_errors_are_user_errors(tmp_path: Path) -> None:
     recipe.write_text(HEAD + '\n[[fuse]]\nname = "f"\npacks = ["b"]\n')
     with pytest.raises(UserError, match="add 'a' to `packs`"):
         load_recipe(recipe)
+
+
+def test_finetuned_child_trains_from_its_parents_graft(tmp_path: Path) -> None:
+    from graftbuild.graph import build_graph
+
+    recipe = tmp_path / "graftbuild.toml"
+    recipe.write_text(
+        HEAD.replace(
+            'path = "models/a"', f'finetune = {{ data = "{DATA}/arith.train.txt", steps = 1 }}'
+        ).replace(
+            'path = "models/b"', f'finetune = {{ data = "{DATA}/code.train.txt", steps = 1 }}'
+        )
+        + '\n[[eval]]\nname = "e"\nmodels = ["graft:a"]\ndata = { arith = "x.txt" }\n'
+    )
+    g = build_graph(load_recipe(recipe))
+    assert g.node("source:a").deps == {"base": "base"}
+    assert g.node("source:b").deps == {"base": "graft:a"}
+    assert g.node("pack:b").deps == {"base": "base", "source": "source:b", "parent": "graft:a"}
+    assert g.node("graft:a").deps == {"base": "base", "pack.0": "pack:a"}
+    assert g.node("eval:e").deps == {"model.0": "graft:a"}
