@@ -133,7 +133,7 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                     sid,
                     "finetune",
                     config={"train": ft},
-                    deps={"base": "base"},
+                    deps={"base": _start(src.parent)},
                     files={"data": src.finetune.data},
                     labels={
                         "file:data": f"source '{name}' training data changed",
@@ -148,17 +148,27 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                 f"pack:{name}",
                 "pack",
                 config={"profile": recipe.profile(src.compression).normalised()},
-                deps={"base": "base", "source": sid},
+                deps={"base": "base", "source": sid}
+                | ({"parent": _start(src.parent)} if src.parent else {}),
                 labels={
                     "config.profile": f"compression profile '{src.compression}' changed",
                     "dep:source": f"source '{name}' weights changed",
                     "dep:base": "base model changed",
+                    "dep:parent": f"parent model graft:{src.parent} changed",
                 },
                 output=out / "packs" / name,
             )
         )
 
+    for name in recipe.parents():
+        nodes.append(graft_node(recipe, name))
+
     for f in recipe.fuse:
+        if f.strategy == "routed":
+            from graftbuild.steps.bundle import bundle_node
+
+            nodes.append(bundle_node(recipe, f, out))
+            continue
         deps = {"base": "base"} | {f"pack.{i}": f"pack:{p}" for i, p in enumerate(f.packs)}
         labels = {
             "config.packs": "fusion order changed",
@@ -217,3 +227,28 @@ def build_graph(recipe: Recipe) -> BuildGraph:
         cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
         raise UserError(f"{recipe.path}: the recipe's nodes form a cycle: {cycle}")
     return BuildGraph(recipe, g)
+
+
+def _start(parent: str | None) -> str:
+    """The model a source starts from: the base, or its parent's grafted model."""
+    return "base" if parent is None else f"graft:{parent}"
+
+
+def graft_node(recipe: Recipe, name: str) -> Node:
+    """``graft:NAME``: base ⊕ every pack of NAME's chain (a plain sum), the model a child source
+    was fine-tuned from and is packed against. Cache only; eval can name it."""
+    chain = recipe.chain(name)
+    return Node(
+        f"graft:{name}",
+        "fuse",
+        config={
+            "packs": chain,
+            "weights": [1.0] * len(chain),
+            "strategy": "sum",
+            "options": {},
+            "shard_size": 2**62,
+        },
+        deps={"base": "base"} | {f"pack.{i}": f"pack:{p}" for i, p in enumerate(chain)},
+        labels={"dep:base": "base model changed"}
+        | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(chain)},
+    )

@@ -89,6 +89,9 @@ class SourceSpec(Model):
     path: RelPath | None = None
     finetune: FinetuneSpec | None = None
     compression: str = "default"
+    parent: str | None = None
+    """A continual chain: this source was fine-tuned from base ⊕ the parent pack (and its own
+    chain), and its delta is taken against exactly that model."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
@@ -173,7 +176,7 @@ class FuseSpec(Model):
 class EvalSpec(Model):
     name: str = Field(min_length=1)
     models: list[str] = Field(min_length=1)
-    """Node ids to evaluate: "base", "source:NAME", "fuse:NAME"."""
+    """Node ids to evaluate: "base", "source:NAME", "fuse:NAME" (not routed), "graft:NAME"."""
     data: dict[str, RelPath] = Field(min_length=1)
     """Dataset name -> held-out text or jsonl file."""
     field: str = "text"
@@ -201,6 +204,14 @@ class Recipe(Model):
                     f"sources.{name}.compression: no profile {src.compression!r}"
                     f"{_suggest(src.compression, profiles)}; defined: {sorted(profiles)}"
                 )
+        for name, src in self.sources.items():
+            if src.parent is not None and src.parent not in self.sources:
+                raise ValueError(
+                    f"sources.{name}.parent: no source {src.parent!r}"
+                    f"{_suggest(src.parent, self.sources)}"
+                )
+        for name in self.sources:
+            self.chain(name)  # raises on a cycle
         seen: set[str] = set()
         for i, f in enumerate(self.fuse):
             if f.name in seen:
@@ -209,6 +220,13 @@ class Recipe(Model):
             for p in f.packs:
                 if p not in self.sources:
                     raise ValueError(f"fuse[{i}].packs: no source {p!r}{_suggest(p, self.sources)}")
+            for p in f.packs:
+                parent = self.sources[p].parent
+                if parent is not None and parent not in f.packs:
+                    raise ValueError(
+                        f"fuse[{i}].packs: pack {p!r} is a delta on top of its parent {parent!r}, "
+                        f"which must be fused with it; add {parent!r} to `packs`"
+                    )
         nodes = self.model_ids()
         seen = set()
         for i, e in enumerate(self.eval):
@@ -226,7 +244,22 @@ class Recipe(Model):
     def model_ids(self) -> set[str]:
         init = {"base:init"} if self.base.finetune is not None else set()
         sources = {f"source:{s}" for s in self.sources}
-        return {"base"} | init | sources | {f"fuse:{f.name}" for f in self.fuse}
+        fused = {f"fuse:{f.name}" for f in self.fuse if f.strategy != "routed"}
+        return {"base"} | init | sources | fused | {f"graft:{p}" for p in self.parents()}
+
+    def chain(self, name: str) -> list[str]:
+        """The packs a source's model is made of, root first, ending with ``name`` itself."""
+        out = [name]
+        while (parent := self.sources[out[-1]].parent) is not None:
+            if parent in out:
+                cycle = " -> ".join([*reversed(out), parent])
+                raise ValueError(f"sources.{name}.parent: the parents form a cycle: {cycle}")
+            out.append(parent)
+        return out[::-1]
+
+    def parents(self) -> list[str]:
+        """Sources that another source names as its parent (each gets a ``graft:NAME`` model)."""
+        return sorted({s.parent for s in self.sources.values() if s.parent is not None})
 
     def profile(self, name: str) -> CompressionProfile:
         return self.compression.get(name) or CompressionProfile()

@@ -328,6 +328,14 @@ class PackReader:
             )
         return out.to(torch.float32)
 
+    def part(self, name: str, part: str) -> torch.Tensor:
+        """One stored part of a tensor's encoding, as stored (e.g. a low-rank factor)."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        if part not in self._entry(name).get("parts", []):
+            raise UserError(f"{self.path}: tensor {name!r} has no part {part!r}")
+        return self._f.get_tensor(part_key(name, part))
+
     def payload_nbytes(self) -> int:
         """Bytes of all stored tensors (the file minus its header)."""
         if self._f is None:

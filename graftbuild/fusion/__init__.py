@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from graftbuild.fusion.base import Strategy
+from graftbuild.fusion.dare import DareStrategy
+from graftbuild.fusion.routed import RoutedStrategy
 from graftbuild.fusion.sum import SumStrategy
+from graftbuild.fusion.ties import TiesStrategy
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (SumStrategy(),)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (SumStrategy(), TiesStrategy(), DareStrategy(), RoutedStrategy())
+}
 
 
 def get_strategy(name: str) -> Strategy:

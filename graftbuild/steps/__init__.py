@@ -7,6 +7,7 @@ one line in ``STEPS``, and its node in ``graftbuild/graph.py``.
 from __future__ import annotations
 
 from graftbuild.steps.base import Step
+from graftbuild.steps.bundle import BundleStep
 from graftbuild.steps.evaluate import EvalStep
 from graftbuild.steps.finetune import FinetuneStep
 from graftbuild.steps.fuse import FuseStep
@@ -14,5 +15,6 @@ from graftbuild.steps.init import InitStep
 from graftbuild.steps.pack import PackStep
 
 STEPS: dict[str, Step] = {
-    s.name: s for s in (InitStep(), FinetuneStep(), PackStep(), FuseStep(), EvalStep())
+    s.name: s
+    for s in (InitStep(), FinetuneStep(), PackStep(), FuseStep(), EvalStep(), BundleStep())
 }

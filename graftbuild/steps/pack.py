@@ -32,9 +32,15 @@ class PackStep:
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
+        # A chained source's delta is taken against its parent's grafted model (``parent``); the
+        # header still names the root base (what fusing adds it to) and records the parent.
         header = {"base": ctx.input_hashes["base"]}
+        reference = "base"
+        if "parent" in ctx.inputs:
+            header["parent"] = ctx.input_hashes["parent"]
+            reference = "parent"
         with (
-            ModelWeights(ctx.inputs["base"]) as base,
+            ModelWeights(ctx.inputs[reference]) as base,
             ModelWeights(ctx.inputs["source"]) as src,
             PackWriter(ctx.out / PACK_FILE, header) as writer,
         ):
