@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 
 from graftbuild.errors import UserError
-from graftbuild.recipe import Recipe
+from graftbuild.recipe import Recipe, ReleaseSpec
 
 
 @dataclass
@@ -190,6 +190,8 @@ def build_graph(recipe: Recipe) -> BuildGraph:
             )
         )
 
+    nodes += [release_node(recipe, r, out) for r in recipe.release]
+
     g = nx.DiGraph()
     for n in nodes:
         g.add_node(n.id, node=n)
@@ -200,3 +202,43 @@ def build_graph(recipe: Recipe) -> BuildGraph:
         cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
         raise UserError(f"{recipe.path}: the recipe's nodes form a cycle: {cycle}")
     return BuildGraph(recipe, g)
+
+
+def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
+    """``release:NAME``: the fused model, its model card and manifest. Everything the card shows
+    is an input: the fused model, base, packs and evals by hash, the rest in its config."""
+    from graftbuild.gates import gate_config
+
+    fuse = next(f for f in recipe.fuse if f.name == (r.fuse or r.name))
+    evals = recipe.release_evals(r)
+    deps = {"model": f"fuse:{fuse.name}", "base": "base"}
+    deps |= {f"pack.{i}": f"pack:{p}" for i, p in enumerate(fuse.packs)}
+    deps |= {f"eval.{j}": f"eval:{e.name}" for j, e in enumerate(evals)}
+    files = {}
+    if recipe.base.path is not None and (recipe.base.path / "README.md").is_file():
+        files["base_card"] = recipe.base.path / "README.md"  # license etc. (not in the base hash)
+    config = {
+        "project": {"name": recipe.project.name, "version": recipe.project.version},
+        "card": {"license": r.license, "base_model": r.base_model, "tags": r.tags},
+        "fuse": {
+            "name": fuse.name,
+            "packs": fuse.packs,
+            "weights": fuse.weight_list(),
+            "strategy": fuse.strategy,
+            "options": fuse.options,
+        },
+        "compression": {p: recipe.sources[p].compression for p in fuse.packs},
+        "base": "folder" if recipe.base.path is not None else "init",
+        "evals": [{"name": e.name} | gate_config(e) for e in evals],
+    }
+    return Node(
+        f"release:{r.name}",
+        "release",
+        config=config,
+        deps=deps,
+        files=files,
+        labels={"dep:model": f"fused model '{fuse.name}' changed", "config.card": "card changed"}
+        | {f"dep:eval.{j}": f"eval '{e.name}' changed" for j, e in enumerate(evals)}
+        | {"config.evals": "release gates changed", "file:base_card": "base model card changed"},
+        output=r.output or out / "release" / r.name,
+    )
