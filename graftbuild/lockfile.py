@@ -95,7 +95,12 @@ def update(sched: Scheduler, result: MakeResult, locked: bool = False) -> Path:
     recipe_path = sched.recipe.path
     assert recipe_path is not None
     path = lock_path(recipe_path)
-    old = load(path) or {}
+    try:
+        old = load(path) or {}
+    except UserError:
+        if locked:
+            raise
+        old = {}  # an unreadable lock is replaced by a fresh one
     old_nodes: dict[str, Any] = old.get("nodes", {})
     if locked:
         drift = [
@@ -212,6 +217,9 @@ def check_inputs(sched: Scheduler, targets: list[str] | None = None) -> None:
             continue
         if node.is_input:
             assert node.path is not None
+            if not node.path.is_dir():
+                problems.append(f"{node.id}: folder not found: {_rel(node.path, root)}")
+                continue
             th = sched.store.stat_cache.tree(node.path)
             if th.digest != entry.get("output"):
                 before = entry.get("output_files", {})

@@ -97,9 +97,16 @@ def test_locked_passes_unchanged_and_names_a_changed_input(path_project: Path) -
     assert lock_of(path_project)["nodes"]["fuse:release"]["config"]["weights"] == [1.0, 0.25]
 
 
-def test_locked_without_a_lock_is_a_user_error(path_project: Path) -> None:
+def test_locked_without_a_usable_lock_is_a_user_error(path_project: Path) -> None:
     code, _, err = run("make", str(path_project), "--locked")
     assert code == 2 and "no lockfile" in err
+
+    path_project.with_suffix(".lock").write_text("{ not json")
+    code, _, err = run("make", str(path_project), "--locked")
+    assert code == 2 and "not a valid lockfile" in err
+    # Without --locked an unreadable lock is simply replaced.
+    assert run("make", str(path_project))[0] == 0
+    assert "fuse:release" in lock_of(path_project)["nodes"]
 
 
 def _drop_object(recipe: Path, node: str) -> None:
