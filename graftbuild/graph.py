@@ -190,7 +190,8 @@ def build_graph(recipe: Recipe) -> BuildGraph:
             )
         )
 
-    nodes += [release_node(recipe, r, out) for r in recipe.release]
+    base_step = next(n.step for n in nodes if n.id == "base")
+    nodes += [release_node(recipe, r, out, base_step) for r in recipe.release]
 
     g = nx.DiGraph()
     for n in nodes:
@@ -204,7 +205,7 @@ def build_graph(recipe: Recipe) -> BuildGraph:
     return BuildGraph(recipe, g)
 
 
-def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
+def release_node(recipe: Recipe, r: ReleaseSpec, out: Path, base_step: str) -> Node:
     """``release:NAME``: the fused model, its model card and manifest. Everything the card shows
     is an input: the fused model, base, packs and evals by hash, the rest in its config."""
     from graftbuild.gates import gate_config
@@ -228,7 +229,7 @@ def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
             "options": fuse.options,
         },
         "compression": {p: recipe.sources[p].compression for p in fuse.packs},
-        "base": "folder" if recipe.base.path is not None else "init",
+        "base": base_step,  # how the base was made, for the card: input, init, finetune
         "evals": [{"name": e.name} | gate_config(e) for e in evals],
     }
     return Node(

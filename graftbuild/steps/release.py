@@ -24,6 +24,11 @@ from graftbuild.steps.base import StepContext
 MANIFEST_FILE = "graftbuild-manifest.json"
 CARD_FILE = "README.md"
 DEFAULT_TAGS = ["graftbuild", "graftllm", "merge"]
+BASE_DESC = {
+    "input": "a model folder",
+    "init": "seeded random init",
+    "finetune": "seeded random init, then trained in the build",
+}
 
 
 class ReleaseStep:
@@ -65,7 +70,7 @@ class ReleaseStep:
                 "base_model": base_model,
                 "license": license_,
                 "tags": tags,
-                "base_desc": "a model folder" if cfg["base"] == "folder" else "seeded random init",
+                "base_desc": BASE_DESC.get(cfg["base"], cfg["base"]),
                 "base_hash": ctx.input_hashes["base"],
                 "model_hash": ctx.input_hashes["model"],
                 "fuse": fuse,
