@@ -251,7 +251,10 @@ def check_inputs(sched: Scheduler, targets: list[str] | None = None) -> None:
             problems.append(f"{node.id}: its inputs {node.deps} differ from the lock's {lock_deps}")
         if sched.store.lookup(entry.get("key", "")) is None:
             env_lock = lock.get("environments", {}).get(entry.get("env"), {})
-            for k in PINNED:
+            pinned = PINNED
+            if env_lock.get("threads") is None:  # torch's default follows the machine
+                pinned = (*PINNED, "cpu_count", "OMP_NUM_THREADS")
+            for k in pinned:
                 if k in env_lock and env_lock[k] != env_now.get(k):
                     problems.append(
                         f"{node.id}: must be rebuilt, but {k} is {env_now.get(k)!r} here and "

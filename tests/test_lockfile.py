@@ -133,7 +133,9 @@ def test_locked_refuses_to_rebuild_under_another_torch(path_project: Path) -> No
     lock_file = path_project.with_suffix(".lock")
     lock = json.loads(lock_file.read_text())
     for env in lock["environments"].values():
+        assert env["threads"] is None  # no -j: torch's default, which follows the CPU count
         env["torch"] = "1.0.0"
+        env["cpu_count"] = 999
     lock_file.write_text(json.dumps(lock))
     assert run("make", str(path_project), "--locked")[0] == 0  # all cached: nothing rebuilds
 
@@ -141,3 +143,4 @@ def test_locked_refuses_to_rebuild_under_another_torch(path_project: Path) -> No
     code, _, err = run("make", str(path_project), "--locked")
     assert code == 2
     assert "pack:x: must be rebuilt, but torch is" in err and "'1.0.0' in the lock" in err
+    assert f"cpu_count is {os.cpu_count()!r} here and 999 in the lock" in err
