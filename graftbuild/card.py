@@ -111,7 +111,7 @@ def render(info: dict[str, Any]) -> str:
 
     for ev in info["evals"]:
         metrics = ev["metrics"]
-        models = list(metrics)
+        models = [m for m in ev.get("models", metrics) if m in metrics]  # the recipe's order
         datasets = sorted({d for m in metrics.values() for d in m})
         out += ["", f"### Evaluation `{ev['name']}`: held-out loss (perplexity)", ""]
         rows = [

@@ -230,7 +230,7 @@ def release_node(recipe: Recipe, r: ReleaseSpec, out: Path, base_step: str) -> N
         },
         "compression": {p: recipe.sources[p].compression for p in fuse.packs},
         "base": base_step,  # how the base was made, for the card: input, init, finetune
-        "evals": [{"name": e.name} | gate_config(e) for e in evals],
+        "evals": [{"name": e.name, "models": e.models} | gate_config(e) for e in evals],
     }
     return Node(
         f"release:{r.name}",

@@ -129,6 +129,10 @@ def test_release_folder_has_card_and_manifest(built: tuple[Path, object]) -> Non
     loss = metrics["fuse:release"]["general"]["loss"]
     row = next(line for line in card.splitlines() if line.startswith("| `fuse:release` |"))
     assert f"{loss:.4f}" in row
+    table = card[card.index("### Evaluation `losses`") :].split("\n\n")[1].splitlines()
+    assert table[0] == "| model | a | general |"
+    rows = [r.split(" | ")[0] for r in table[2:]]
+    assert rows == ["| `base`", "| `source:a`", "| `fuse:release`"]  # the recipe's order
     assert card.count("| pass |") == 2
 
     manifest = json.loads((folder / "graftbuild-manifest.json").read_text())

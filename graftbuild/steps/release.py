@@ -90,7 +90,9 @@ class ReleaseStep:
         for j, ev in enumerate(ctx.config["evals"]):
             metrics = json.loads((ctx.inputs[f"eval.{j}"] / METRICS_FILE).read_text())
             gates = check(ev["name"], ev["gates"], ev["reference"], metrics)
-            out.append({"name": ev["name"], "metrics": metrics, "gates": gates})
+            out.append(
+                {"name": ev["name"], "models": ev["models"], "metrics": metrics, "gates": gates}
+            )
         return out
 
 
