@@ -39,6 +39,7 @@ def make(
     Writes the lockfile RECIPE.lock; exits with 1 when a release gate fails.
     """
     from graftbuild.gates import evaluate
+    from graftbuild.lockfile import lock_path
 
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
@@ -47,6 +48,8 @@ def make(
     print_summary(out, sched, result)
     gates = evaluate(sched, result)
     print_gates(out, gates)
+    if not locked:
+        out.print(f"lockfile: {lock_path(sched.recipe.path)}")
     if as_json:
         click.echo(
             json.dumps(
