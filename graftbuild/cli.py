@@ -13,9 +13,14 @@ from typing import Any
 import click
 
 from graftbuild import __version__
+from graftbuild.commands.clean import clean
 from graftbuild.commands.export import export
+from graftbuild.commands.gc import gc
+from graftbuild.commands.graph import graph
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
+from graftbuild.commands.status import status
+from graftbuild.commands.verify import verify
 from graftbuild.errors import GraftbuildError
 
 # OpenMP threads that spin while waiting slow an SVD several-fold on a loaded machine; must be
@@ -60,3 +65,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 main.add_command(make)
 main.add_command(export)
 main.add_command(plan)
+main.add_command(verify)
+main.add_command(status)
+main.add_command(graph)
+main.add_command(gc)
+main.add_command(clean)

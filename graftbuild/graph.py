@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 
 from graftbuild.errors import UserError
-from graftbuild.recipe import Recipe
+from graftbuild.recipe import Recipe, ReleaseSpec
 
 
 @dataclass
@@ -217,6 +217,9 @@ def build_graph(recipe: Recipe) -> BuildGraph:
             )
         )
 
+    base_step = next(n.step for n in nodes if n.id == "base")
+    nodes += [release_node(recipe, r, out, base_step) for r in recipe.release]
+
     g = nx.DiGraph()
     for n in nodes:
         g.add_node(n.id, node=n)
@@ -251,4 +254,45 @@ def graft_node(recipe: Recipe, name: str) -> Node:
         deps={"base": "base"} | {f"pack.{i}": f"pack:{p}" for i, p in enumerate(chain)},
         labels={"dep:base": "base model changed"}
         | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(chain)},
+        output=None,
+    )
+
+
+def release_node(recipe: Recipe, r: ReleaseSpec, out: Path, base_step: str) -> Node:
+    """``release:NAME``: the fused model, its model card and manifest. Everything the card shows
+    is an input: the fused model, base, packs and evals by hash, the rest in its config."""
+    from graftbuild.gates import gate_config
+
+    fuse = next(f for f in recipe.fuse if f.name == (r.fuse or r.name))
+    evals = recipe.release_evals(r)
+    deps = {"model": f"fuse:{fuse.name}", "base": "base"}
+    deps |= {f"pack.{i}": f"pack:{p}" for i, p in enumerate(fuse.packs)}
+    deps |= {f"eval.{j}": f"eval:{e.name}" for j, e in enumerate(evals)}
+    files = {}
+    if recipe.base.path is not None and (recipe.base.path / "README.md").is_file():
+        files["base_card"] = recipe.base.path / "README.md"  # license etc. (not in the base hash)
+    config = {
+        "project": {"name": recipe.project.name, "version": recipe.project.version},
+        "card": {"license": r.license, "base_model": r.base_model, "tags": r.tags},
+        "fuse": {
+            "name": fuse.name,
+            "packs": fuse.packs,
+            "weights": fuse.weight_list(),
+            "strategy": fuse.strategy,
+            "options": fuse.options,
+        },
+        "compression": {p: recipe.sources[p].compression for p in fuse.packs},
+        "base": base_step,  # how the base was made, for the card: input, init, finetune
+        "evals": [{"name": e.name, "models": e.models} | gate_config(e) for e in evals],
+    }
+    return Node(
+        f"release:{r.name}",
+        "release",
+        config=config,
+        deps=deps,
+        files=files,
+        labels={"dep:model": f"fused model '{fuse.name}' changed", "config.card": "card changed"}
+        | {f"dep:eval.{j}": f"eval '{e.name}' changed" for j, e in enumerate(evals)}
+        | {"config.evals": "release gates changed", "file:base_card": "base model card changed"},
+        output=r.output or out / "release" / r.name,
     )

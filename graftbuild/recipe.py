@@ -173,6 +173,25 @@ class FuseSpec(Model):
         return [float(self.weights.get(p, 1.0)) for p in self.packs]
 
 
+class GateSpec(Model):
+    """A release gate on one model's held-out loss on one dataset (see graftbuild/gates.py)."""
+
+    model: str
+    data: str
+    max_loss: float | None = None
+    """The loss must be at most this."""
+    max_increase: float | None = Field(default=None, ge=0)
+    """The loss may exceed the eval's reference model's by at most this (nats)."""
+    min_improvement: float | None = None
+    """The loss must be below the reference model's by at least this (nats)."""
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> GateSpec:
+        if self.max_loss is None and self.max_increase is None and self.min_improvement is None:
+            raise ValueError("a gate needs `max_loss`, `max_increase` or `min_improvement`")
+        return self
+
+
 class EvalSpec(Model):
     name: str = Field(min_length=1)
     models: list[str] = Field(min_length=1)
@@ -182,6 +201,43 @@ class EvalSpec(Model):
     field: str = "text"
     seq_len: int = Field(default=64, gt=1)
     batch_size: int = Field(default=16, gt=0)
+    reference: str = "base"
+    """The model that `max_increase` and `min_improvement` gates compare against."""
+    gates: list[GateSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _gates(self) -> EvalSpec:
+        if self.gates and self.reference not in self.models:
+            raise ValueError(
+                f"reference {self.reference!r} must be one of `models` when gates are declared"
+            )
+        for i, g in enumerate(self.gates):
+            if g.model not in self.models:
+                raise ValueError(
+                    f"gates[{i}].model: {g.model!r} is not evaluated here"
+                    f"{_suggest(g.model, self.models)}"
+                )
+            if g.data not in self.data:
+                raise ValueError(
+                    f"gates[{i}].data: no dataset {g.data!r}{_suggest(g.data, self.data)}"
+                )
+        return self
+
+
+class ReleaseSpec(Model):
+    """A release folder: a fused model with a model card and a manifest of file hashes."""
+
+    name: str = Field(min_length=1)
+    fuse: str | None = None
+    """The `[[fuse]]` to release (default: the one with this release's name)."""
+    evals: list[str] | None = None
+    """Evals shown in the card and gating it (default: every eval of the fused model)."""
+    license: str | None = None
+    """Default: the base model card's `license`, where it has one."""
+    base_model: str | None = None
+    """Hub id for the card (default: the base config's `_name_or_path`, unless a local path)."""
+    tags: list[str] = Field(default_factory=list)
+    output: RelPath | None = None
 
 
 class Recipe(Model):
@@ -191,6 +247,7 @@ class Recipe(Model):
     sources: dict[str, SourceSpec] = Field(min_length=1)
     fuse: list[FuseSpec] = Field(default_factory=list)
     eval: list[EvalSpec] = Field(default_factory=list)
+    release: list[ReleaseSpec] = Field(default_factory=list)
 
     # Filled by load_recipe, not part of the TOML.
     path: Path | None = Field(default=None, exclude=True)
@@ -239,7 +296,30 @@ class Recipe(Model):
                         f"eval[{i}].models: {m!r} is not a model node{_suggest(m, nodes)}; "
                         f"models are: {sorted(nodes)}"
                     )
+        self._check_releases()
         return self
+
+    def _check_releases(self) -> None:
+        fuses, evals, seen = {f.name for f in self.fuse}, {e.name for e in self.eval}, set()
+        for i, r in enumerate(self.release):
+            if r.name in seen:
+                raise ValueError(f"release[{i}].name: duplicate release name {r.name!r}")
+            seen.add(r.name)
+            fuse = r.fuse or r.name
+            if fuse not in fuses:
+                raise ValueError(
+                    f"release[{i}].fuse: no [[fuse]] named {fuse!r}{_suggest(fuse, fuses)}"
+                )
+            for e in r.evals or []:
+                if e not in evals:
+                    raise ValueError(f"release[{i}].evals: no eval {e!r}{_suggest(e, evals)}")
+
+    def release_evals(self, release: ReleaseSpec) -> list[EvalSpec]:
+        """The evals a release shows and is gated by."""
+        fuse_id = f"fuse:{release.fuse or release.name}"
+        if release.evals is not None:
+            return [e for e in self.eval if e.name in release.evals]
+        return [e for e in self.eval if fuse_id in e.models]
 
     def model_ids(self) -> set[str]:
         init = {"base:init"} if self.base.finetune is not None else set()
@@ -285,6 +365,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         (Recipe, "sources"): (SourceSpec, True),
         (Recipe, "fuse"): (FuseSpec, True),
         (Recipe, "eval"): (EvalSpec, True),
+        (Recipe, "release"): (ReleaseSpec, True),
+        (EvalSpec, "gates"): (GateSpec, True),
         (SourceSpec, "finetune"): (FinetuneSpec, False),
     }
     cls: type = Recipe

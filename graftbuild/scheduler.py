@@ -82,6 +82,8 @@ class Scheduler:
         self.reporter = reporter or NullReporter()
         assert recipe.path is not None
         self.traces = store.load_traces(recipe.path)
+        self.write_lock = True
+        """False for builds that must not touch the recipe's lockfile (``verify``)."""
 
     # -- shared --------------------------------------------------------------------------------
 
@@ -185,7 +187,11 @@ class Scheduler:
 
     # -- make ----------------------------------------------------------------------------------
 
-    def make(self, targets: list[str] | None = None, executor: Any = None) -> MakeResult:
+    def make(
+        self, targets: list[str] | None = None, executor: Any = None, locked: bool = False
+    ) -> MakeResult:
+        """Build; then write the recipe's lockfile (``locked``: check against it instead)."""
+        from graftbuild import lockfile
         from graftbuild.executors.local import LocalExecutor
 
         executor = executor or LocalExecutor()
@@ -198,9 +204,14 @@ class Scheduler:
         with self.store.lock(on_wait=waiting):
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
             try:
-                return self._make(targets, executor)
+                if locked:
+                    lockfile.check_inputs(self, targets)
+                result = self._make(targets, executor)
             finally:
                 self.store.stat_cache.save()
+            if self.write_lock:
+                lockfile.update(self, result, locked)
+            return result
 
     def _make(self, targets: list[str] | None, executor: Any) -> MakeResult:
         from graftbuild.steps import STEPS

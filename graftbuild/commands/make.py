@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ from graftbuild.commands.common import console, open_scheduler, recipe_options, 
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Fail (exit 2) if any input differs from the lockfile, (exit 1) if a rebuilt node's "
+    "bytes do; never rewrite the lockfile.",
+)
 def make(
     args: tuple[str, ...],
     cache: Path | None,
@@ -25,14 +32,51 @@ def make(
     device: str,
     jobs: int | None,
     quiet: bool,
+    locked: bool,
 ) -> None:
-    """Build the recipe's targets (default: every node), rebuilding only what is stale."""
+    """Build the recipe's targets (default: every node), rebuilding only what is stale.
+
+    Writes the lockfile RECIPE.lock; exits with 1 when a release gate fails.
+    """
+    from graftbuild.gates import evaluate
+    from graftbuild.lockfile import lock_path
+
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
-    result = sched.make(targets or None)
-    print_summary(console(stderr=as_json, quiet=quiet), sched, result)
+    result = sched.make(targets or None, locked=locked)
+    out = console(stderr=as_json, quiet=quiet)
+    print_summary(out, sched, result)
+    gates = evaluate(sched, result)
+    print_gates(out, gates)
+    if not locked:
+        out.print(f"lockfile: {lock_path(sched.recipe.path)}")
     if as_json:
-        click.echo(json.dumps({"built": result.built, "reused": result.reused}))
+        click.echo(
+            json.dumps(
+                {
+                    "built": result.built,
+                    "reused": result.reused,
+                    "gates": [g.to_json() for g in gates],
+                }
+            )
+        )
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        click.echo(
+            f"error: {len(failed)} release gate(s) failed: "
+            + "; ".join(g.describe() for g in failed),
+            err=True,
+        )
+        sys.exit(1)
+
+
+def print_gates(out: Console, gates: list[Any]) -> None:
+    if not gates:
+        return
+    table = Table("release gate", "result", box=None, pad_edge=False)
+    for g in gates:
+        table.add_row(g.describe(), "[green]pass[/]" if g.passed else "[red]FAIL[/]")
+    out.print(table)
 
 
 def print_summary(out: Console, sched: Any, result: Any) -> None:

@@ -13,8 +13,17 @@ from graftbuild.steps.finetune import FinetuneStep
 from graftbuild.steps.fuse import FuseStep
 from graftbuild.steps.init import InitStep
 from graftbuild.steps.pack import PackStep
+from graftbuild.steps.release import ReleaseStep
 
 STEPS: dict[str, Step] = {
     s.name: s
-    for s in (InitStep(), FinetuneStep(), PackStep(), FuseStep(), EvalStep(), BundleStep())
+    for s in (
+        InitStep(),
+        FinetuneStep(),
+        PackStep(),
+        FuseStep(),
+        EvalStep(),
+        BundleStep(),
+        ReleaseStep(),
+    )
 }
