@@ -197,17 +197,19 @@ class Store:
             return "holds an older build"
         return check_copy(self.object_path(digest), dest, self.stat_cache.file)
 
-    def materialize(self, digest: str, dest: Path, node_id: str) -> str | None:
+    def materialize(
+        self, digest: str, dest: Path, node_id: str, reason: str | None = None
+    ) -> str | None:
         """Make ``dest`` a copy of an object (hardlinks where possible). Returns None if it
         already was one, else why it was (re)written.
 
         ``dest`` carries a marker naming the object; a folder already holding the object is left
         alone. A folder without our marker is never overwritten: it is the user's. The new copy
         is assembled beside ``dest`` and renamed into place; leftovers of an interrupted
-        materialisation are removed first.
+        materialisation are removed first. ``reason`` forces a rewrite (``fsck --repair``).
         """
         dest = Path(os.path.abspath(dest))
-        why = self.output_problem(digest, dest)
+        why = reason or self.output_problem(digest, dest)
         if why is None:
             return None
         src = self.object_path(digest)
