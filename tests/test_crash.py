@@ -3,7 +3,8 @@ object or output behind, the next make completes, and the result is byte-identic
 uninterrupted build.
 
 The builds run in children forked from a server that has already imported torch (see
-``forkserver.py``), so three dozen interrupted builds fit in a couple of minutes on two cores.
+``forkserver.py``), so three dozen interrupted builds fit in a couple of minutes on two cores;
+the reference build is a plain ``python -m graftbuild make`` process.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import REPO, TINY_LLAMA, TOKENIZER, make_base
+from forkserver import ForkServer
 
 from graftbuild.hashing import hash_file
 from graftbuild.integrity import check_copy, check_object
@@ -48,33 +49,6 @@ name = "release"
 packs = ["a", "b"]
 weights = {{ b = {weight} }}
 """
-
-
-class ForkServer:
-    def __init__(self, cwd: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "forkserver.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=cwd,
-            env=env,
-        )
-
-    def run(self, args: list[str], log: Path, kill_after: float | None = None) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        req = {"args": args, "log": str(log), "kill_after": kill_after}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "fork server died"
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -134,14 +108,15 @@ def reset(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_leaves_a_wrong_artifact(crash_project: Path) -> None:
+def test_sigkill_at_random_moments_never_leaves_a_wrong_artifact(
+    crash_project: Path, fork_server: ForkServer
+) -> None:
     root = crash_project
     args = ["make", "graftbuild.toml", "-j", "1"]
     logs = root / "logs"
     logs.mkdir()
 
     # References: uninterrupted builds of both recipe variants, the first by a plain process.
-    server = ForkServer(root)  # imports torch meanwhile
     write_recipe(root, 1.0)
     plain = subprocess.run(
         [sys.executable, "-m", "graftbuild", *args],
@@ -153,53 +128,51 @@ def test_sigkill_at_random_moments_never_leaves_a_wrong_artifact(crash_project: 
     assert plain.returncode == 0, plain.stderr
     ref_a, objs_a = snapshot(root / "out"), objects(root / "cache")
 
-    try:
-        reset(root)
-        cold = server.run(args, logs / "cold.log")
-        assert cold["exit"] == 0, (logs / "cold.log").read_text()
-        assert snapshot(root / "out") == ref_a  # forked builds give the plain process's bytes
-        saved = root / "saved"
-        shutil.copytree(root / "cache", saved / "cache")
-        shutil.copytree(root / "out", saved / "out")
-        write_recipe(root, 0.5)
-        warm = server.run(args, logs / "warm.log")
-        assert warm["exit"] == 0, (logs / "warm.log").read_text()
-        ref_b, objs_b = snapshot(root / "out"), objects(root / "cache")
-        assert ref_b != ref_a
+    server = fork_server
+    reset(root)
+    cold = server.run(args, root, logs / "cold.log")
+    assert cold["exit"] == 0, (logs / "cold.log").read_text()
+    assert snapshot(root / "out") == ref_a  # forked builds give the plain process's bytes
+    saved = root / "saved"
+    shutil.copytree(root / "cache", saved / "cache")
+    shutil.copytree(root / "out", saved / "out")
+    write_recipe(root, 0.5)
+    warm = server.run(args, root, logs / "warm.log")
+    assert warm["exit"] == 0, (logs / "warm.log").read_text()
+    ref_b, objs_b = snapshot(root / "out"), objects(root / "cache")
+    assert ref_b != ref_a
 
-        rng = random.Random(SEED)
-        kills: Counter[str] = Counter()
-        i = 0
-        while sum(kills.values()) < KILLS:
-            assert i < 3 * KILLS, f"builds keep finishing before their kill time: {kills}"
-            kind = "warm" if i % 3 == 2 else "cold"
-            if kind == "cold":  # from nothing: init, hashing, finetune, packs, fuse
-                reset(root)
-                write_recipe(root, 1.0)
-                ref, objs, duration = ref_a, objs_a, cold["elapsed"]
-            else:  # all built for weight 1.0; 0.5 rebuilds the fuse and replaces its output
-                reset(root)
-                shutil.copytree(saved / "cache", root / "cache")
-                shutil.copytree(saved / "out", root / "out")
-                write_recipe(root, 0.5)
-                ref, objs, duration = ref_b, objs_a | objs_b, warm["elapsed"]
-            log = logs / f"{i}.log"
-            # Killed once, or (every other time) the recovering build is killed as well.
-            for _ in range(1 if i % 2 else 2):
-                result = server.run(args, log, kill_after=rng.uniform(0.02, duration))
-                if result["exit"] != -9:  # it finished before its kill time
-                    assert result["exit"] == 0, log.read_text()
-                    break
-                kills[phase(log)] += 1
-                assert_nothing_corrupt(root)
-            done = server.run(args, log)
-            assert done["exit"] == 0, log.read_text()
-            assert snapshot(root / "out") == ref
-            assert objects(root / "cache") <= objs
-            assert list((root / "cache" / "tmp").iterdir()) == []
-            i += 1
-    finally:
-        server.close()
+    rng = random.Random(SEED)
+    kills: Counter[str] = Counter()
+    i = 0
+    while sum(kills.values()) < KILLS:
+        assert i < 3 * KILLS, f"builds keep finishing before their kill time: {kills}"
+        kind = "warm" if i % 3 == 2 else "cold"
+        if kind == "cold":  # from nothing: init, hashing, finetune, packs, fuse
+            reset(root)
+            write_recipe(root, 1.0)
+            ref, objs, duration = ref_a, objs_a, cold["elapsed"]
+        else:  # all built for weight 1.0; 0.5 rebuilds the fuse and replaces its output
+            reset(root)
+            shutil.copytree(saved / "cache", root / "cache")
+            shutil.copytree(saved / "out", root / "out")
+            write_recipe(root, 0.5)
+            ref, objs, duration = ref_b, objs_a | objs_b, warm["elapsed"]
+        log = logs / f"{i}.log"
+        # Killed once, or (every other time) the recovering build is killed as well.
+        for _ in range(1 if i % 2 else 2):
+            result = server.run(args, root, log, kill_after=rng.uniform(0.02, duration))
+            if result["exit"] != -9:  # it finished before its kill time
+                assert result["exit"] == 0, log.read_text()
+                break
+            kills[phase(log)] += 1
+            assert_nothing_corrupt(root)
+        done = server.run(args, root, log)
+        assert done["exit"] == 0, log.read_text()
+        assert snapshot(root / "out") == ref
+        assert objects(root / "cache") <= objs
+        assert list((root / "cache" / "tmp").iterdir()) == []
+        i += 1
 
     print(f"kills survived: {sum(kills.values())} in {i} builds, by phase {dict(kills)}")
     assert len(kills) >= 4, kills  # the kills landed in several different phases
