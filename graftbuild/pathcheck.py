@@ -36,7 +36,7 @@ def check_overlaps(graph: BuildGraph, cache: Path) -> None:
     cache = cache.resolve()
     outputs = [(n.id, n.output.resolve()) for n in graph.order() if n.output is not None]
     inputs = _inputs(graph)
-    for i, (node_id, out) in enumerate(outputs):
+    for node_id, out in outputs:
         for what, p in inputs:
             if _overlap(out, p):
                 raise UserError(
@@ -48,6 +48,7 @@ def check_overlaps(graph: BuildGraph, cache: Path) -> None:
                 f"{where}: the output of {node_id} ({out}) overlaps the cache folder ({cache}); "
                 "choose an output path outside the cache"
             )
+    for i, (node_id, out) in enumerate(outputs):
         for other, p in outputs[i + 1 :]:
             if _overlap(out, p):
                 raise UserError(

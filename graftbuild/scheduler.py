@@ -93,14 +93,14 @@ class Scheduler:
         return self.store.stat_cache.input_hash(path)
 
     def _input_node(self, node: Node) -> tuple[str, dict[str, str]]:
-        from graftbuild.tensors import weight_files
+        from graftbuild.tensors import check_weight_files
 
         assert node.path is not None
         if not node.path.is_dir():
             raise UserError(
                 f"{self.recipe.path}: {node.id}: expected a model folder, not found: {node.path}"
             )
-        weight_files(node.path)  # refuse pickles and empty folders before hashing
+        check_weight_files(node.path)  # refuse pickles, empty folders, truncated files
         th = self.store.stat_cache.tree(node.path)
         return th.digest, th.files
 

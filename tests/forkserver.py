@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -45,9 +46,17 @@ class ForkServer:
         return json.loads(line)
 
     def run(
-        self, args: list[str], cwd: Path, log: Path, kill_after: float | None = None
+        self,
+        args: list[str],
+        cwd: Path,
+        log: Path,
+        kill_after: float | None = None,
+        **limits: int,
     ) -> dict[str, Any]:
-        return self._ask(op="run", args=args, cwd=str(cwd), log=str(log), kill_after=kill_after)
+        """Run to the end (or SIGKILL after ``kill_after`` s). ``limits``: ``uid`` to run as,
+        ``fsize`` the largest file it may write (RLIMIT_FSIZE: a full disk, simulated)."""
+        req = {"op": "run", "args": args, "cwd": str(cwd), "log": str(log)}
+        return self._ask(**req, kill_after=kill_after, **limits)
 
     def spawn(self, args: list[str], cwd: Path, log: Path) -> int:
         return self._ask(op="spawn", args=args, cwd=str(cwd), log=str(log))["pid"]
@@ -68,6 +77,13 @@ def _child(req: dict[str, Any]) -> None:
     fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    if req.get("fsize"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
+    if req.get("uid") is not None:
+        os.setgroups([])
+        os.setgid(req["uid"])
+        os.setuid(req["uid"])
     code = 0
     try:
         main(req["args"], prog_name="graftbuild")
