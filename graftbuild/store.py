@@ -93,10 +93,18 @@ class Store:
 
     def verify(self, digest: str, full: bool = False) -> str | None:
         """None if the object is intact, else what is wrong with it. The cheap check re-reads
-        only files whose stat changed since they were last hashed; ``full`` re-reads all."""
-        return check_object(
-            self.object_path(digest), digest, hash_file if full else self.stat_cache.file
-        )
+        only files whose stat changed since they were last hashed; ``full`` re-reads all. A
+        problem the cheap check finds is confirmed by a full one (the stat cache may be stale)."""
+        obj = self.object_path(digest)
+        if full:
+            return check_object(obj, digest, hash_file)
+        if check_object(obj, digest, self.stat_cache.file) is None:
+            return None
+        problem = check_object(obj, digest, hash_file)
+        if problem is None:  # a wrong stat-cache entry, not a wrong object
+            for rel, (_, h) in (read_manifest(obj) or {}).items():
+                self.stat_cache.remember(obj / rel, h)
+        return problem
 
     def discard(self, digest: str) -> None:
         """Remove a (corrupt) object: renamed out of ``objects/`` first, so it is never seen
@@ -113,6 +121,9 @@ class Store:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
+                p.unlink(missing_ok=True)
+        for pattern in (".*.tmp", "traces/.*.tmp", "actions/*/.*.tmp"):  # half-written JSON
+            for p in self.root.glob(pattern):
                 p.unlink(missing_ok=True)
 
     # -- action cache ----------------------------------------------------------------------------
@@ -195,7 +206,10 @@ class Store:
             return f"its marker {MARKER} is damaged"
         if current != digest:
             return "holds an older build"
-        return check_copy(self.object_path(digest), dest, self.stat_cache.file)
+        obj = self.object_path(digest)
+        if check_copy(obj, dest, self.stat_cache.file) is None:
+            return None
+        return check_copy(obj, dest, hash_file)  # confirmed by reading, not by the stat cache
 
     def materialize(
         self, digest: str, dest: Path, node_id: str, reason: str | None = None

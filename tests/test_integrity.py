@@ -165,3 +165,18 @@ def test_fsck_without_a_recipe_checks_a_cache(tmp_path: Path, path_project: Path
         assert code == 0 and "checked 3 objects and 0 outputs" in stdout
     finally:
         os.chdir(cwd)
+
+
+def test_a_wrong_stat_cache_entry_is_not_taken_for_corruption(path_project: Path) -> None:
+    first = make(path_project)
+    stat_json = path_project.parent / "cache" / "stat.json"
+    entries = json.loads(stat_json.read_text())
+    h = first.node("pack:x").output_hash
+    assert h is not None
+    key = next(k for k in entries if h in k and k.endswith("skillpack.safetensors"))
+    right = entries[key][1]
+    entries[key][1] = "0" * 32  # the cache claims another hash for an unchanged file
+    stat_json.write_text(json.dumps(entries))
+    result = make(path_project)
+    assert result.built == [] and result.node("pack:x").action == "reused"
+    assert json.loads(stat_json.read_text())[key][1] == right  # settled by reading it, once
