@@ -1,5 +1,8 @@
 """Checks on where a build writes, made before anything is built.
 
+Names (of sources, fuses, evals) become folder names under the output folder, so they may not
+hold a path separator or be ``.``/``..``: a recipe cannot write outside the folders it names.
+
 An output folder must not be, contain or sit inside one of the build's inputs (the recipe, a
 model folder, a data file), the cache, or another output: materialising it would overwrite what
 the build reads or what it has cached. Output and cache folders must be writable, checked up
@@ -31,8 +34,15 @@ def _inputs(graph: BuildGraph) -> list[tuple[str, Path]]:
 
 
 def check_overlaps(graph: BuildGraph, cache: Path) -> None:
-    """UserError if an output folder overlaps an input, the cache or another output."""
+    """UserError if a name cannot be a folder name, or an output folder overlaps an input, the
+    cache or another output."""
     where = graph.recipe.path
+    for n in graph.order():
+        if n.kind != "base" and (n.name in ("", ".", "..") or any(c in n.name for c in "/\\\0")):
+            raise UserError(
+                f"{where}: {n.kind} name {n.name!r} cannot be used as a folder name "
+                "(no '/', '\\', '.' or '..')"
+            )
     cache = cache.resolve()
     outputs = [(n.id, n.output.resolve()) for n in graph.order() if n.output is not None]
     inputs = _inputs(graph)

@@ -120,6 +120,13 @@ EXTRA_FUSE = '\n[[fuse]]\nname = "{name}"\npacks = ["x"]\n{extra}\n'
         ('[sources.y]\npath = "models/y"', '[sources.x]\npath = "models/y"', "invalid TOML"),
         ('packs = ["x", "y"]', 'packs = ["x", "y", "x"]', "lists a pack twice"),
         ("[[fuse]]", EXTRA_FUSE.format(name="release", extra="") + "[[fuse]]", "duplicate"),
+        # names that would write outside the output folder
+        ('name = "release"', 'name = "../../escape"', "cannot be used as a folder name"),
+        (
+            '[sources.x]\npath = "models/x"',
+            '[sources."a/b"]\npath = "models/x"\n[sources.x]\npath = "models/x"',
+            "source name 'a/b' cannot be used as a folder name",
+        ),
         # unknown names: a compression profile, an evaluated model
         ('compression = "exact"', 'compression = "exakt"', "did you mean 'exact'"),
     ],
