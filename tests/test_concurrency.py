@@ -5,7 +5,9 @@ corrupt."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -39,6 +41,8 @@ def built(log: Path) -> list[str]:
 
 
 def waited_for(log: Path) -> str | None:
+    if not log.exists():
+        return None
     m = re.search(r"waiting for another graftbuild build \(pid (\d+)\)", log.read_text())
     return m.group(1) if m else None
 
@@ -53,7 +57,16 @@ def test_a_second_make_waits_for_the_first_and_says_for_whom(
     while not (lock.exists() and lock.read_text().strip() == str(first)):
         assert time.monotonic() < deadline, "the first build never took the lock"
         time.sleep(0.01)
-    second = fork_server.spawn(ARGS, root, root / "second.log")
+    # Pause the first while it holds the lock, however fast this machine builds, so that the
+    # second one certainly finds it held; resume it once the second says it is waiting.
+    os.kill(first, signal.SIGSTOP)
+    try:
+        second = fork_server.spawn(ARGS, root, root / "second.log")
+        while waited_for(root / "second.log") is None:
+            assert time.monotonic() < deadline, (root / "second.log").read_text()
+            time.sleep(0.01)
+    finally:
+        os.kill(first, signal.SIGCONT)
     assert fork_server.wait(first) == 0, (root / "first.log").read_text()
     after_first = outputs(root)
     assert fork_server.wait(second) == 0, (root / "second.log").read_text()
