@@ -15,13 +15,14 @@ import click
 from graftbuild import __version__
 from graftbuild.commands.clean import clean
 from graftbuild.commands.export import export
+from graftbuild.commands.fsck import fsck
 from graftbuild.commands.gc import gc
 from graftbuild.commands.graph import graph
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
 from graftbuild.commands.status import status
 from graftbuild.commands.verify import verify
-from graftbuild.errors import GraftbuildError
+from graftbuild.errors import GraftbuildError, describe_os_error
 
 # OpenMP threads that spin while waiting slow an SVD several-fold on a loaded machine; must be
 # set before torch loads (it is imported lazily, after this).
@@ -41,6 +42,11 @@ class _Group(click.Group):
             sys.exit(e.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except OSError as e:  # outside a step: the cache or an output folder
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {describe_os_error(e)}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was kept", err=True)
             sys.exit(130)
@@ -70,3 +76,4 @@ main.add_command(status)
 main.add_command(graph)
 main.add_command(gc)
 main.add_command(clean)
+main.add_command(fsck)

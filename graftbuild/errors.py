@@ -5,6 +5,8 @@ Anything a user can fix (a recipe value, a path, a file that is not what it shou
 as one line and exits with the code; ``--debug`` shows the traceback.
 """
 
+import errno
+
 
 class GraftbuildError(Exception):
     exit_code = 1
@@ -20,3 +22,17 @@ class BuildError(GraftbuildError):
     """A step failed while building. Exit code 1."""
 
     exit_code = 1
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation, naming the file when known."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in NO_SPACE:
+        return (
+            f"no space left to write{where}: {e.strerror}; the cache keeps only complete "
+            "objects, so free some space (or point --cache elsewhere) and run make again"
+        )
+    return f"{e.strerror or e}{where}"

@@ -7,6 +7,7 @@ unchanged. ctime is part of the signature because tools that restore mtimes (rsy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -116,6 +117,13 @@ class StatCache:
         self.dirty = True
         return digest
 
+    def remember(self, path: Path, digest: str) -> None:
+        """Record ``digest`` as the hash of ``path`` as it is now, without reading it (for files
+        this process has just written or verified)."""
+        path = Path(os.path.abspath(path))
+        self.entries[str(path)] = [_signature(path.stat()), digest]
+        self.dirty = True
+
     def tree(self, root: Path, keep: Callable[[str], bool] = is_tracked) -> TreeHash:
         files = {rel: self.file(p) for rel, p in iter_files(root, keep)}
         return TreeHash(combine(files), files)
@@ -128,19 +136,27 @@ class StatCache:
         return TreeHash(digest, {path.name: digest})
 
     def save(self) -> None:
+        """Write the cache; a failure (a full disk) is ignored: the cache is only a shortcut."""
         if self.path is None or not self.dirty:
             return
+        with contextlib.suppress(OSError):
+            self._save(self.path)
+
+    def _save(self, target: Path) -> None:
         # Merge with what another process may have written since we loaded.
         try:
-            on_disk = json.loads(self.path.read_text())
+            on_disk = json.loads(target.read_text())
         except (FileNotFoundError, ValueError):
             on_disk = {}
         if isinstance(on_disk, dict):
             on_disk.update(self.entries)
             self.entries = on_disk
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries, sort_keys=True))
-        os.replace(tmp, self.path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.dirty = False
 
 

@@ -31,7 +31,7 @@ class Reporter:
             yield lambda n=1: bar.advance(tid, n)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)  # paths stay whole
 
 
 class NullReporter(Reporter):

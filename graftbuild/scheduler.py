@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 from graftbuild.errors import UserError
 from graftbuild.graph import BuildGraph, Node, build_graph
+from graftbuild.pathcheck import check_overlaps, check_writable
 from graftbuild.progress import NullReporter, Reporter
 from graftbuild.rebuilder import explain, explain_input, key_parts
 from graftbuild.recipe import Recipe
 from graftbuild.steps.base import BuildSettings, StepContext
-from graftbuild.store import MARKER, Store
+from graftbuild.store import Store
 
 State = Literal["fresh", "stale"]
 
@@ -78,6 +79,7 @@ class Scheduler:
         self.recipe = recipe
         self.graph: BuildGraph = build_graph(recipe)
         self.store = store
+        check_overlaps(self.graph, store.root)
         self.settings = settings or BuildSettings()
         self.reporter = reporter or NullReporter()
         assert recipe.path is not None
@@ -93,14 +95,14 @@ class Scheduler:
         return self.store.stat_cache.input_hash(path)
 
     def _input_node(self, node: Node) -> tuple[str, dict[str, str]]:
-        from graftbuild.tensors import weight_files
+        from graftbuild.tensors import check_weight_files
 
         assert node.path is not None
         if not node.path.is_dir():
             raise UserError(
                 f"{self.recipe.path}: {node.id}: expected a model folder, not found: {node.path}"
             )
-        weight_files(node.path)  # refuse pickles and empty folders before hashing
+        check_weight_files(node.path)  # refuse pickles, empty folders, truncated files
         th = self.store.stat_cache.tree(node.path)
         return th.digest, th.files
 
@@ -112,15 +114,21 @@ class Scheduler:
     def _artifact_path(self, node: Node, digest: str) -> Path:
         return node.path if node.is_input else self.store.object_path(digest)  # type: ignore[return-value]
 
-    def _materialized(self, node: Node, digest: str) -> bool:
-        if node.output is None:
-            return True
-        import json
-
-        try:
-            return json.loads((node.output / MARKER).read_text()).get("object") == digest
-        except (FileNotFoundError, ValueError, AttributeError):
-            return False
+    def _cached(self, node: Node, key: str) -> str | None:
+        """The output hash cached for ``key`` if its object is intact; a corrupt object is
+        reported and removed (``make`` then rebuilds it)."""
+        digest = self.store.lookup(key)
+        if digest is None:
+            return None
+        problem = self.store.verify(digest)
+        if problem is None:
+            return digest
+        self.reporter.log(
+            f"[red]corrupt[/] cached object of {node.id}: {self.store.object_path(digest)}: "
+            f"{problem}; removed, {node.id} will be rebuilt"
+        )
+        self.store.discard(digest)
+        return None
 
     # -- plan ----------------------------------------------------------------------------------
 
@@ -165,20 +173,23 @@ class Scheduler:
                 node, STEPS[node.step].version, {r: outputs[d] for r, d in node.deps.items()}, files
             )
             hit = self.store.lookup(parts.key)
-            if hit is None:
-                results.append(
-                    NodeResult(node.id, "stale", explain(node, parts, trace), key=parts.key)
-                )
+            problem = None if hit is None else self.store.verify(hit)
+            if hit is None or problem is not None:
+                reasons = explain(node, parts, trace)
+                if problem is not None:
+                    reasons = [f"cached object corrupt ({problem}); rebuilt by make"]
+                results.append(NodeResult(node.id, "stale", reasons, key=parts.key))
                 continue
             outputs[node.id] = hit
-            if self._materialized(node, hit):
+            why = None if node.output is None else self.store.output_problem(hit, node.output)
+            if why is None:
                 results.append(NodeResult(node.id, "fresh", key=parts.key, output_hash=hit))
             else:
                 results.append(
                     NodeResult(
                         node.id,
                         "stale",
-                        [f"output missing: {node.output} (restored from the cache, no rebuild)"],
+                        [f"output {why}: {node.output} (restored from the cache, no rebuild)"],
                         key=parts.key,
                         output_hash=hit,
                     )
@@ -202,6 +213,8 @@ class Scheduler:
             )
 
         with self.store.lock(on_wait=waiting):
+            self.store.clean_tmp()  # what a killed build left; no other build runs now
+            check_writable(self.graph.order(targets), self.store.root)
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
             try:
                 if locked:
@@ -240,7 +253,7 @@ class Scheduler:
             deps = {r: outputs[d] for r, d in node.deps.items()}
             step = STEPS[node.step]
             parts = key_parts(node, step.version, deps, files)
-            digest = self.store.lookup(parts.key)
+            digest = self._cached(node, parts.key)
             if digest is None:
                 reasons = explain(node, parts, trace)
                 self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(reasons)}")
@@ -265,12 +278,16 @@ class Scheduler:
             else:
                 reasons, action, state = [], "reused", "fresh"
             outputs[node.id] = digest
-            restored = node.output is not None and self.store.materialize(
-                digest, node.output, node.id
+            why = (
+                None
+                if node.output is None
+                else self.store.materialize(digest, node.output, node.id)
             )
-            if restored and action == "reused":
+            if why is not None and action == "reused":
                 action, state = "restored", "stale"
-                reasons = [f"output missing: {node.output} (restored from the cache)"]
+                reasons = [f"output {why}: {node.output} (restored from the cache)"]
+                if why != "missing":
+                    self.reporter.log(f"[yellow]restore[/] {node.id}: output {why}: {node.output}")
             results.append(
                 NodeResult(node.id, state, reasons, parts.key, digest, action, node.output)
             )

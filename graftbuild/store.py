@@ -9,9 +9,12 @@ Layout (all under the cache root)::
     tmp/                    step outputs being written; renamed into objects/ when complete
     lock                    an flock held by a running build
 
-An object appears under ``objects/`` only by an atomic rename of a complete folder, and an
-action entry is written only after its object exists, so a crash leaves at most garbage in
-``tmp/``, never a half-written object that looks whole.
+An object appears under ``objects/`` only by an atomic rename of a complete, fsynced folder
+that carries its manifest, and an action entry is written only after its object exists, so a
+crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
+that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
+through the stat cache: only files whose stat changed are re-read) and a corrupt one is removed
+and rebuilt; ``graftbuild fsck`` re-reads everything.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -30,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from graftbuild.errors import BuildError, UserError
-from graftbuild.hashing import StatCache, hash_obj, iter_files, tree_hash_uncached
+from graftbuild.hashing import StatCache, hash_file, hash_obj, iter_files
+from graftbuild.integrity import MANIFEST, check_copy, check_object, read_manifest, write_manifest
 
 MARKER = ".graftbuild.json"  # written into every materialised output folder
 
@@ -66,10 +71,13 @@ class Store:
 
     def commit(self, staged: Path) -> str:
         """Move a finished output folder into the object store; returns its content hash."""
-        digest = tree_hash_uncached(staged).digest
+        th = write_manifest(staged)
+        digest = th.digest
         final = self.object_path(digest)
         if final.is_dir():  # the same bytes were built before (early cutoff at work)
-            return digest
+            if self.verify(digest) is None:
+                return digest
+            self.discard(digest)  # a corrupt copy: ours replaces it
         for _, p in iter_files(staged, keep=lambda rel: True):
             p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +86,45 @@ class Store:
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):  # else: another build won the race
                 raise
+            return digest
+        for rel, h in th.files.items():
+            self.stat_cache.remember(final / rel, h)
         return digest
+
+    def verify(self, digest: str, full: bool = False) -> str | None:
+        """None if the object is intact, else what is wrong with it. The cheap check re-reads
+        only files whose stat changed since they were last hashed; ``full`` re-reads all. A
+        problem the cheap check finds is confirmed by a full one (the stat cache may be stale)."""
+        obj = self.object_path(digest)
+        if full:
+            return check_object(obj, digest, hash_file)
+        if check_object(obj, digest, self.stat_cache.file) is None:
+            return None
+        problem = check_object(obj, digest, hash_file)
+        if problem is None:  # a wrong stat-cache entry, not a wrong object
+            for rel, (_, h) in (read_manifest(obj) or {}).items():
+                self.stat_cache.remember(obj / rel, h)
+        return problem
+
+    def discard(self, digest: str) -> None:
+        """Remove a (corrupt) object: renamed out of ``objects/`` first, so it is never seen
+        half-deleted."""
+        obj = self.object_path(digest)
+        trash = Path(tempfile.mkdtemp(prefix="discard.", dir=self.root / "tmp"))
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(obj, trash / digest)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_tmp(self) -> None:
+        """Remove what interrupted builds left in ``tmp/`` (call while holding the lock)."""
+        for p in (self.root / "tmp").iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for pattern in (".*.tmp", "traces/.*.tmp", "actions/*/.*.tmp"):  # half-written JSON
+            for p in self.root.glob(pattern):
+                p.unlink(missing_ok=True)
 
     # -- action cache ----------------------------------------------------------------------------
 
@@ -144,39 +190,66 @@ class Store:
 
     # -- materialisation -----------------------------------------------------------------------
 
-    def materialize(self, digest: str, dest: Path, node_id: str) -> bool:
-        """Make ``dest`` a copy of an object (hardlinks where possible). Returns True if written.
+    def output_problem(self, digest: str, dest: Path) -> str | None:
+        """None if ``dest`` holds the (already verified) object unchanged, else why not."""
+        dest = Path(os.path.abspath(dest))
+        if not dest.exists():
+            return "missing"
+        try:
+            current = json.loads((dest / MARKER).read_text()).get("object")
+        except FileNotFoundError:
+            raise UserError(
+                f"output folder {dest} exists and was not written by graftbuild; "
+                "move it away or choose another output path"
+            ) from None
+        except (OSError, ValueError, AttributeError):
+            return f"its marker {MARKER} is damaged"
+        if current != digest:
+            return "holds an older build"
+        obj = self.object_path(digest)
+        if check_copy(obj, dest, self.stat_cache.file) is None:
+            return None
+        return check_copy(obj, dest, hash_file)  # confirmed by reading, not by the stat cache
+
+    def materialize(
+        self, digest: str, dest: Path, node_id: str, reason: str | None = None
+    ) -> str | None:
+        """Make ``dest`` a copy of an object (hardlinks where possible). Returns None if it
+        already was one, else why it was (re)written.
 
         ``dest`` carries a marker naming the object; a folder already holding the object is left
-        alone. A folder without our marker is never overwritten: it is the user's.
+        alone. A folder without our marker is never overwritten: it is the user's. The new copy
+        is assembled beside ``dest`` and renamed into place; leftovers of an interrupted
+        materialisation are removed first. ``reason`` forces a rewrite (``fsck --repair``).
         """
         dest = Path(os.path.abspath(dest))
-        marker = dest / MARKER
-        if dest.exists():
-            try:
-                current = json.loads(marker.read_text()).get("object")
-            except (FileNotFoundError, ValueError, AttributeError):
-                raise UserError(
-                    f"output folder {dest} exists and was not written by graftbuild; "
-                    "move it away or choose another output path"
-                ) from None
-            if current == digest and _complete(self.object_path(digest), dest):
-                return False
+        why = reason or self.output_problem(digest, dest)
+        if why is None:
+            return None
         src = self.object_path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        tmp.chmod(0o777 & ~_umask())
         try:
-            for rel, p in iter_files(src, keep=lambda rel: True):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for stale in dest.parent.glob(f".{glob.escape(dest.name)}.graftbuild-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.graftbuild-tmp-", dir=dest.parent))
+            tmp.chmod(0o777 & ~_umask())
+        except OSError as e:
+            raise BuildError(f"cannot write output folder {dest}: {e.strerror or e}") from e
+        copied: list[tuple[Path, str]] = []
+        hashes = {rel: h for rel, (_, h) in (read_manifest(src) or {}).items()}
+        try:
+            for rel, p in iter_files(src, keep=lambda rel: rel != MANIFEST):
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(p, target)
                 except OSError:
                     shutil.copy2(p, target)
+                    if rel in hashes:
+                        copied.append((dest / rel, hashes[rel]))
             _atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
             if dest.exists():
-                old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+                old = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
                 os.rename(dest, old)
                 os.rename(tmp, dest)
                 shutil.rmtree(old, ignore_errors=True)
@@ -185,24 +258,19 @@ class Store:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BuildError(f"cannot write output folder {dest}: {e.strerror or e}") from e
-        return True
+        # Linking changed the object files' ctime: record them (verified before this call) and
+        # the copies as they are now, so the next build's check stays a stat.
+        for rel, h in hashes.items():
+            self.stat_cache.remember(src / rel, h)
+        for path, h in copied:
+            self.stat_cache.remember(path, h)
+        return why
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _complete(src: Path, dest: Path) -> bool:
-    """Every file of the object is present in dest with the same size (cheap: stats only)."""
-    for rel, p in iter_files(src, keep=lambda rel: True):
-        try:
-            if (dest / rel).stat().st_size != p.stat().st_size:
-                return False
-        except FileNotFoundError:
-            return False
-    return True
 
 
 def _atomic_write(path: Path, text: str) -> None:

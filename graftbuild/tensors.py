@@ -101,6 +101,45 @@ def weight_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder}: no safetensors weights (*.safetensors) in this model folder")
 
 
+def check_weight_files(folder: Path) -> list[Path]:
+    """``weight_files``, each checked against its own header (headers only, no tensor data is
+    read): known dtypes, data offsets that match the shapes, and a file exactly as long as the
+    header says, so a truncated or padded download is refused before anything is built."""
+    files = weight_files(folder)
+    for f in files:
+        header = read_header(f)
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            size = os.fstat(fh.fileno()).st_size
+        end = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (lo, hi) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                expected = count * ST_ITEMSIZE[dtype]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(
+                    f"{f}: tensor {name!r}: not a valid safetensors entry ({entry!r:.120})"
+                ) from None
+            if hi - lo != expected or lo < 0:
+                raise UserError(
+                    f"{f}: tensor {name!r}: {dtype} {list(shape)} needs {expected} bytes, "
+                    f"its offsets span {hi - lo}"
+                )
+            end = max(end, hi)
+        if 8 + n + end != size:
+            raise UserError(
+                f"{f}: the header describes {8 + n + end} bytes but the file has {size} "
+                f"({'truncated' if size < 8 + n + end else 'trailing bytes'}); "
+                "download or convert it again"
+            )
+    return files
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

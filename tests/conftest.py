@@ -139,3 +139,14 @@ def path_project(tmp_path: Path, model_folders: Path) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def fork_server():
+    """Runs graftbuild commands in forked children of a process with torch already imported
+    (tests/forkserver.py): many short builds, each a separate process, without the import cost."""
+    from forkserver import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()

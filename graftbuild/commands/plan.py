@@ -17,7 +17,11 @@ def plan(args: tuple[str, ...], cache: Path | None, as_json: bool) -> None:
     """Show every node as fresh or stale, with the reasons, without building."""
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, quiet=as_json)
-    with sched.store.lock():
+
+    def waiting(pid: str) -> None:
+        console(stderr=True).print(f"waiting for another graftbuild build (pid {pid})")
+
+    with sched.store.lock(on_wait=waiting):
         nodes = sched.plan(targets or None)
         sched.store.stat_cache.save()
     if as_json:

@@ -10,7 +10,7 @@ class LocalExecutor:
     name = "local"
 
     def run(self, step_name: str, ctx: StepContext) -> None:
-        from graftbuild.errors import BuildError
+        from graftbuild.errors import BuildError, describe_os_error
         from graftbuild.steps import STEPS
 
         try:
@@ -19,6 +19,8 @@ class LocalExecutor:
             raise
         except MemoryError:
             raise BuildError(f"{ctx.node_id}: out of memory") from None
+        except OSError as e:
+            raise BuildError(f"{ctx.node_id}: {describe_os_error(e)}") from e
         except Exception as e:
             raise BuildError(
                 f"{ctx.node_id}: step '{step_name}' failed: {type(e).__name__}: {e}"

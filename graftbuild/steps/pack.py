@@ -45,6 +45,7 @@ class PackStep:
             PackWriter(ctx.out / PACK_FILE, header) as writer,
         ):
             check_same_layout(base, src)
+            note_dtype_differences(base, src, ctx)
             names = base.names()
             with ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance:
                 for name in names:
@@ -98,3 +99,27 @@ def check_same_layout(base: object, src: object) -> None:
             f"{src.folder} does not have the base's architecture ({'; '.join(parts)}); a source "
             "of another architecture needs a transfer step, not a delta"
         )
+
+
+def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
+    """A source may store its weights in another float dtype than the base (a bf16 fine-tune of
+    an fp32 base): the delta is taken in float32 and the pack records the base's dtype, and the
+    build says so. A non-float source tensor is refused."""
+    from graftbuild.tensors import ModelWeights
+
+    assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
+    differ = sorted(n for n in base.infos if src.infos[n].dtype != base.infos[n].dtype)
+    if not differ:
+        return
+    bad = [n for n in differ if src.infos[n].dtype not in _DTYPE_NAMES]
+    if bad:
+        raise UserError(
+            f"{src.folder}: tensor {bad[0]!r} has non-float dtype {src.infos[bad[0]].dtype} "
+            f"where the base has {base.infos[bad[0]].dtype}"
+        )
+    pairs = sorted({(src.infos[n].dtype, base.infos[n].dtype) for n in differ})
+    ctx.progress.log(
+        f"note: {ctx.node_id}: {len(differ)} source tensors are stored as "
+        f"{', '.join(f'{a} where the base has {b}' for a, b in pairs)} (e.g. {differ[0]}); "
+        "deltas are taken in float32 and fused back into the base's dtype"
+    )
