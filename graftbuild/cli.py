@@ -15,6 +15,8 @@ import click
 from graftbuild import __version__
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
+from graftbuild.commands.pull import pull
+from graftbuild.commands.push import push
 from graftbuild.errors import GraftbuildError
 
 # OpenMP threads that spin while waiting slow an SVD several-fold on a loaded machine; must be
@@ -58,3 +60,5 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 main.add_command(make)
 main.add_command(plan)
+main.add_command(push)
+main.add_command(pull)

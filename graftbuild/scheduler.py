@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from graftbuild.errors import UserError
 from graftbuild.graph import BuildGraph, Node, build_graph
@@ -19,6 +19,9 @@ from graftbuild.rebuilder import explain, explain_input, key_parts
 from graftbuild.recipe import Recipe
 from graftbuild.steps.base import BuildSettings, StepContext
 from graftbuild.store import MARKER, Store
+
+if TYPE_CHECKING:
+    from graftbuild.remote import Remote
 
 State = Literal["fresh", "stale"]
 
@@ -31,7 +34,8 @@ class NodeResult:
     key: str | None = None
     output_hash: str | None = None
     action: str | None = None
-    """After make: "built", "reused" or "restored" (re-materialised from the cache)."""
+    """After make: "built", "reused", "restored" (re-materialised from the cache) or "pulled"
+    (downloaded from the remote cache)."""
     output: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -52,7 +56,7 @@ class MakeResult:
 
     @property
     def reused(self) -> list[str]:
-        return [n.id for n in self.nodes if n.action in ("reused", "restored")]
+        return [n.id for n in self.nodes if n.action in ("reused", "restored", "pulled")]
 
     def node(self, node_id: str) -> NodeResult:
         return next(n for n in self.nodes if n.id == node_id)
@@ -74,12 +78,15 @@ class Scheduler:
         store: Store,
         settings: BuildSettings | None = None,
         reporter: Reporter | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.recipe = recipe
         self.graph: BuildGraph = build_graph(recipe)
         self.store = store
         self.settings = settings or BuildSettings()
         self.reporter = reporter or NullReporter()
+        self.remote = remote
+        """Asked only on a local miss (pull), told about each build (push)."""
         assert recipe.path is not None
         self.traces = store.load_traces(recipe.path)
 
@@ -230,6 +237,10 @@ class Scheduler:
             step = STEPS[node.step]
             parts = key_parts(node, step.version, deps, files)
             digest = self.store.lookup(parts.key)
+            pulled = False
+            if digest is None and self.remote is not None and self.remote.pull:
+                digest = self.remote.fetch(parts.key, self.store, node.id)
+                pulled = digest is not None
             if digest is None:
                 reasons = explain(node, parts, trace)
                 self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(reasons)}")
@@ -250,7 +261,11 @@ class Scheduler:
                     executor.run(node.step, ctx)
                     digest = self.store.commit(out)
                 self.store.record(parts.key, digest, node.id)
+                if self.remote is not None and self.remote.push:
+                    self.remote.push_node(parts.key, digest, self.store, node.id)
                 action, state = "built", "stale"
+            elif pulled:
+                reasons, action, state = ["downloaded from the remote cache"], "pulled", "stale"
             else:
                 reasons, action, state = [], "reused", "fresh"
             outputs[node.id] = digest

@@ -18,6 +18,8 @@ from graftbuild.commands.common import console, open_scheduler, recipe_options, 
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
+@click.option("--no-pull", is_flag=True, help="Do not download from the remote cache.")
+@click.option("--no-push", is_flag=True, help="Do not upload what is built to the remote cache.")
 def make(
     args: tuple[str, ...],
     cache: Path | None,
@@ -25,19 +27,22 @@ def make(
     device: str,
     jobs: int | None,
     quiet: bool,
+    no_pull: bool,
+    no_push: bool,
 ) -> None:
     """Build the recipe's targets (default: every node), rebuilding only what is stale."""
     recipe_path, targets = split_args(args)
-    sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
+    sched = open_scheduler(recipe_path, cache, device, jobs, quiet, not no_pull, not no_push)
     result = sched.make(targets or None)
     print_summary(console(stderr=as_json, quiet=quiet), sched, result)
     if as_json:
-        click.echo(json.dumps({"built": result.built, "reused": result.reused}))
+        pulled = result.ids("pulled")
+        click.echo(json.dumps({"built": result.built, "reused": result.reused, "pulled": pulled}))
 
 
 def print_summary(out: Console, sched: Any, result: Any) -> None:
     table = Table("node", "action", "output", box=None, pad_edge=False)
-    styles = {"built": "yellow", "reused": "green", "restored": "cyan"}
+    styles = {"built": "yellow", "reused": "green", "restored": "cyan", "pulled": "blue"}
     for n in result.nodes:
         table.add_row(n.id, f"[{styles.get(n.action, '')}]{n.action}[/]", str(n.output or ""))
     out.print(table)
