@@ -151,7 +151,7 @@ class Remote:
             if not isinstance(digest, str) or len(digest) != 32:
                 self.log(f"[yellow]warning:[/] remote action entry for {node_id} is malformed")
                 return None
-            if not store.has_object(digest) and not self._download(digest, store, node_id):
+            if not store.has_object(digest) and not self.download(digest, store, node_id):
                 return None
         except (UserError, BuildError):
             raise
@@ -162,7 +162,8 @@ class Remote:
         self.stats["pulled"] += 1
         return digest
 
-    def _download(self, digest: str, store: Store, node_id: str) -> bool:
+    def download(self, digest: str, store: Store, node_id: str) -> bool:
+        """Fetch and verify one object into the local store; False if missing or bad."""
         with store.staging(f"pull.{node_id}") as out:
             try:
                 with (
@@ -214,6 +215,13 @@ class Remote:
         self.bad.discard(digest)
         self.stats["pushed"] += 1
         return True
+
+    def upload_object(self, digest: str, store: Store) -> None:
+        """Publish one object unless the remote has it (workers do this; the driver then
+        writes the action entry)."""
+        final = self.object_path(digest)
+        if not self.fs.exists(final):
+            self._upload(digest, store, final)
 
     def _upload(self, digest: str, store: Store, final: str) -> None:
         src = store.object_path(digest)

@@ -205,6 +205,8 @@ class Scheduler:
         with self.store.lock(on_wait=waiting):
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
             try:
+                if getattr(executor, "parallel", False):  # it walks the DAG itself (Ray)
+                    return executor.make(self, targets)
                 return self._make(targets, executor)
             finally:
                 self.store.stat_cache.save()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
+from graftbuild.errors import UserError
 
 
 @click.command()
@@ -20,6 +21,9 @@ from graftbuild.commands.common import console, open_scheduler, recipe_options, 
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
 @click.option("--no-pull", is_flag=True, help="Do not download from the remote cache.")
 @click.option("--no-push", is_flag=True, help="Do not upload what is built to the remote cache.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", help="Ray cluster address (default: a local cluster on 127.0.0.1).")
+@click.option("--keep-going", is_flag=True, help="Ray: build every node not below a failed one.")
 def make(
     args: tuple[str, ...],
     cache: Path | None,
@@ -29,11 +33,19 @@ def make(
     quiet: bool,
     no_pull: bool,
     no_push: bool,
+    executor: str,
+    address: str | None,
+    keep_going: bool,
 ) -> None:
     """Build the recipe's targets (default: every node), rebuilding only what is stale."""
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, device, jobs, quiet, not no_pull, not no_push)
-    result = sched.make(targets or None)
+    if executor != "ray" and (address or keep_going):
+        raise UserError("--address and --keep-going go with --executor ray")
+    from graftbuild.executors import EXECUTORS
+
+    runner = EXECUTORS[executor](address, keep_going) if executor == "ray" else None
+    result = sched.make(targets or None, runner)
     print_summary(console(stderr=as_json, quiet=quiet), sched, result)
     if as_json:
         pulled = result.ids("pulled")
