@@ -120,6 +120,33 @@ def main(work: Path) -> None:
             ["ip", "-o", "addr"], capture_output=True, text=True, check=True
         ).stdout
 
+        # 1b. The CLI, with a remote cache: Ray workers upload, another machine pulls it all.
+        from click.testing import CliRunner
+
+        from graftbuild.cli import main as cli
+
+        remote_url = (work / "remote").as_uri()
+        c1 = project(work / "cli", models)
+        c2 = project(work / "cli2", models)
+        for c in (c1, c2):
+            text = c.read_text().replace(
+                'cache = "cache"', f'cache = "cache"\nremote = "{remote_url}"'
+            )
+            c.write_text(text)
+        run = CliRunner().invoke(cli, ["make", str(c1), "--executor", "ray", "--json"])
+        second = scheduler(c2)
+        from graftbuild.remote import Remote
+
+        second.remote = Remote(remote_url)
+        res2 = second.make()
+        results["cli"] = {
+            "exit": run.exit_code,
+            "stdout": run.stdout,
+            "stderr": run.stderr,
+            "second_pulled": res2.ids("pulled"),
+            "same": outputs(c1) == outputs(c2),
+        }
+
         # 2. A worker killed in the middle of a task: Ray retries it, the build completes.
         killed: list[int] = []
         stop = threading.Event()

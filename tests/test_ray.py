@@ -79,3 +79,12 @@ def test_keep_going_builds_everything_not_below_the_failure(ray_run: dict) -> No
     assert set(r["timings"]) == {"pack:x", "pack:y"}
     assert r["plan"]["pack:x"] == r["plan"]["pack:y"] == "fresh"
     assert r["plan"]["pack:bad"] == r["plan"]["fuse:release"] == "stale"
+
+
+def test_cli_ray_executor_shares_artifacts_through_the_remote(ray_run: dict) -> None:
+    r = ray_run["cli"]
+    assert r["exit"] == 0, r["stderr"]
+    last = json.loads(r["stdout"].strip().splitlines()[-1])
+    assert {"pack:x", "pack:y", "fuse:release"} <= set(last["built"])
+    assert r["second_pulled"] == ["pack:x", "pack:y", "fuse:release"]
+    assert r["same"]
