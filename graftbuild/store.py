@@ -64,12 +64,9 @@ class Store:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def commit(self, staged: Path, digest: str | None = None) -> str:
-        """Move a finished output folder into the object store; returns its content hash.
-
-        ``digest``: the folder's content hash when the caller has just computed it.
-        """
-        digest = digest or tree_hash_uncached(staged).digest
+    def commit(self, staged: Path) -> str:
+        """Move a finished output folder into the object store; returns its content hash."""
+        digest = tree_hash_uncached(staged).digest
         final = self.object_path(digest)
         if final.is_dir():  # the same bytes were built before (early cutoff at work)
             return digest
