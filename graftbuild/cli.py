@@ -20,6 +20,8 @@ from graftbuild.commands.gc import gc
 from graftbuild.commands.graph import graph
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
+from graftbuild.commands.pull import pull
+from graftbuild.commands.push import push
 from graftbuild.commands.status import status
 from graftbuild.commands.verify import verify
 from graftbuild.errors import GraftbuildError, describe_os_error
@@ -77,3 +79,5 @@ main.add_command(graph)
 main.add_command(gc)
 main.add_command(clean)
 main.add_command(fsck)
+main.add_command(push)
+main.add_command(pull)

@@ -50,6 +50,20 @@ class ProjectSpec(Model):
     """Cache folder (default: ``cache`` beside the recipe; ``--cache`` and GRAFTBUILD_CACHE win)."""
     out: RelPath | None = None
     """Where built artifacts are materialised (default: ``out`` beside the recipe)."""
+    remote: str | None = None
+    """A shared remote cache, any fsspec URL (``s3://bucket/prefix``); see graftbuild/remote.py."""
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str | None) -> str | None:
+        from graftbuild.remote import check_url
+
+        if v is not None:
+            try:
+                check_url(v)
+            except UserError as e:
+                raise ValueError(str(e).removeprefix("project.remote: ")) from None
+        return v
 
 
 class FinetuneSpec(Model):

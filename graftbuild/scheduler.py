@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from graftbuild.errors import UserError
 from graftbuild.graph import BuildGraph, Node, build_graph
@@ -20,6 +20,9 @@ from graftbuild.rebuilder import explain, explain_input, key_parts
 from graftbuild.recipe import Recipe
 from graftbuild.steps.base import BuildSettings, StepContext
 from graftbuild.store import Store
+
+if TYPE_CHECKING:
+    from graftbuild.remote import Remote
 
 State = Literal["fresh", "stale"]
 
@@ -32,7 +35,8 @@ class NodeResult:
     key: str | None = None
     output_hash: str | None = None
     action: str | None = None
-    """After make: "built", "reused" or "restored" (re-materialised from the cache)."""
+    """After make: "built", "reused", "restored" (re-materialised from the cache) or "pulled"
+    (downloaded from the remote cache)."""
     output: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -53,7 +57,7 @@ class MakeResult:
 
     @property
     def reused(self) -> list[str]:
-        return [n.id for n in self.nodes if n.action in ("reused", "restored")]
+        return [n.id for n in self.nodes if n.action in ("reused", "restored", "pulled")]
 
     def node(self, node_id: str) -> NodeResult:
         return next(n for n in self.nodes if n.id == node_id)
@@ -75,6 +79,7 @@ class Scheduler:
         store: Store,
         settings: BuildSettings | None = None,
         reporter: Reporter | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.recipe = recipe
         self.graph: BuildGraph = build_graph(recipe)
@@ -82,6 +87,8 @@ class Scheduler:
         check_overlaps(self.graph, store.root)
         self.settings = settings or BuildSettings()
         self.reporter = reporter or NullReporter()
+        self.remote = remote
+        """Asked only on a local miss (pull), told about each build (push)."""
         assert recipe.path is not None
         self.traces = store.load_traces(recipe.path)
         self.write_lock = True
@@ -219,7 +226,10 @@ class Scheduler:
             try:
                 if locked:
                     lockfile.check_inputs(self, targets)
-                result = self._make(targets, executor)
+                if getattr(executor, "parallel", False):  # it walks the DAG itself (Ray)
+                    result = executor.make(self, targets)
+                else:
+                    result = self._make(targets, executor)
             finally:
                 self.store.stat_cache.save()
             if self.write_lock:
@@ -254,6 +264,10 @@ class Scheduler:
             step = STEPS[node.step]
             parts = key_parts(node, step.version, deps, files)
             digest = self._cached(node, parts.key)
+            pulled = False
+            if digest is None and self.remote is not None and self.remote.pull:
+                digest = self.remote.fetch(parts.key, self.store, node.id)
+                pulled = digest is not None
             if digest is None:
                 reasons = explain(node, parts, trace)
                 self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(reasons)}")
@@ -274,7 +288,11 @@ class Scheduler:
                     executor.run(node.step, ctx)
                     digest = self.store.commit(out)
                 self.store.record(parts.key, digest, node.id)
+                if self.remote is not None and self.remote.push:
+                    self.remote.push_node(parts.key, digest, self.store, node.id)
                 action, state = "built", "stale"
+            elif pulled:
+                reasons, action, state = ["downloaded from the remote cache"], "pulled", "stale"
             else:
                 reasons, action, state = [], "reused", "fresh"
             outputs[node.id] = digest

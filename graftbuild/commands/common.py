@@ -31,9 +31,13 @@ def open_scheduler(
     device: str = "cpu",
     jobs: int | None = None,
     quiet: bool = False,
+    pull: bool = True,
+    push: bool = True,
+    strict_remote: bool = False,
 ) -> Scheduler:
     from graftbuild.progress import Reporter
     from graftbuild.recipe import load_recipe
+    from graftbuild.remote import Remote
     from graftbuild.scheduler import Scheduler, cache_dir
     from graftbuild.steps.base import BuildSettings
     from graftbuild.store import Store
@@ -42,7 +46,13 @@ def open_scheduler(
     reporter = Reporter(console(stderr=True, quiet=quiet))
     device = resolve_device(device, reporter)
     store = Store(cache_dir(recipe, cache))
-    return Scheduler(recipe, store, BuildSettings(device=device, threads=jobs), reporter)
+    remote = None
+    if recipe.project.remote is not None:
+        remote = Remote(
+            recipe.project.remote, reporter.log, strict=strict_remote, pull=pull, push=push
+        )
+    settings = BuildSettings(device=device, threads=jobs)
+    return Scheduler(recipe, store, settings, reporter, remote)
 
 
 def resolve_device(device: str, reporter: Any) -> str:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
+from graftbuild.errors import UserError
 
 
 @click.command()
@@ -25,6 +26,11 @@ from graftbuild.commands.common import console, open_scheduler, recipe_options, 
     help="Fail (exit 2) if any input differs from the lockfile, (exit 1) if a rebuilt node's "
     "bytes do; never rewrite the lockfile.",
 )
+@click.option("--no-pull", is_flag=True, help="Do not download from the remote cache.")
+@click.option("--no-push", is_flag=True, help="Do not upload what is built to the remote cache.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", help="Ray cluster address (default: a local cluster on 127.0.0.1).")
+@click.option("--keep-going", is_flag=True, help="Ray: build every node not below a failed one.")
 def make(
     args: tuple[str, ...],
     cache: Path | None,
@@ -33,6 +39,11 @@ def make(
     jobs: int | None,
     quiet: bool,
     locked: bool,
+    no_pull: bool,
+    no_push: bool,
+    executor: str,
+    address: str | None,
+    keep_going: bool,
 ) -> None:
     """Build the recipe's targets (default: every node), rebuilding only what is stale.
 
@@ -42,8 +53,13 @@ def make(
     from graftbuild.lockfile import lock_path
 
     recipe_path, targets = split_args(args)
-    sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
-    result = sched.make(targets or None, locked=locked)
+    sched = open_scheduler(recipe_path, cache, device, jobs, quiet, not no_pull, not no_push)
+    if executor != "ray" and (address or keep_going):
+        raise UserError("--address and --keep-going go with --executor ray")
+    from graftbuild.executors import EXECUTORS
+
+    runner = EXECUTORS[executor](address, keep_going) if executor == "ray" else None
+    result = sched.make(targets or None, runner, locked=locked)
     out = console(stderr=as_json, quiet=quiet)
     print_summary(out, sched, result)
     gates = evaluate(sched, result)
@@ -56,6 +72,7 @@ def make(
                 {
                     "built": result.built,
                     "reused": result.reused,
+                    "pulled": result.ids("pulled"),
                     "gates": [g.to_json() for g in gates],
                 }
             )
@@ -81,7 +98,7 @@ def print_gates(out: Console, gates: list[Any]) -> None:
 
 def print_summary(out: Console, sched: Any, result: Any) -> None:
     table = Table("node", "action", "output", box=None, pad_edge=False)
-    styles = {"built": "yellow", "reused": "green", "restored": "cyan"}
+    styles = {"built": "yellow", "reused": "green", "restored": "cyan", "pulled": "blue"}
     for n in result.nodes:
         table.add_row(n.id, f"[{styles.get(n.action, '')}]{n.action}[/]", str(n.output or ""))
     out.print(table)
