@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from graftbuild import __version__
+from graftbuild.commands.inspect import inspect
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
 from graftbuild.errors import GraftbuildError
@@ -58,3 +59,4 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 main.add_command(make)
 main.add_command(plan)
+main.add_command(inspect)
