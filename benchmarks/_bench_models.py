@@ -90,14 +90,13 @@ def build_models(cache: Path, settings: dict[str, Any], log: Any = print) -> dic
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
     n_params = sum(p.numel() for p in model.parameters())
     t = time.time()
-    train(
-        model,
-        chunks(tok, "general", "train", seq),
-        settings["base_steps"],
-        3e-3,
-        settings["batch"],
-        0,
-    )
+    # The base sees general text and a little of each skill (as a pre-trained model has seen a
+    # little of everything), so that fine-tuning sharpens a skill rather than meets new symbols.
+    mix = [chunks(tok, "general", "train", seq)]
+    for skill in settings["skills"]:
+        data = chunks(tok, skill, "train", seq)
+        mix.append(data[: max(1, int(settings["base_mix"] * len(data)))])
+    train(model, torch.cat(mix), settings["base_steps"], 3e-3, settings["batch"], 0)
     save(model, folders["base"])
     log(f"base: {n_params} parameters, {settings['base_steps']} steps in {time.time() - t:.0f}s")
     for i, skill in enumerate(settings["skills"]):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graftbuild.compress.codecs import parse_spec
 from graftbuild.compress.gptq import Calibration, gptq_factors, gptq_rows
 from graftbuild.compress.quant import dequantize, quantize_rtn, quantize_to_grid
+
+CALIB = REPO / "recipes" / "quickstart" / "data" / "general.train.txt"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,3 +128,42 @@ def test_deterministic() -> None:
     b = codec.encode(d.clone(), params, calibration=cal)  # type: ignore[call-arg]
     assert a.meta == b.meta
     assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts)
+
+
+# --- calibration statistics from the base model -------------------------------------------------
+
+
+def test_statistics_match_the_layer_inputs(model_folders: Path) -> None:
+    """H of a linear layer is the mean outer product of the inputs it really sees."""
+    from transformers import AutoModelForCausalLM
+
+    from graftbuild.compress.calibration import collect_statistics
+    from graftbuild.modeling import load_tokenizer
+    from graftbuild.textdata import read_examples, token_chunks
+
+    base = model_folders / "base"
+    stats = collect_statistics(base, CALIB, samples=4, seq_len=16)
+    q = stats["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (32, 32) and torch.allclose(q, q.T, atol=1e-6)
+    assert torch.linalg.eigvalsh(q.double()).min() > -1e-6
+    # q, k and v read the same normalised hidden states: one matrix for all three.
+    assert torch.equal(q, stats["model.layers.0.self_attn.v_proj.weight"])
+    assert stats["model.layers.0.mlp.down_proj.weight"].shape == (64, 64)
+    assert stats["lm_head.weight"].shape == (32, 32)
+    freq = stats["model.embed_tokens.weight"]
+    assert freq.shape == (512,) and float(freq.sum()) == pytest.approx(1.0)
+
+    # Independently: capture the input of up_proj with a hook and average x xᵀ.
+    tok = load_tokenizer(base)
+    ids = token_chunks(tok, read_examples(CALIB), 16, CALIB)[:4]
+    model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    seen: list[torch.Tensor] = []
+    module = model.model.layers[1].mlp.up_proj
+    handle = module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    x = torch.cat(seen)
+    expected = x.T @ x / len(x)
+    assert torch.allclose(stats["model.layers.1.mlp.up_proj.weight"], expected, atol=1e-5)
+    assert float(freq[ids.reshape(-1)].min()) > 0
