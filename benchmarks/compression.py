@@ -54,7 +54,7 @@ SETTINGS = {
     "skills": ["code", "lang"],
     "base_mix": 0.05,
 }
-CALIB = {"samples": 64, "seq_len": 64}
+CALIB: dict[str, Any] = {"samples": 64, "seq_len": 64, "damp": 0.01}
 EVAL_CHUNKS = 64
 BAND_SHAPE = ((8, 1), (4, 9), (2, 50))  # (bits, relative rank): the paper's 20 / 180 / 1000
 
@@ -101,7 +101,9 @@ def bitdelta(d: Any) -> tuple[Any, int]:
     return d.sign() * scale, math.ceil(d.numel() / 8) + 2
 
 
-def mixed_at(d: Any, nbytes: float, hessian: Any, group_size: int = 128) -> tuple[Any, int]:
+def mixed_at(
+    d: Any, nbytes: float, hessian: Any, group_size: int = 128, damp: float = 0.01
+) -> tuple[Any, int]:
     """The mixed codec with the paper's band shape, scaled to fit ``nbytes``."""
     from graftbuild.compress.budget import _mixed_costs
     from graftbuild.compress.codecs import parse_spec
@@ -123,7 +125,7 @@ def mixed_at(d: Any, nbytes: float, hessian: Any, group_size: int = 128) -> tupl
     if not bands:
         bands = [{"rank": 1, "bits": 2}]
     codec, params = parse_spec({"method": "mixed", "bands": bands, "group_size": group_size})
-    cal = None if hessian is None or hessian.ndim != 2 else Calibration(hessian)
+    cal = None if hessian is None or hessian.ndim != 2 else Calibration(hessian, damp=damp)
     enc = codec.encode(d, params, calibration=cal)
     return codec.decode(enc.parts, enc.meta, (m, n)), enc.nbytes
 
@@ -179,7 +181,7 @@ def compress(
         elif method == "mixed-rtn":
             rec, b = mixed_at(d, nbytes, None)
         else:
-            rec, b = mixed_at(d, nbytes, hessians.get(name))
+            rec, b = mixed_at(d, nbytes, hessians.get(name), damp=CALIB["damp"])
         out[name] = rec
         used += b
     return out, used
@@ -229,7 +231,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--damp", type=float, default=CALIB["damp"], help="GPTQ damping")
     args = ap.parse_args()
+    CALIB["damp"] = args.damp
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     t0 = time.time()
