@@ -21,7 +21,7 @@ counted. Methods:
   calibration: every matrix ``mixed`` (GPTQ), ranks and bits allocated across tensors by output
   error per byte. Its bytes are the pack file's payload.
 
-Run: ``python benchmarks/compression.py`` (≈ 15 min on 2 busy CPU cores; trained models are
+Run: ``python benchmarks/compression.py`` (≈ 21 min on 2 busy CPU cores; trained models are
 cached in ``--cache``, so a rerun only compresses and evaluates).
 """
 

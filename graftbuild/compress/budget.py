@@ -24,8 +24,9 @@ often their token occurs. Without it, plain squared Frobenius error.
 Errors are taken relative to each tensor's own (weighted) energy, so every tensor counts alike.
 
 The allocation minimises ``error + λ · bytes`` for every tensor independently (the greedy "error
-removed per byte" order, taken all at once), and bisects λ so that the total lands just under
-the budget.
+removed per byte" order, taken all at once) and bisects λ so that the total lands just under
+the budget; a mixed tensor's size moves in steps (whole components), so the bytes λ leaves
+unspent then go, greedily, to the steps that remove the most error per byte and still fit.
 """
 
 from __future__ import annotations
