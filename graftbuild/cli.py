@@ -18,6 +18,7 @@ from graftbuild.commands.export import export
 from graftbuild.commands.fsck import fsck
 from graftbuild.commands.gc import gc
 from graftbuild.commands.graph import graph
+from graftbuild.commands.inspect import inspect
 from graftbuild.commands.make import make
 from graftbuild.commands.plan import plan
 from graftbuild.commands.pull import pull
@@ -81,3 +82,4 @@ main.add_command(clean)
 main.add_command(fsck)
 main.add_command(push)
 main.add_command(pull)
+main.add_command(inspect)

@@ -143,15 +143,19 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                     output=out / "sources" / name,
                 )
             )
+        profile = recipe.profile(src.compression)
+        calib = {"calibration": profile.calibration.data} if profile.calibration else {}
         nodes.append(
             Node(
                 f"pack:{name}",
                 "pack",
-                config={"profile": recipe.profile(src.compression).normalised()},
+                config={"profile": profile.normalised()},
                 deps={"base": "base", "source": sid}
                 | ({"parent": _start(src.parent)} if src.parent else {}),
+                files=calib,
                 labels={
                     "config.profile": f"compression profile '{src.compression}' changed",
+                    "file:calibration": f"calibration data of '{src.compression}' changed",
                     "dep:source": f"source '{name}' weights changed",
                     "dep:base": "base model changed",
                     "dep:parent": f"parent model graft:{src.parent} changed",

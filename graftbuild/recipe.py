@@ -126,6 +126,18 @@ def normalise_codec(spec: Any) -> dict[str, Any]:
     return {"method": codec.name, **params.model_dump(mode="json")}
 
 
+class CalibrationSpec(Model):
+    """Calibration text for GPTQ: the first ``samples`` chunks of ``seq_len`` tokens."""
+
+    data: RelPath
+    field: str = "text"
+    samples: int = Field(default=128, gt=0)
+    seq_len: int = Field(default=64, gt=1)
+    damp: float = Field(default=0.01, ge=0)
+    """Added to the Hessian's diagonal, as a fraction of its mean."""
+    act_order: bool = False
+
+
 class CompressionProfile(Model):
     embed: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["embed"]))
     head: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["head"]))
@@ -137,6 +149,11 @@ class CompressionProfile(Model):
         default_factory=dict
     )
     """Regex -> role overrides, tried before the built-in name patterns."""
+    calibration: CalibrationSpec | None = None
+    """Calibration data: mixed-precision bands are quantised with GPTQ instead of RTN."""
+    budget: float | None = Field(default=None, gt=0, le=1)
+    """Pack size as a fraction of the fp16 delta; ranks, bands and keep fractions are then
+    allocated across tensors (graftbuild/compress/budget.py), the roles' methods kept."""
 
     @field_validator("embed", "head", "attn", "mlp", "norm", "other", mode="before")
     @classmethod
@@ -156,7 +173,10 @@ class CompressionProfile(Model):
         return v
 
     def normalised(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The profile as it goes into a pack's key: the calibration file is a declared input of
+        the node (hashed by content), so its path is left out; unset options are omitted."""
+        out = self.model_dump(mode="json", exclude={"calibration": {"data"}})
+        return {k: v for k, v in out.items() if v is not None or k not in ("calibration", "budget")}
 
 
 class FuseSpec(Model):
@@ -376,6 +396,7 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         (Recipe, "project"): (ProjectSpec, False),
         (Recipe, "base"): (BaseSpec, False),
         (Recipe, "compression"): (CompressionProfile, True),
+        (CompressionProfile, "calibration"): (CalibrationSpec, False),
         (Recipe, "sources"): (SourceSpec, True),
         (Recipe, "fuse"): (FuseSpec, True),
         (Recipe, "eval"): (EvalSpec, True),

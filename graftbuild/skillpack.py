@@ -56,11 +56,14 @@ def part_key(name: str, part: str) -> str:
     return f"{name}{PART_SEP}{part}"
 
 
-def encode_tensor(delta: torch.Tensor, spec: Mapping[str, Any]) -> tuple[str, dict, Encoded]:
+def encode_tensor(
+    delta: torch.Tensor, spec: Mapping[str, Any], calibration: Any = None
+) -> tuple[str, dict, Encoded]:
     """(codec name, normalised params with defaults, encoding) of ``delta`` under ``spec``.
 
     The delta is converted to float32 first and the codec computes on its device (parts come
-    back on the CPU); non-finite entries are a ValueError.
+    back on the CPU); non-finite entries are a ValueError. ``calibration`` (a
+    :class:`~graftbuild.compress.gptq.Calibration`) goes to codecs that take it (``mixed``).
     """
     import torch
 
@@ -68,7 +71,11 @@ def encode_tensor(delta: torch.Tensor, spec: Mapping[str, Any]) -> tuple[str, di
     x = delta.detach().to(torch.float32)
     if not torch.isfinite(x).all():
         raise ValueError("the delta has NaN or infinite entries")
-    return codec.name, params.model_dump(mode="json"), codec.encode(x, params)
+    if calibration is not None:
+        encoded = codec.encode(x, params, calibration=calibration)  # type: ignore[call-arg]
+    else:
+        encoded = codec.encode(x, params)
+    return codec.name, params.model_dump(mode="json"), encoded
 
 
 class PackWriter:
@@ -344,6 +351,16 @@ class PackReader:
         keys = self._f.keys()  # safe_open objects are not iterable
         for key in keys:
             sl = self._f.get_slice(key)
+            total += ST_ITEMSIZE[sl.get_dtype()] * math.prod(sl.get_shape())
+        return total
+
+    def entry_nbytes(self, name: str) -> int:
+        """Bytes of the stored parts of one tensor."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        total = 0
+        for part in self._entry(name)["parts"]:
+            sl = self._f.get_slice(part_key(name, part))
             total += ST_ITEMSIZE[sl.get_dtype()] * math.prod(sl.get_shape())
         return total
 

@@ -285,13 +285,95 @@ def test_svd_signs_are_canonical() -> None:
     assert (pivots > 0).all()
 
 
-def test_mixed_calibration_seam_accepts_inputs() -> None:
+def test_mixed_uses_gptq_only_with_calibration() -> None:
+    from graftbuild.compress.gptq import Calibration
+
     delta = structured(32, 48, seed=0)
-    codec, params = parse_spec({"method": "mixed"})
+    codec, params = parse_spec({"method": "mixed", "bands": [{"rank": 8, "bits": 3}]})
     plain = codec.encode(delta, params)
-    calibrated = codec.encode(delta, params, calibration=torch.randn(48, 10))  # type: ignore[call-arg]
-    assert plain.meta == calibrated.meta and plain.meta["quantizer"] == "rtn"
-    assert all(torch.equal(plain.parts[k], calibrated.parts[k]) for k in plain.parts)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    calibrated = codec.encode(delta, params, calibration=Calibration(x.T @ x / 200))  # type: ignore[call-arg]
+    assert plain.meta["quantizer"] == "rtn" and calibrated.meta["quantizer"] == "gptq"
+    assert {k: v for k, v in plain.meta.items() if k != "quantizer"} == {
+        k: v for k, v in calibrated.meta.items() if k != "quantizer"
+    }
+    assert plain.parts.keys() == calibrated.parts.keys()
+    for k in plain.parts:  # same layout, different codes
+        assert plain.parts[k].shape == calibrated.parts[k].shape
+    assert not torch.equal(plain.parts["b0.v.codes"], calibrated.parts["b0.v.codes"])
+    assert codec.expected_nbytes(calibrated.meta, (32, 48)) == calibrated.nbytes
+
+
+# --- properties over every codec --------------------------------------------------------------
+
+# Budget ladders per codec, smallest first: more of the budget must never mean more error.
+LADDERS: dict[str, list[dict[str, Any]]] = {
+    "exact": [{"method": "exact"}],
+    "prune": [{"method": "prune", "keep": k, "dtype": "float32"} for k in (0.02, 0.1, 0.4, 1.0)],
+    "lowrank": [{"method": "lowrank", "rank": r, "dtype": "float32"} for r in (1, 3, 8, 20)],
+    "mixed": [
+        {"method": "mixed", "bands": [{"rank": r, "bits": b}], "group_size": 16}
+        for r, b in ((1, 8), (3, 8), (8, 8), (20, 8))
+    ]
+    + [
+        {
+            "method": "mixed",
+            "bands": [{"rank": 20, "bits": 8}, {"rank": 40, "bits": b}],
+            "group_size": 16,
+        }
+        for b in (2, 4, 8)
+    ],
+}
+
+
+def test_every_codec_has_a_ladder() -> None:
+    assert set(LADDERS) == set(CODECS)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    method=st.sampled_from(sorted(LADDERS)),
+    m=st.integers(20, 60),
+    n=st.integers(20, 60),
+    rank=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_error_never_rises_with_the_budget(
+    method: str, m: int, n: int, rank: int, seed: int
+) -> None:
+    delta = structured(m, n, seed=seed, rank=rank)
+    errors = [rel_err(spec, delta) for spec in LADDERS[method]]
+    # Quantisation noise of a larger band may exceed by float rounding only.
+    assert non_increasing(errors, slack=1e-5), errors
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=st.sampled_from([ladder[-1] for ladder in LADDERS.values()] + SPECS),
+    shape=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_shapes_and_dtypes_are_preserved(
+    spec: dict[str, Any], shape: list[int], dtype: torch.dtype, seed: int, tmp_path_factory: Any
+) -> None:
+    """Any codec, any shape, weights in fp32 / fp16 / bf16: the pack records the weight dtype and
+    decodes a float32 delta of the same shape (cast back to the weight dtype when fused)."""
+    from graftbuild.skillpack import PackReader, PackWriter, encode_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    delta = (torch.randn(shape, generator=gen) * 0.01).to(dtype).float()
+    path = tmp_path_factory.mktemp("p") / "p.safetensors"
+    with PackWriter(path, {}) as writer:
+        codec, params, enc = encode_tensor(delta.to(dtype), spec)
+        writer.add("w", "other", codec, params, delta.shape, str(dtype), enc)
+    with PackReader(path) as reader:
+        assert reader.entries["w"]["dtype"] == str(dtype).removeprefix("torch.")
+        out = reader.decode("w")
+    assert out.dtype == torch.float32 and tuple(out.shape) == tuple(shape)
+    if spec["method"] == "exact":
+        assert torch.equal(out.to(dtype), delta.to(dtype))
 
 
 # --- specs ------------------------------------------------------------------------------------

@@ -116,3 +116,26 @@ def dequantize(q: QuantizedMatrix) -> torch.Tensor:
 def quantized_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Payload of a :class:`QuantizedMatrix`: packed codes plus float16 scale and zero."""
     return packed_nbytes(rows * cols, bits) + 2 * 2 * rows * n_groups(cols, group_size)
+
+
+def quantize_to_grid(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> QuantizedMatrix:
+    """Codes of ``x`` on a given grid (``scale`` / ``zero``: float16 [rows, n_groups]).
+
+    For quantisers that choose the grid themselves (GPTQ): ``x`` is usually already on the grid,
+    and rounding recovers its codes exactly.
+    """
+    import torch
+
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    rows, cols = x.shape
+    g = effective_group_size(cols, group_size)
+    levels = (1 << bits) - 1
+    s = _expand(scale, g, cols)
+    z = _expand(zero, g, cols)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round((x - z) / safe).clamp_(0, levels)
+    q = torch.where(s > 0, q, torch.zeros_like(q))
+    codes = pack_bits(q.to(torch.uint8), bits)
+    return QuantizedMatrix(codes, scale.contiguous(), zero.contiguous(), bits, g, (rows, cols))

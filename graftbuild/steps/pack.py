@@ -5,10 +5,14 @@ Streams: one tensor of the base and one of the source are in memory at a time.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graftbuild.errors import UserError
 from graftbuild.steps.base import StepContext
+
+if TYPE_CHECKING:
+    import torch
 
 PACK_FILE = "skillpack.safetensors"
 
@@ -20,8 +24,7 @@ class PackStep:
     version: ClassVar[int] = 1
 
     def run(self, ctx: StepContext) -> None:
-        import torch
-
+        from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
         from graftbuild.modeling import set_threads
         from graftbuild.skillpack import PackWriter, encode_tensor
@@ -29,50 +32,97 @@ class PackStep:
 
         set_threads(ctx.settings.threads)
         profile = ctx.config["profile"]
+        device = ctx.settings.device
+        # A chained source's delta is taken against its parent's grafted model (``parent``); the
+        # header still names the root base (what fusing adds it to) and records the parent.
+        reference = "parent" if "parent" in ctx.inputs else "base"
+        cal = profile.get("calibration")
+        hessians = {}
+        if cal is not None:
+            from graftbuild.compress.calibration import collect_statistics
+
+            # activations of the model the delta is added to: the base, or the parent's graft
+            hessians = collect_statistics(
+                ctx.inputs[reference],
+                ctx.files["calibration"],
+                cal["samples"],
+                cal["seq_len"],
+                cal["field"],
+                device,
+            )
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
-        # A chained source's delta is taken against its parent's grafted model (``parent``); the
-        # header still names the root base (what fusing adds it to) and records the parent.
         header = {"base": ctx.input_hashes["base"]}
-        reference = "base"
-        if "parent" in ctx.inputs:
+        if reference == "parent":
             header["parent"] = ctx.input_hashes["parent"]
-            reference = "parent"
         with (
             ModelWeights(ctx.inputs[reference]) as base,
             ModelWeights(ctx.inputs["source"]) as src,
-            PackWriter(ctx.out / PACK_FILE, header) as writer,
         ):
             check_same_layout(base, src)
             note_dtype_differences(base, src, ctx)
-            names = base.names()
-            with ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance:
-                for name in names:
-                    info = base.infos[name]
-                    if info.dtype not in _DTYPE_NAMES:
-                        raise UserError(
-                            f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}"
-                        )
-                    b = base.get(name)
-                    delta = src.get(name).to(torch.float32) - b.to(torch.float32)
-                    del b
-                    if not torch.isfinite(delta).all():
-                        raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
+            specs = {
+                name: profile[classify(name, len(base.infos[name].shape), profile["roles"])]
+                for name in base.names()
+            }
+            if profile.get("budget") is not None:
+                specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
+                header["budget"] = profile["budget"]
+            with (
+                PackWriter(ctx.out / PACK_FILE, header) as writer,
+                ctx.progress.task(f"pack {ctx.node_id}", len(specs)) as advance,
+            ):
+                for name, dtype, delta in iter_deltas(base, src):
                     role = classify(name, delta.ndim, profile["roles"])
+                    calibration = None
+                    h = hessians.get(name)
+                    if h is not None and h.ndim == 2 and specs[name]["method"] == "mixed":
+                        calibration = Calibration(h, cal["damp"], cal["act_order"])
                     codec, params, encoded = encode_tensor(
-                        delta.to(ctx.settings.device), profile[role]
+                        delta.to(device), specs[name], calibration
                     )
-                    writer.add(
-                        name,
-                        role,
-                        codec,
-                        params,
-                        tuple(delta.shape),
-                        _DTYPE_NAMES[info.dtype],
-                        encoded,
-                    )
+                    writer.add(name, role, codec, params, tuple(delta.shape), dtype, encoded)
                     advance(1)
+
+
+def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(name, original dtype name, float32 delta) of every tensor, one at a time."""
+    import torch
+
+    for name in base.names():
+        info = base.infos[name]
+        if info.dtype not in _DTYPE_NAMES:
+            raise UserError(f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}")
+        b = base.get(name)
+        delta = src.get(name).to(torch.float32) - b.to(torch.float32)
+        del b
+        if not torch.isfinite(delta).all():
+            raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
+        yield name, _DTYPE_NAMES[info.dtype], delta
+
+
+def allocate_budget(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    specs: dict[str, dict],
+    budget: float,
+    statistics: dict[str, Any],
+) -> dict[str, dict]:
+    """Per-tensor specs fitting ``budget`` × the fp16 delta (a first pass over the deltas);
+    errors are weighted by the calibration ``statistics`` where there are some."""
+    from graftbuild.compress.budget import allocate, fp16_delta_nbytes, rate_profile
+
+    profiles = []
+    with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
+        for name, _dtype, delta in iter_deltas(base, src):
+            profiles.append(
+                rate_profile(name, delta.to(ctx.settings.device), specs[name], statistics.get(name))
+            )
+            advance(1)
+    target = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
+    return allocate(profiles, target)
 
 
 def check_same_layout(base: object, src: object) -> None:

@@ -16,15 +16,13 @@ Decode: ``Σ_i Û_i diag(σ_i) V̂_iᵀ``. ``meta`` records ``bands`` ([{rank, b
 only), ``group_size`` and the quantiser used. Non-2-D tensors, and matrices whose code would be
 bigger than the dense float32 delta, are stored exactly (``meta["fallback"] = "exact"``).
 
-The paper quantises with GPTQ on calibration activations; round-to-nearest is its data-free
-fallback and the only quantiser here. :data:`BandQuantizer` is the seam where a calibrated one
-plugs in: it gets a band's factors and the module's input activations and returns the quantised
-factors in the stored layout, so the file format does not change.
+As in the paper, bands are quantised with GPTQ (:mod:`graftbuild.compress.gptq`) when the pack
+step has calibration statistics for the module's input, and with round-to-nearest otherwise.
+Both write the same layout (``meta["quantizer"]`` says which was used), so decoding is the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -42,6 +40,8 @@ from graftbuild.compress.quant import (
 
 if TYPE_CHECKING:
     import torch
+
+    from graftbuild.compress.gptq import Calibration
 
 
 class Band(CodecParams):
@@ -67,27 +67,10 @@ class MixedParams(CodecParams):
     group_size: int = Field(default=128, ge=1)
 
 
-BandQuantizer = Callable[
-    ["torch.Tensor", "torch.Tensor", "torch.Tensor", int, int, "torch.Tensor | None"],
-    tuple[QuantizedMatrix, QuantizedMatrix],
-]
-"""``(u, sigma, vt, bits, group_size, calibration) -> (Ûᵀ, V̂ᵀ)``.
-
-``u`` is m × r, ``sigma`` [r], ``vt`` r × n; ``calibration`` is the module's input activations,
-n × tokens, or None. Both results quantise one singular vector per row (r × m and r × n). A GPTQ
-quantiser would follow the paper: ``V̂ᵀ = Quant(Vᵀ, x)``, then ``Û = Quant(U, Σ V̂ᵀ x)``.
-"""
-
-
 def rtn_band(
-    u: torch.Tensor,
-    sigma: torch.Tensor,
-    vt: torch.Tensor,
-    bits: int,
-    group_size: int,
-    calibration: torch.Tensor | None = None,
+    u: torch.Tensor, vt: torch.Tensor, bits: int, group_size: int
 ) -> tuple[QuantizedMatrix, QuantizedMatrix]:
-    """Data-free round-to-nearest of each singular vector; ``calibration`` is not used."""
+    """Data-free round-to-nearest of each singular vector: (Ûᵀ, V̂ᵀ), one vector per row."""
     return quantize_rtn(u.T, bits, group_size), quantize_rtn(vt, bits, group_size)
 
 
@@ -117,12 +100,11 @@ class MixedCodec:
     version: ClassVar[int] = 1
     Params: ClassVar[type[CodecParams]] = MixedParams
 
-    quantizer_name: ClassVar[str] = "rtn"
-    quantize_band: ClassVar[BandQuantizer] = staticmethod(rtn_band)
-
     def encode(
-        self, delta: torch.Tensor, params: CodecParams, calibration: torch.Tensor | None = None
+        self, delta: torch.Tensor, params: CodecParams, calibration: Calibration | None = None
     ) -> Encoded:
+        """``calibration``: statistics of the module's inputs; GPTQ when given, else RTN."""
+        from graftbuild.compress.gptq import gptq_factors
 
         params = expect_params(params, MixedParams)
         x = as_float32(delta)
@@ -133,28 +115,32 @@ class MixedCodec:
         if _coded_nbytes(ranks, m, n, params.group_size) > 4 * m * n:
             return encode_exact(x, {"fallback": FALLBACK})
         u, s, vh = (t.cpu() for t in svd(x))  # quantisation and bit-packing run on the CPU
-        parts: dict[str, torch.Tensor] = {}
-        start = 0
-        for i, (r, bits) in enumerate(ranks):
-            stop = start + r
-            uq, vq = self.quantize_band(
-                u[:, start:stop],
-                s[start:stop],
-                vh[start:stop],
-                bits,
-                params.group_size,
-                calibration,
+        kept = sum(r for r, _ in ranks)
+        if calibration is None:
+            quantized = []
+            start = 0
+            for r, bits in ranks:
+                quantized.append(
+                    rtn_band(
+                        u[:, start : start + r], vh[start : start + r], bits, params.group_size
+                    )
+                )
+                start += r
+        else:
+            quantized = gptq_factors(
+                u[:, :kept], s[:kept], vh[:kept], ranks, params.group_size, calibration
             )
+        parts: dict[str, torch.Tensor] = {}
+        for i, (uq, vq) in enumerate(quantized):
             for side, q in (("u", uq), ("v", vq)):
                 parts[f"b{i}.{side}.codes"] = q.codes.contiguous()
                 parts[f"b{i}.{side}.scale"] = q.scale.contiguous()
                 parts[f"b{i}.{side}.zero"] = q.zero.contiguous()
-            start = stop
-        parts["sigma"] = s[:start].clone().contiguous()
+        parts["sigma"] = s[:kept].clone().contiguous()
         meta = {
             "bands": [{"rank": r, "bits": bits} for r, bits in ranks],
             "group_size": params.group_size,
-            "quantizer": self.quantizer_name,
+            "quantizer": "rtn" if calibration is None else "gptq",
         }
         return Encoded(parts, meta)
 

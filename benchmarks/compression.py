@@ -1,0 +1,329 @@
+"""Delta compressors compared at equal bytes on genuine fine-tuning deltas.
+
+A 3.5M-parameter Llama is pre-trained on general text (with 5% of each skill's text), then
+fully fine-tuned on distinct text skills (see _bench_models.py). Each skill's delta is
+compressed to 1/4 ... 1/64 of its fp16 size by every method below, grafted onto the base, and
+judged by the held-out loss on the skill:
+``keep = (loss_base − loss_graft) / (loss_base − loss_source)``; the relative Frobenius error
+of the whole delta is reported too. Bytes are counted exactly as each method would store them
+(index costs included); 1-D tensors (norms) are stored as exact float32 by every method and
+counted. Methods:
+
+- ``svd``: truncated SVD per matrix, fp16 factors, rank chosen so the matrix gets its share;
+- ``magnitude``: keep the largest |Δ| entries (int32 index + fp16 value each);
+- ``dare``: keep a random subset rescaled by 1 / keep-rate (DARE), int32 index + fp16 value;
+- ``bitdelta``: sign bit per entry × one fp16 scale per matrix (mean |Δ|; BitDelta without its
+  scale distillation): always 1/16 of fp16, so shown only at 1/16;
+- ``mixed-rtn`` / ``mixed-gptq``: graftbuild's mixed codec on every matrix, the paper's band
+  shape (8-bit : 4-bit : 2-bit ranks = 1 : 9 : 50) scaled to the matrix's share; GPTQ with
+  Hessians from the base on the skill's training text (embeddings have no linear input: RTN);
+- ``budget-pack``: a real SkillPack written by graftbuild's pack step with ``budget = r`` and
+  calibration: every matrix ``mixed`` (GPTQ), ranks and bits allocated across tensors by output
+  error per byte. Its bytes are the pack file's payload.
+
+Run: ``python benchmarks/compression.py`` (≈ 21 min on 2 busy CPU cores; trained models are
+cached in ``--cache``, so a rerun only compresses and evaluates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench_models import DATA, build_models, chunks
+
+RATIOS = (4, 8, 16, 32, 64)
+METHODS = ("svd", "magnitude", "dare", "bitdelta", "mixed-rtn", "mixed-gptq", "budget-pack")
+SETTINGS = {
+    "base_steps": 200,
+    "skill_steps": 300,
+    "batch": 8,
+    "seq_len": 64,
+    "skill_lr": 3e-4,
+    "skills": ["code", "lang"],
+    "base_mix": 0.05,
+}
+CALIB: dict[str, Any] = {"samples": 64, "seq_len": 64, "damp": 0.01}
+EVAL_CHUNKS = 64
+BAND_SHAPE = ((8, 1), (4, 9), (2, 50))  # (bits, relative rank): the paper's 20 / 180 / 1000
+
+
+# --- baselines (benchmark only) ---------------------------------------------------------------
+
+
+def svd_at(d: Any, nbytes: float) -> tuple[Any, int]:
+    import torch
+
+    m, n = d.shape
+    k = max(1, min(min(m, n), int(nbytes // ((m + n) * 2))))
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    a = (u[:, :k] * s[:k]).half().float()
+    return a @ vh[:k].half().float(), k * (m + n) * 2
+
+
+def magnitude_at(d: Any, nbytes: float) -> tuple[Any, int]:
+    import torch
+
+    k = max(1, min(d.numel(), int(nbytes // 6)))
+    flat = d.reshape(-1)
+    idx = flat.abs().topk(k).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx].half().float()
+    return out.view_as(d), k * 6
+
+
+def dare_at(d: Any, nbytes: float, seed: int) -> tuple[Any, int]:
+    import torch
+
+    k = max(1, min(d.numel(), int(nbytes // 6)))
+    p = k / d.numel()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(d.numel(), generator=gen)[:k]
+    flat = d.reshape(-1)
+    out = torch.zeros_like(flat)
+    out[idx] = (flat[idx] / p).half().float()
+    return out.view_as(d), k * 6
+
+
+def bitdelta(d: Any) -> tuple[Any, int]:
+    scale = float(d.abs().mean().half())
+    return d.sign() * scale, math.ceil(d.numel() / 8) + 2
+
+
+def mixed_at(
+    d: Any, nbytes: float, hessian: Any, group_size: int = 128, damp: float = 0.01
+) -> tuple[Any, int]:
+    """The mixed codec with the paper's band shape, scaled to fit ``nbytes``."""
+    from graftbuild.compress.budget import _mixed_costs
+    from graftbuild.compress.codecs import parse_spec
+    from graftbuild.compress.gptq import Calibration
+
+    m, n = d.shape
+    costs = dict(zip((2, 3, 4, 8), _mixed_costs(m, n, group_size), strict=True))
+    unit = sum(rel * costs[bits] for bits, rel in BAND_SHAPE)
+    alpha = nbytes / unit
+    bands = []
+    used = 0
+    left = min(m, n)
+    for bits, rel in BAND_SHAPE:
+        r = min(left, int(alpha * rel))
+        if r > 0:
+            bands.append({"rank": r, "bits": bits})
+            used += r
+            left -= r
+    if not bands:
+        bands = [{"rank": 1, "bits": 2}]
+    codec, params = parse_spec({"method": "mixed", "bands": bands, "group_size": group_size})
+    cal = None if hessian is None or hessian.ndim != 2 else Calibration(hessian, damp=damp)
+    enc = codec.encode(d, params, calibration=cal)
+    return codec.decode(enc.parts, enc.meta, (m, n)), enc.nbytes
+
+
+# --- harness ----------------------------------------------------------------------------------
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def evaluate(model: Any, state: dict[str, Any], data: Any) -> float:
+    import torch
+
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        losses = [
+            model(input_ids=data[i : i + 16], labels=data[i : i + 16]).loss.item()
+            for i in range(0, len(data), 16)
+        ]
+    return sum(losses) / len(losses)
+
+
+def compress(
+    method: str,
+    deltas: dict[str, Any],
+    ratio: int,
+    hessians: dict[str, Any],
+    pack: Any,
+) -> tuple[dict[str, Any], int]:
+    """(reconstructed deltas, bytes) of one method at 1/ratio of the fp16 delta."""
+    if method == "budget-pack":
+        return pack(ratio)
+    total_fp16 = sum(2 * d.numel() for d in deltas.values())
+    target = total_fp16 / ratio
+    fixed = sum(4 * d.numel() for d in deltas.values() if d.ndim != 2)
+    matrices = {k: d for k, d in deltas.items() if d.ndim == 2}
+    share = (target - fixed) / sum(2 * d.numel() for d in matrices.values())
+    out = {k: d.clone() for k, d in deltas.items() if d.ndim != 2}
+    used = fixed
+    for i, (name, d) in enumerate(sorted(matrices.items())):
+        nbytes = share * 2 * d.numel()
+        if method == "svd":
+            rec, b = svd_at(d, nbytes)
+        elif method == "magnitude":
+            rec, b = magnitude_at(d, nbytes)
+        elif method == "dare":
+            rec, b = dare_at(d, nbytes, seed=i)
+        elif method == "bitdelta":
+            rec, b = bitdelta(d)
+        elif method == "mixed-rtn":
+            rec, b = mixed_at(d, nbytes, None)
+        else:
+            rec, b = mixed_at(d, nbytes, hessians.get(name), damp=CALIB["damp"])
+        out[name] = rec
+        used += b
+    return out, used
+
+
+def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> Any:
+    """Runs graftbuild's real pack step with a budget and calibration; returns decoder."""
+    from graftbuild.recipe import CompressionProfile
+    from graftbuild.skillpack import PackReader
+    from graftbuild.steps.base import StepContext
+    from graftbuild.steps.pack import PACK_FILE, PackStep
+
+    def run(ratio: int) -> tuple[dict[str, Any], int]:
+        profile = CompressionProfile.model_validate(
+            {
+                **{role: {"method": "mixed"} for role in ("embed", "head", "attn", "mlp")},
+                "calibration": {"data": calib, **CALIB},
+                "budget": 1 / ratio,
+            }
+        )
+        out = work / f"pack-{ratio}"
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = StepContext(
+            node_id=f"pack:{ratio}",
+            config={"profile": profile.normalised()},
+            inputs={"base": base_dir, "source": src_dir},
+            input_hashes={"base": "bench", "source": "bench"},
+            files={"calibration": calib},
+            out=out,
+        )
+        PackStep().run(ctx)
+        with PackReader(out / PACK_FILE) as reader:
+            rec = {name: reader.decode(name) for name in reader.names()}
+            return rec, reader.payload_nbytes()
+
+    return run
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from graftbuild.compress.calibration import collect_statistics
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "gb-bench")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--damp", type=float, default=CALIB["damp"], help="GPTQ damping")
+    args = ap.parse_args()
+    CALIB["damp"] = args.damp
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    folders = build_models(args.cache, SETTINGS, log)
+    tok = AutoTokenizer.from_pretrained(str(folders["base"]))
+    base_state = load_state(folders["base"])
+    model = AutoModelForCausalLM.from_pretrained(str(folders["base"]))
+    model.eval()
+    results: list[dict[str, Any]] = []
+    for skill in SETTINGS["skills"]:
+        held = chunks(tok, skill, "heldout", SETTINGS["seq_len"])[:EVAL_CHUNKS]
+        src_state = load_state(folders[skill])
+        deltas = {k: src_state[k].float() - base_state[k].float() for k in base_state}
+        loss_base = evaluate(model, base_state, held)
+        loss_src = evaluate(model, src_state, held)
+        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
+        log(f"{skill}: loss base {loss_base:.4f}, source {loss_src:.4f}")
+        calib = DATA / f"{skill}.train.txt"
+        hessians = collect_statistics(folders["base"], calib, CALIB["samples"], CALIB["seq_len"])
+        total_fp16 = sum(2 * d.numel() for d in deltas.values())
+        with tempfile.TemporaryDirectory() as work:
+            pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work))
+            for ratio in RATIOS:
+                for method in methods:
+                    if method == "bitdelta" and ratio != 16:
+                        continue
+                    t = time.time()
+                    rec, nbytes = compress(method, deltas, ratio, hessians, pack)
+                    err = (
+                        math.sqrt(sum(float((rec[k] - deltas[k]).pow(2).sum()) for k in deltas))
+                        / norm
+                    )
+                    graft = {k: base_state[k].float() + rec[k] for k in base_state}
+                    loss = evaluate(model, graft, held)
+                    keep = (loss_base - loss) / (loss_base - loss_src)
+                    row = {
+                        "skill": skill,
+                        "ratio": ratio,
+                        "method": method,
+                        "bytes": nbytes,
+                        "size_vs_fp16": nbytes / total_fp16,
+                        "rel_error": err,
+                        "loss": loss,
+                        "keep": keep,
+                    }
+                    results.append(row)
+                    log(
+                        f"{skill} 1/{ratio} {method:12s} bytes {nbytes / total_fp16:.4f}×fp16 "
+                        f"err {err:.3f} keep {keep:.3f} ({time.time() - t:.1f}s)"
+                    )
+        results.append({"skill": skill, "loss_base": loss_base, "loss_source": loss_src})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(table(results, methods))
+    log("done")
+
+
+def table(results: list[dict[str, Any]], methods: list[str]) -> str:
+    rows = [r for r in results if "method" in r]
+    skills = sorted({r["skill"] for r in rows})
+    lines = []
+    for skill in skills:
+        info = next(r for r in results if r.get("skill") == skill and "loss_base" in r)
+        lines.append(
+            f"\n**{skill}** (held-out loss: base {info['loss_base']:.3f}, "
+            f"fine-tuned {info['loss_source']:.3f}). Cells: keep (relative error, size × fp16)\n"
+        )
+        lines.append("| method | " + " | ".join(f"1/{r}" for r in RATIOS) + " |")
+        lines.append("|---|" + "---|" * len(RATIOS))
+        for method in methods:
+            cells = []
+            for ratio in RATIOS:
+                hit = [
+                    r
+                    for r in rows
+                    if (r["skill"], r["ratio"], r["method"]) == (skill, ratio, method)
+                ]
+                cells.append(
+                    f"{hit[0]['keep']:.1%} ({hit[0]['rel_error']:.2f}, "
+                    f"{hit[0]['size_vs_fp16']:.4f})"
+                    if hit
+                    else "—"
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
