@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from graftbuild import noop
 from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
 
 
@@ -29,10 +30,43 @@ def make(
     """Build the recipe's targets (default: every node), rebuilding only what is stale."""
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, device, jobs, quiet)
+    recipe_bytes = forget_last_build(sched, targets)
     result = sched.make(targets or None)
+    record_build(sched, recipe_bytes, targets, result)
     print_summary(console(stderr=as_json, quiet=quiet), sched, result)
     if as_json:
         click.echo(json.dumps({"built": result.built, "reused": result.reused}))
+
+
+def forget_last_build(sched: Any, targets: list[str]) -> bytes:
+    """Void the no-op record before building; returns the recipe bytes this build uses."""
+    recipe = sched.recipe.path
+    recipe_bytes = recipe.read_bytes()
+    noop.forget(sched.store.root, recipe, targets)
+    return recipe_bytes
+
+
+def record_build(sched: Any, recipe_bytes: bytes, targets: list[str], result: Any) -> None:
+    """Write the record that lets the next no-op ``make``/``plan`` stop after a few stats."""
+    nodes = [
+        {
+            "id": n.id,
+            "kind": "input" if sched.graph.node(n.id).is_input else "step",
+            "output": str(n.output) if n.output else None,
+            "object": None
+            if sched.graph.node(n.id).is_input or not n.output_hash
+            else str(sched.store.object_path(n.output_hash)),
+        }
+        for n in result.nodes
+    ]
+    noop.save(
+        sched.store.root,
+        sched.recipe.path,
+        recipe_bytes,
+        targets,
+        sched.store.stat_cache.seen,
+        nodes,
+    )
 
 
 def print_summary(out: Console, sched: Any, result: Any) -> None:
