@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class ModelWeights:
                 self.infos[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], f)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()  # -j workers read concurrently; open each file once
 
     def __enter__(self) -> ModelWeights:
         return self
@@ -154,13 +156,14 @@ class ModelWeights:
         from safetensors import safe_open
 
         info = self.infos[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"{info.file}: cannot read safetensors file ({e})") from None
-            self._handles[info.file] = handle
+        with self._lock:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                try:
+                    handle = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
+                except Exception as e:  # safetensors raises its own error types
+                    raise UserError(f"{info.file}: cannot read safetensors file ({e})") from None
+                self._handles[info.file] = handle
         try:
             return handle.get_tensor(name)
         except Exception as e:

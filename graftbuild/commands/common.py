@@ -24,7 +24,7 @@ def open_scheduler(
     recipe_path: Path,
     cache: Path | None,
     device: str = "cpu",
-    jobs: int | None = None,
+    jobs: int = 1,
     quiet: bool = False,
 ) -> Scheduler:
     from graftbuild.progress import Reporter
@@ -37,7 +37,7 @@ def open_scheduler(
     reporter = Reporter(console(stderr=True, quiet=quiet))
     device = resolve_device(device, reporter)
     store = Store(cache_dir(recipe, cache))
-    return Scheduler(recipe, store, BuildSettings(device=device, threads=jobs), reporter)
+    return Scheduler(recipe, store, BuildSettings(device=device, jobs=jobs), reporter)
 
 
 def resolve_device(device: str, reporter: Any) -> str:

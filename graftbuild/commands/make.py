@@ -17,14 +17,21 @@ from graftbuild.commands.common import console, open_scheduler, recipe_options, 
 @click.command()
 @recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tensors processed in parallel inside a pack or fuse node (same bytes for any -j).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
 def make(
     args: tuple[str, ...],
     cache: Path | None,
     as_json: bool,
     device: str,
-    jobs: int | None,
+    jobs: int,
     quiet: bool,
 ) -> None:
     """Build the recipe's targets (default: every node), rebuilding only what is stale."""

@@ -18,7 +18,8 @@ class BuildSettings:
     """Execution settings: they change how fast a step runs, not (by design) what it produces."""
 
     device: str = "cpu"
-    threads: int | None = None
+    jobs: int = 1
+    """Tensors processed at once inside a pack or fuse node (``-j``); never changes bytes."""
 
 
 @dataclass

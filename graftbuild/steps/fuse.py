@@ -21,12 +21,12 @@ class FuseStep:
         from contextlib import ExitStack
 
         from graftbuild.fusion import get_strategy
-        from graftbuild.modeling import set_threads
+        from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackReader
         from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
 
-        set_threads(ctx.settings.threads)
         cfg = ctx.config
+        device = ctx.settings.device
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
@@ -44,17 +44,21 @@ class FuseStep:
                     raise BuildError(f"{ctx.node_id}: pack tensors not in the base: {extra[:5]}")
             names = base.names()
 
-            def fused() -> Iterator[tuple[str, torch.Tensor]]:
+            def fuse_one(name: str) -> tuple[str, torch.Tensor]:
+                """One fused tensor (runs on a -j worker; reads only this tensor's inputs)."""
                 import torch
 
+                b = base.get(name)
+                deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
+                out = strategy.combine(
+                    b.to(device=device, dtype=torch.float32), deltas, cfg["weights"], params, name
+                )
+                return name, out.to(device="cpu", dtype=b.dtype)
+
+            def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
-                    for name in names:
-                        b = base.get(name)
-                        deltas = [r.decode(name) if name in r.entries else None for r in readers]
-                        out = strategy.combine(
-                            b.to(torch.float32), deltas, cfg["weights"], params, name
-                        )
-                        yield name, out.to(b.dtype)
+                    for item in ordered_map(fuse_one, names, ctx.settings.jobs):
+                        yield item
                         advance(1)
 
             infos = [base.infos[n] for n in names]

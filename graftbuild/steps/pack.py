@@ -23,12 +23,12 @@ class PackStep:
         import torch
 
         from graftbuild.compress.roles import classify
-        from graftbuild.modeling import set_threads
+        from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackWriter, encode_tensor
         from graftbuild.tensors import ModelWeights
 
-        set_threads(ctx.settings.threads)
         profile = ctx.config["profile"]
+        device = ctx.settings.device
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
@@ -40,31 +40,30 @@ class PackStep:
         ):
             check_same_layout(base, src)
             names = base.names()
+            for name in names:
+                if base.infos[name].dtype not in _DTYPE_NAMES:
+                    raise UserError(
+                        f"{base.folder}: tensor {name!r} has non-float dtype "
+                        f"{base.infos[name].dtype}"
+                    )
+
+            def encode(name: str) -> tuple:
+                """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
+                b = base.get(name).to(device=device, dtype=torch.float32)
+                delta = src.get(name).to(device=device, dtype=torch.float32) - b
+                del b
+                if not torch.isfinite(delta).all():
+                    raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
+                role = classify(name, delta.ndim, profile["roles"])
+                codec, params, encoded = encode_tensor(delta, profile[role])
+                return name, role, codec, params, tuple(delta.shape), encoded
+
             with ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance:
-                for name in names:
-                    info = base.infos[name]
-                    if info.dtype not in _DTYPE_NAMES:
-                        raise UserError(
-                            f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}"
-                        )
-                    b = base.get(name)
-                    delta = src.get(name).to(torch.float32) - b.to(torch.float32)
-                    del b
-                    if not torch.isfinite(delta).all():
-                        raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
-                    role = classify(name, delta.ndim, profile["roles"])
-                    codec, params, encoded = encode_tensor(
-                        delta.to(ctx.settings.device), profile[role]
-                    )
-                    writer.add(
-                        name,
-                        role,
-                        codec,
-                        params,
-                        tuple(delta.shape),
-                        _DTYPE_NAMES[info.dtype],
-                        encoded,
-                    )
+                for name, role, codec, params, shape, encoded in ordered_map(
+                    encode, names, ctx.settings.jobs
+                ):
+                    dtype = _DTYPE_NAMES[base.infos[name].dtype]
+                    writer.add(name, role, codec, params, shape, dtype, encoded)
                     advance(1)
 
 
