@@ -16,7 +16,7 @@ from typing import Any
 
 import xxhash
 
-CHUNK = 1 << 23  # 8 MiB reads: large enough to run at memory/disk speed
+CHUNK = 1 << 20  # 1 MiB reads: the copy stays in cache for the hash (8 MiB ran ~1.5x slower here)
 
 
 def hash_bytes(data: bytes) -> str:
