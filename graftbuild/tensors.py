@@ -276,7 +276,7 @@ class SafetensorsStreamWriter:
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
-        self._f.write(data.numpy().tobytes())
+        self._f.write(memoryview(data.numpy()))  # no intermediate bytes copy
 
     def close(self) -> None:
         if self._expected:

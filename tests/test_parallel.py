@@ -82,3 +82,39 @@ def test_device_cuda_without_a_gpu_says_so_and_uses_the_cpu(path_project: Path) 
             result.stderr
         )
     assert "built 6" in result.stderr + result.stdout
+
+
+def test_ordered_map_budget_runs_big_items_alone() -> None:
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+    cost = {i: (100 if i in (3, 4, 9) else 10) for i in range(12)}
+
+    def work(i: int) -> int:
+        with lock:
+            in_flight[0] += cost[i]
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.003)
+        with lock:
+            in_flight[0] -= cost[i]
+        return i
+
+    assert list(ordered_map(work, range(12), 4, cost.__getitem__, 100)) == list(range(12))
+    assert peak[0] <= 100
+
+
+def test_sum_fold_equals_combine() -> None:
+    import torch
+
+    from graftbuild.fusion.sum import SumStrategy
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 11, generator=g)
+    deltas = [torch.randn(37, 11, generator=g), None, torch.randn(37, 11, generator=g)]
+    weights = [0.7, 2.0, -1.3]
+    s = SumStrategy()
+    params = s.Params()
+    want = s.combine(base, deltas, weights, params, "w")
+    acc = base.clone()
+    for d, w in zip(deltas, weights, strict=True):
+        if d is not None:
+            acc = s.fold(acc, d, w, params, "w")
+    assert torch.equal(acc, want)

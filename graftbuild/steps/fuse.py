@@ -29,6 +29,7 @@ class FuseStep:
         device = ctx.settings.device
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
+        fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
@@ -49,15 +50,25 @@ class FuseStep:
                 import torch
 
                 b = base.get(name)
+                acc = b.to(device=device, dtype=torch.float32)
+                if fold is not None:
+                    # One delta in memory at a time. ``acc`` is ours to overwrite: a fresh read
+                    # (or its converted copy); never the base's own storage elsewhere.
+                    for r, w in zip(readers, cfg["weights"], strict=True):
+                        if name in r.entries:
+                            acc = fold(acc, r.decode(name).to(device), w, params, name)
+                    return name, acc.to(device="cpu", dtype=b.dtype)
                 deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
-                out = strategy.combine(
-                    b.to(device=device, dtype=torch.float32), deltas, cfg["weights"], params, name
-                )
+                out = strategy.combine(acc, deltas, cfg["weights"], params, name)
                 return name, out.to(device="cpu", dtype=b.dtype)
 
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
-                    for item in ordered_map(fuse_one, names, ctx.settings.jobs):
+                    sizes = {n: base.infos[n].nbytes for n in names}
+                    work = ordered_map(
+                        fuse_one, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
+                    )
+                    for item in work:
                         yield item
                         advance(1)
 

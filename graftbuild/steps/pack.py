@@ -59,9 +59,11 @@ class PackStep:
                 return name, role, codec, params, tuple(delta.shape), encoded
 
             with ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance:
-                for name, role, codec, params, shape, encoded in ordered_map(
-                    encode, names, ctx.settings.jobs
-                ):
+                sizes = {n: base.infos[n].nbytes for n in names}
+                work = ordered_map(
+                    encode, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
+                )
+                for name, role, codec, params, shape, encoded in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
                     writer.add(name, role, codec, params, shape, dtype, encoded)
                     advance(1)

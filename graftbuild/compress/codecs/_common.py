@@ -75,10 +75,11 @@ def _canonical_signs(
 
 # Randomized SVD (Halko, Martinsson & Tropp 2011, algorithm 4.4): a Gaussian sketch of
 # k + OVERSAMPLE columns, POWER_ITERATIONS re-orthonormalised power steps, then an exact SVD of
-# the small projected matrix. Measured against the exact truncated SVD (tests/test_randomized_svd.py,
-# docs/BENCHMARKS.md): Frobenius error within RANDOMIZED_TOLERANCE of the optimum for k up to
-# min(m, n) / RANDOMIZED_MIN_RATIO, on flat (pure noise) and decaying spectra alike, and 10-70x
-# faster than torch.linalg.svd on 1024x2816 .. 2048x5632 matrices here.
+# the small projected matrix. Measured against the exact truncated SVD
+# (tests/test_randomized_svd.py, docs/BENCHMARKS.md): Frobenius error within
+# RANDOMIZED_TOLERANCE of the optimum for k up to min(m, n) / RANDOMIZED_MIN_RATIO, on flat
+# (pure noise) and decaying spectra alike, and 10-70x faster than torch.linalg.svd on
+# 1024x2816 .. 2048x5632 matrices here.
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 RANDOMIZED_MIN_RATIO = 8
