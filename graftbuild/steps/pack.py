@@ -17,7 +17,7 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 class PackStep:
     name: ClassVar[str] = "pack"
-    version: ClassVar[int] = 2  # 2: lowrank codec v2 (randomized SVD for small rank budgets)
+    version: ClassVar[int] = 2  # 2: lowrank encodes small rank budgets with a randomized SVD
 
     def run(self, ctx: StepContext) -> None:
         import torch

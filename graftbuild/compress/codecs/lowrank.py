@@ -4,9 +4,9 @@ The rank is fixed (``rank``) or the smallest k whose energy ``Σ_{i≤k} σ_i²`
 ``energy · Σ_i σ_i²``, capped by ``max_rank`` and by ``min(m, n)``.
 
 When the largest rank that can come out (``rank``, or ``max_rank``) is small against the matrix
-(``k ≤ min(m, n) / 8``), a randomized SVD of that rank replaces the full one (version 2): the
+(``k ≤ min(m, n) / 8``), a randomized SVD of that rank replaces the full one: the
 total energy ``Σ σ_i² = ‖Δ‖_F²`` needs no spectrum, so energy selection works on the top ``k``
-values too. Otherwise (energy selection without a cap) the exact SVD runs, as in version 1.
+values too. Otherwise (energy selection without a cap) the exact SVD runs, bytes as before.
 
 Parts: ``a`` = ``U_k diag(σ_k)`` (m × k) and ``b`` = ``V_kᵀ`` (k × n), both in ``dtype``.
 Decode: ``a @ b`` in float32.
@@ -89,8 +89,8 @@ def energy_fraction(s: torch.Tensor, k: int, total: float | None = None) -> floa
 
 class LowRankCodec:
     name: ClassVar[str] = "lowrank"
-    version: ClassVar[int] = 2
-    """2: randomized SVD for small rank budgets (the exact path gives version 1's bytes)."""
+    version: ClassVar[int] = 1
+    """Of the format (parts, decode); the randomized encoder changed neither (pack step v2)."""
     Params: ClassVar[type[CodecParams]] = LowRankParams
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
