@@ -42,10 +42,15 @@ def ordered_map(
             ):
                 future, done_cost = pending.popleft()
                 in_flight -= done_cost
-                yield future.result()
+                result = future.result()
+                del future  # only the consumer holds a finished tensor
+                yield result
+                del result
             pending.append((pool.submit(fn, item), c))
             in_flight += c
         while pending:
-            yield pending.popleft()[0].result()
+            result = pending.popleft()[0].result()
+            yield result
+            del result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

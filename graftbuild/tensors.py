@@ -310,6 +310,7 @@ def write_model_weights(
         for _ in shard:
             name, tensor = next(tensors)
             writer.write(name, tensor)
+            del tensor  # not alive while the next one is computed
         writer.close()
         written.append(out / fname)
     if n > 1:

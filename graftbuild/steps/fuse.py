@@ -70,6 +70,7 @@ class FuseStep:
                     )
                     for item in work:
                         yield item
+                        del item  # not alive while the next one is computed
                         advance(1)
 
             infos = [base.infos[n] for n in names]

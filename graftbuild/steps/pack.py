@@ -66,6 +66,7 @@ class PackStep:
                 for name, role, codec, params, shape, encoded in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
                     writer.add(name, role, codec, params, shape, dtype, encoded)
+                    del encoded  # not alive while the next one is computed
                     advance(1)
 
 
