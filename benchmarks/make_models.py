@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {
     "tiny": {"hidden": 64, "inter": 176, "layers": 2, "vocab": 1000},
+    "small": {"hidden": 512, "inter": 1408, "layers": 8, "vocab": 32000},
     "0.7gb": {"hidden": 1024, "inter": 2816, "layers": 8, "vocab": 32000},
     "2gb": {"hidden": 2048, "inter": 5632, "layers": 7, "vocab": 32000},
     "3gb": {"hidden": 1024, "inter": 2816, "layers": 54, "vocab": 32000},

@@ -21,10 +21,12 @@ class FuseStep:
         from contextlib import ExitStack
 
         from graftbuild.fusion import get_strategy
+        from graftbuild.memory import release_freed_tensors
         from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackReader
         from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
 
+        release_freed_tensors()
         cfg = ctx.config
         device = ctx.settings.device
         strategy = get_strategy(cfg["strategy"])

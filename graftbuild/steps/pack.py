@@ -23,10 +23,12 @@ class PackStep:
         import torch
 
         from graftbuild.compress.roles import classify
+        from graftbuild.memory import release_freed_tensors
         from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackWriter, encode_tensor
         from graftbuild.tensors import ModelWeights
 
+        release_freed_tensors()
         profile = ctx.config["profile"]
         device = ctx.settings.device
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
