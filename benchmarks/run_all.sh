@@ -9,6 +9,7 @@ ROOT=${ROOT:-/tmp/gb-bench}
 PY=${PY:-/work/main/.venv/bin/python}
 export PYTHONPATH="$(cd .. && pwd)" OMP_WAIT_POLICY=PASSIVE
 mkdir -p results "$ROOT"
+trap 'rm -rf "$ROOT"' EXIT  # the big generated files never outlive a run
 [ $# -gt 0 ] || set -- fuse07 noop fuse3
 for what in "$@"; do
   case $what in
@@ -21,7 +22,8 @@ for what in "$@"; do
       $PY bench_noop.py "$ROOT/noop" --reps 7 --results results/noop_2gb.json --clean ;;
     fuse3)
       $PY make_models.py "$ROOT/m3" --size 3gb
-      $PY bench_fuse.py "$ROOT/m3" --work "$ROOT/f3" --results results/fuse_3gb.json --clean
+      $PY bench_fuse.py "$ROOT/m3" --work "$ROOT/f3" --results results/fuse_3gb.json --clean \
+        --skip-compressed
       rm -rf "$ROOT/m3" ;;
     *) echo "unknown benchmark $what" >&2; exit 2 ;;
   esac
