@@ -46,8 +46,9 @@ def test_error_within_tolerance_of_the_exact_svd(m: int, n: int, seed: int) -> N
 
 
 def test_chosen_only_when_the_budget_is_small() -> None:
-    assert use_randomized((1024, 4096), 128)
-    assert not use_randomized((1024, 4096), 129)
+    k = 1024 // RANDOMIZED_MIN_RATIO
+    assert use_randomized((1024, 4096), k)
+    assert not use_randomized((1024, 4096), k + 1)
     assert not use_randomized((4096,), 1)
 
 

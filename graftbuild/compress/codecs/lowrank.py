@@ -4,7 +4,7 @@ The rank is fixed (``rank``) or the smallest k whose energy ``Σ_{i≤k} σ_i²`
 ``energy · Σ_i σ_i²``, capped by ``max_rank`` and by ``min(m, n)``.
 
 When the largest rank that can come out (``rank``, or ``max_rank``) is small against the matrix
-(``k ≤ min(m, n) / 8``), a randomized SVD of that rank replaces the full one: the
+(``k ≤ min(m, n) / 16``), a randomized SVD of that rank replaces the full one: the
 total energy ``Σ σ_i² = ‖Δ‖_F²`` needs no spectrum, so energy selection works on the top ``k``
 values too. Otherwise (energy selection without a cap) the exact SVD runs, bytes as before.
 
