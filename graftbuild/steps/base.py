@@ -21,6 +21,12 @@ class BuildSettings:
     jobs: int = 1
     """Tensors processed at once inside a pack or fuse node (``-j``); never changes bytes."""
 
+    @property
+    def threads(self) -> int | None:
+        """Formerly ``-j`` as torch threads; now None (torch's default). Kept so that steps
+        still calling ``set_threads(ctx.settings.threads)`` work unchanged."""
+        return None
+
 
 @dataclass
 class StepContext:
