@@ -70,7 +70,7 @@ def setup(work: Path) -> None:
     (work / "dvc.yaml").write_text(DVC_YAML.format(python=PYTHON))
     (work / ".dvcignore").write_text("cache/\nout/packs/\n")
     if not (work / ".dvc").is_dir():
-        subprocess.run(competitor("dvc", "init", "--no-scm", "-q"), cwd=work, check=True)
+        subprocess.run(competitor("dvc", "init", "--no-scm", "-f", "-q"), cwd=work, check=True)
         subprocess.run(competitor("dvc", "config", "core.analytics", "false"), cwd=work, check=True)
 
 

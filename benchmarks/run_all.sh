@@ -5,7 +5,7 @@
 #   sh benchmarks/run_all.sh [fuse07|noop|fuse3] ...
 set -eu
 cd "$(dirname "$0")"
-ROOT=${ROOT:-/tmp/gb-bench}
+ROOT=${ROOT:-/tmp/issue5-bench}
 PY=${PY:-/work/main/.venv/bin/python}
 export PYTHONPATH="$(cd .. && pwd)" OMP_WAIT_POLICY=PASSIVE
 mkdir -p results "$ROOT"
