@@ -1,3 +1,3 @@
-from graftbuild.cli import main
+from graftbuild.entry import main
 
 main()

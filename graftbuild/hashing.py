@@ -17,7 +17,7 @@ from typing import Any
 
 import xxhash
 
-CHUNK = 1 << 23  # 8 MiB reads: large enough to run at memory/disk speed
+CHUNK = 1 << 20  # 1 MiB reads: the copy stays in cache for the hash (8 MiB ran ~1.5x slower here)
 
 
 def hash_bytes(data: bytes) -> str:
@@ -36,6 +36,8 @@ def hash_obj(obj: Any) -> str:
 def hash_file(path: Path) -> str:
     h = xxhash.xxh3_128()
     with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):  # a larger read-ahead for cold files
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -45,6 +47,11 @@ def hash_file(path: Path) -> str:
 
 def _signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def signature(path: str | Path) -> list[int]:
+    """(size, mtime_ns, ctime_ns, inode) of a file or folder: what the stat cache trusts."""
+    return _signature(os.stat(path))
 
 
 def is_tracked(rel: str) -> bool:
@@ -57,10 +64,19 @@ def is_tracked(rel: str) -> bool:
     return not any(p.startswith(".") for p in parts) and not rel.endswith(".md")
 
 
-def iter_files(root: Path, keep: Callable[[str], bool] = is_tracked) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of the regular files under ``root``, sorted, filtered."""
+def iter_files(
+    root: Path,
+    keep: Callable[[str], bool] = is_tracked,
+    on_dir: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of the regular files under ``root``, sorted, filtered.
+
+    ``on_dir`` is called with every folder walked (the no-op record watches them: a file added
+    to a folder changes the folder's mtime)."""
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if on_dir is not None:
+            on_dir(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             p = Path(dirpath) / name
@@ -87,12 +103,14 @@ class StatCache:
     """Maps an absolute path to (stat signature, hash); persisted as JSON in the cache folder.
 
     ``hashed`` lists the files actually read during this process: tests use it to show that a
-    no-op build reads no weight file.
+    no-op build reads no weight file. ``seen`` maps every file and folder looked at to the stat
+    signature its hash was taken under (graftbuild/noop.py records them for the next run).
     """
 
     path: Path | None = None
     entries: dict[str, list[Any]] = field(default_factory=dict)
     hashed: list[Path] = field(default_factory=list)
+    seen: dict[str, list[int]] = field(default_factory=dict)
     dirty: bool = False
 
     @classmethod
@@ -108,6 +126,7 @@ class StatCache:
         st = path.stat()
         sig = _signature(st)
         key = str(path)
+        self.seen[key] = sig
         hit = self.entries.get(key)
         if hit is not None and hit[0] == sig:
             return hit[1]
@@ -125,8 +144,12 @@ class StatCache:
         self.dirty = True
 
     def tree(self, root: Path, keep: Callable[[str], bool] = is_tracked) -> TreeHash:
-        files = {rel: self.file(p) for rel, p in iter_files(root, keep)}
+        files = {rel: self.file(p) for rel, p in iter_files(root, keep, self._saw_dir)}
         return TreeHash(combine(files), files)
+
+    def _saw_dir(self, folder: str) -> None:
+        path = os.path.abspath(folder)
+        self.seen[path] = signature(path)
 
     def input_hash(self, path: Path) -> TreeHash:
         """Hash of a declared input: a single file or a folder."""

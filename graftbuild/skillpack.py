@@ -29,7 +29,7 @@ from safetensors import safe_open
 from graftbuild.compress.codecs import Encoded, get_codec, parse_spec
 from graftbuild.compress.roles import ROLES
 from graftbuild.errors import UserError
-from graftbuild.tensors import ST_ITEMSIZE, torch_dtype_to_st
+from graftbuild.tensors import ST_ITEMSIZE, TensorFile, torch_dtype_to_st
 
 if TYPE_CHECKING:
     import torch
@@ -250,8 +250,12 @@ class PackReader:
             self._f: Any = safe_open(str(self.path), framework="pt")
         except Exception as exc:  # safetensors raises its own error type for a bad header
             raise UserError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        self._raw: TensorFile | None = None
         try:
             self._load_metadata()
+            # Parts are read with pread, not through safe_open's memory map: a pack as large as
+            # the model would otherwise count, page by page, as this process's memory.
+            self._raw = TensorFile(self.path)
         except BaseException:
             self.close()
             raise
@@ -327,7 +331,8 @@ class PackReader:
         entry = self._entry(name)
         codec = self._codec(name, entry)
         shape = tuple(int(d) for d in entry["shape"])
-        parts = {p: self._f.get_tensor(part_key(name, p)) for p in entry["parts"]}
+        assert self._raw is not None
+        parts = {p: self._raw.read(part_key(name, p)) for p in entry["parts"]}
         out = codec.decode(parts, entry.get("meta", {}), shape)
         if tuple(out.shape) != shape:
             raise UserError(
@@ -375,6 +380,9 @@ class PackReader:
         if getattr(self, "_f", None) is not None:
             self._f.__exit__(None, None, None)
         self._f = None
+        if getattr(self, "_raw", None) is not None:
+            self._raw.close()  # type: ignore[union-attr]
+        self._raw = None
 
     def __enter__(self) -> PackReader:
         return self

@@ -1,8 +1,12 @@
 """Model folders and streaming safetensors I/O.
 
-Reading goes through safetensors' memory map one tensor at a time; writing streams tensors into
-(possibly sharded) files whose headers are laid out in advance, so neither side ever holds a whole
-model. Weights are read from safetensors only: pickle formats are refused, never loaded.
+Reading takes one tensor at a time straight from the file (``pread`` at the offsets the header
+gives, into the tensor's own buffer); writing streams tensors into (possibly sharded) files whose
+headers are laid out in advance, so neither side ever holds a whole model. Reading with ``pread``
+rather than through a memory map keeps the process's resident memory to the tensors in hand: a
+mapped file's touched pages count as the process's own (RSS) until it is unmapped, so reading a
+whole model through a map looks like holding it. Weights are read from safetensors only: pickle
+formats are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,6 +149,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors code, e.g. "F32"
     file: Path
+    offsets: tuple[int, int] = (0, 0)
+    """Byte range in the file's data section (for tensors read from a file)."""
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +160,64 @@ class TensorInfo:
         return n
 
 
+class TensorFile:
+    """One safetensors file opened for ``pread``: thread-safe, no memory map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self.infos: dict[str, TensorInfo] = {}
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        self._start = 8 + n
+        for name, entry in self.header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = tuple(int(d) for d in entry["shape"])
+                info = TensorInfo(name, shape, entry["dtype"], self.path, (begin, end))
+                ok = 0 <= begin <= end <= size - self._start and end - begin == info.nbytes
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                self.close()
+                raise UserError(f"{self.path}: tensor {name!r} has a corrupt header entry")
+            self.infos[name] = info
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.get("__metadata__") or {}
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor with the stored bytes of ``name``."""
+        import torch
+
+        info = self.infos[name]
+        begin, end = info.offsets
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            k = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+            if k <= 0:
+                raise UserError(f"{self.path}: file truncated while reading tensor {name!r}")
+            got += k
+        try:
+            dtype = st_to_torch_dtype(info.dtype)
+        except KeyError:
+            raise UserError(
+                f"{self.path}: tensor {name!r}: unsupported dtype {info.dtype}"
+            ) from None
+        return buf.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class ModelWeights:
     """Lazy, memory-mapped access to a model folder's tensors, one at a time."""
 
@@ -162,15 +225,19 @@ class ModelWeights:
         self.folder = Path(folder)
         self.files = weight_files(self.folder)
         self.infos: dict[str, TensorInfo] = {}
-        for f in self.files:
-            for name, entry in read_header(f).items():
-                if name == "__metadata__":
-                    continue
-                if name in self.infos:
-                    raise UserError(f"{self.folder}: tensor {name!r} appears in two weight files")
-                self.infos[name] = TensorInfo(name, tuple(entry["shape"]), entry["dtype"], f)
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, TensorFile] = {}
+        try:
+            for f in self.files:
+                tf = self._handles[f] = TensorFile(f)
+                for name, info in tf.infos.items():
+                    if name in self.infos:
+                        raise UserError(
+                            f"{self.folder}: tensor {name!r} appears in two weight files"
+                        )
+                    self.infos[name] = info
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> ModelWeights:
         return self
@@ -179,7 +246,8 @@ class ModelWeights:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        for tf in self._handles.values():
+            tf.close()
         self._handles.clear()
 
     def names(self) -> list[str]:
@@ -190,20 +258,9 @@ class ModelWeights:
         return name in self.infos
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """A fresh CPU tensor (safe to call from several threads at once)."""
         info = self.infos[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"{info.file}: cannot read safetensors file ({e})") from None
-            self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise UserError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+        return self._handles[info.file].read(name)
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> None:
@@ -258,7 +315,7 @@ class SafetensorsStreamWriter:
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
-        self._f.write(data.numpy().tobytes())
+        self._f.write(memoryview(data.numpy()))  # no intermediate bytes copy
 
     def close(self) -> None:
         if self._expected:
@@ -292,6 +349,7 @@ def write_model_weights(
         for _ in shard:
             name, tensor = next(tensors)
             writer.write(name, tensor)
+            del tensor  # not alive while the next one is computed
         writer.close()
         written.append(out / fname)
     if n > 1:

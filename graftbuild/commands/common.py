@@ -11,25 +11,20 @@ from rich.console import Console
 if TYPE_CHECKING:
     from graftbuild.scheduler import Scheduler
 
-DEFAULT_RECIPE = "graftbuild.toml"
+from graftbuild.entry import DEFAULT_RECIPE, split_args
+
+__all__ = ["DEFAULT_RECIPE", "console", "open_scheduler", "recipe_options", "split_args"]
 
 
 def console(stderr: bool = False, quiet: bool = False) -> Console:
     return Console(stderr=stderr, quiet=quiet, emoji=False, highlight=False)
 
 
-def split_args(args: tuple[str, ...]) -> tuple[Path, list[str]]:
-    """``[RECIPE] [TARGET...]``: the first argument is the recipe if it looks like one."""
-    if args and (args[0].endswith(".toml") or Path(args[0]).is_file()):
-        return Path(args[0]), list(args[1:])
-    return Path(DEFAULT_RECIPE), list(args)
-
-
 def open_scheduler(
     recipe_path: Path,
     cache: Path | None,
     device: str = "cpu",
-    jobs: int | None = None,
+    jobs: int = 1,
     quiet: bool = False,
     pull: bool = True,
     push: bool = True,
@@ -51,7 +46,7 @@ def open_scheduler(
         remote = Remote(
             recipe.project.remote, reporter.log, strict=strict_remote, pull=pull, push=push
         )
-    settings = BuildSettings(device=device, threads=jobs)
+    settings = BuildSettings(device=device, jobs=jobs)
     return Scheduler(recipe, store, settings, reporter, remote)
 
 

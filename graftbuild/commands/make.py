@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from graftbuild import noop
 from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
 from graftbuild.errors import UserError
 
@@ -18,7 +19,14 @@ from graftbuild.errors import UserError
 @click.command()
 @recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tensors processed in parallel inside a pack or fuse node (same bytes for any -j).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
 @click.option(
     "--locked",
@@ -36,7 +44,7 @@ def make(
     cache: Path | None,
     as_json: bool,
     device: str,
-    jobs: int | None,
+    jobs: int,
     quiet: bool,
     locked: bool,
     no_pull: bool,
@@ -59,6 +67,7 @@ def make(
     from graftbuild.executors import EXECUTORS
 
     runner = EXECUTORS[executor](address, keep_going) if executor == "ray" else None
+    recipe_bytes = forget_last_build(sched, targets)
     result = sched.make(targets or None, runner, locked=locked)
     out = console(stderr=as_json, quiet=quiet)
     print_summary(out, sched, result)
@@ -85,6 +94,8 @@ def make(
             err=True,
         )
         sys.exit(1)
+    # only a build that passed its gates may be answered by the no-op fast path next time
+    record_build(sched, recipe_bytes, targets, result, [g.to_json() for g in gates])
 
 
 def print_gates(out: Console, gates: list[Any]) -> None:
@@ -94,6 +105,42 @@ def print_gates(out: Console, gates: list[Any]) -> None:
     for g in gates:
         table.add_row(g.describe(), "[green]pass[/]" if g.passed else "[red]FAIL[/]")
     out.print(table)
+
+
+def forget_last_build(sched: Any, targets: list[str]) -> bytes:
+    """Void the no-op record before building; returns the recipe bytes this build uses."""
+    recipe = sched.recipe.path
+    recipe_bytes = recipe.read_bytes()
+    noop.forget(sched.store.root, recipe, targets)
+    return recipe_bytes
+
+
+def record_build(
+    sched: Any, recipe_bytes: bytes, targets: list[str], result: Any, gates: list[dict]
+) -> None:
+    """Write the record that lets the next no-op ``make``/``plan`` stop after a few stats.
+
+    The lockfile is watched too: a deleted or edited lock sends the next make to the planner,
+    which writes it again."""
+    from graftbuild.hashing import signature
+    from graftbuild.lockfile import lock_path
+
+    nodes = [
+        {
+            "id": n.id,
+            "kind": "input" if sched.graph.node(n.id).is_input else "step",
+            "output": str(n.output) if n.output else None,
+            "object": None
+            if sched.graph.node(n.id).is_input or not n.output_hash
+            else str(sched.store.object_path(n.output_hash)),
+        }
+        for n in result.nodes
+    ]
+    seen = dict(sched.store.stat_cache.seen)
+    lock = lock_path(sched.recipe.path)
+    if lock.is_file():
+        seen[str(lock)] = signature(lock)
+    noop.save(sched.store.root, sched.recipe.path, recipe_bytes, targets, seen, nodes, gates)
 
 
 def print_summary(out: Console, sched: Any, result: Any) -> None:

@@ -81,7 +81,7 @@ def verify_build(
     checks: list[NodeCheck] = []
     with tempfile.TemporaryDirectory(prefix="run.", dir=scratch_root) as tmp:
         scratch = Store(Path(tmp))
-        settings = BuildSettings(device=resolve_device(device, reporter), threads=jobs)
+        settings = BuildSettings(device=resolve_device(device, reporter), jobs=jobs or 1)
         sched = Scheduler(recipe, scratch, settings, reporter)
         sched.write_lock = False
         for nid in sched.graph.graph:
@@ -123,7 +123,12 @@ def verify_build(
 @click.command()
 @recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU threads for tensor work.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Tensors processed in parallel in pack and fuse nodes (same bytes for any N).",
+)
 def verify(
     args: tuple[str, ...], cache: Path | None, as_json: bool, device: str, jobs: int | None
 ) -> None:

@@ -69,7 +69,7 @@ def run_step(
                 input_hashes=input_hashes,
                 files={r: Path(p) for r, p in files.items()},
                 out=out,
-                settings=BuildSettings(device=device, threads=threads),
+                settings=BuildSettings(device=device, jobs=threads or 1),
             )
             LocalExecutor().run(step_name, ctx)
             digest = store.commit(out)
@@ -184,7 +184,7 @@ class RayExecutor:
                 for r, d in node.deps.items()
             }
             ref = task.options(
-                num_cpus=settings.threads or 1,
+                num_cpus=settings.jobs,
                 num_gpus=1 if gpu and node.step in GPU_STEPS else 0,
                 max_retries=self.max_retries,
                 name=f"graftbuild:{node.id}",
@@ -197,7 +197,7 @@ class RayExecutor:
                 deps,
                 {r: str(p) for r, p in node.files.items()},
                 settings.device,
-                settings.threads,
+                settings.jobs,
                 remote.url if remote is not None else None,
                 remote is not None and remote.push,
             )

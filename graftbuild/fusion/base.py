@@ -34,3 +34,13 @@ class Strategy(Protocol):
     ) -> torch.Tensor:
         """The fused float32 tensor. ``deltas[i]`` is None where pack i leaves the tensor alone."""
         ...
+
+
+# Optional: a strategy whose result is a left fold over the deltas (``sum``) may also define
+#
+#     def fold(self, acc, delta, weight, params, tensor_name) -> torch.Tensor
+#
+# returning ``acc`` updated with one delta (in place is allowed: the fuse step owns ``acc``,
+# which starts as a fresh float32 copy of the base tensor). The fuse step then decodes one pack's
+# delta at a time, so a tensor's working set is two copies instead of one per pack plus two.
+# It must give the same bytes as ``combine``.

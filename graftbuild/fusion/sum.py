@@ -30,3 +30,14 @@ class SumStrategy:
             if delta is not None:
                 out.add_(delta, alpha=w)
         return out
+
+    def fold(
+        self,
+        acc: torch.Tensor,
+        delta: torch.Tensor,
+        weight: float,
+        params: StrategyParams,
+        tensor_name: str,
+    ) -> torch.Tensor:
+        """The streaming form of ``combine``, one delta at a time, in place (same bytes)."""
+        return acc.add_(delta, alpha=weight)

@@ -18,7 +18,14 @@ class BuildSettings:
     """Execution settings: they change how fast a step runs, not (by design) what it produces."""
 
     device: str = "cpu"
-    threads: int | None = None
+    jobs: int = 1
+    """Tensors processed at once inside a pack or fuse node (``-j``); never changes bytes."""
+
+    @property
+    def threads(self) -> int | None:
+        """Formerly ``-j`` as torch threads; now None (torch's default). Kept so that steps
+        still calling ``set_threads(ctx.settings.threads)`` work unchanged."""
+        return None
 
 
 @dataclass

@@ -17,10 +17,8 @@ class EvalStep:
     version: ClassVar[int] = 1
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.modeling import set_threads
         from graftbuild.textdata import read_examples
 
-        set_threads(ctx.settings.threads)
         cfg = ctx.config
         texts = {d: read_examples(ctx.files[f"data.{d}"], cfg["field"]) for d in cfg["datasets"]}
         results: dict[str, dict[str, dict[str, float]]] = {}

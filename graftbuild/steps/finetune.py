@@ -20,7 +20,7 @@ class FinetuneStep:
     def run(self, ctx: StepContext) -> None:
         import torch
 
-        from graftbuild.modeling import load_causal_lm, load_tokenizer, set_threads
+        from graftbuild.modeling import load_causal_lm, load_tokenizer
         from graftbuild.tensors import (
             ModelWeights,
             TensorInfo,
@@ -32,7 +32,6 @@ class FinetuneStep:
 
         cfg = ctx.config["train"]
         base_dir = ctx.inputs["base"]
-        set_threads(ctx.settings.threads)
         torch.manual_seed(cfg["seed"])
         tok = load_tokenizer(base_dir)
         data = token_chunks(

@@ -21,14 +21,17 @@ class FuseStep:
         from contextlib import ExitStack
 
         from graftbuild.fusion import get_strategy
-        from graftbuild.modeling import set_threads
+        from graftbuild.memory import release_freed_tensors
+        from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackReader
         from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
 
-        set_threads(ctx.settings.threads)
+        release_freed_tensors()
         cfg = ctx.config
+        device = ctx.settings.device
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
+        fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
@@ -44,17 +47,32 @@ class FuseStep:
                     raise BuildError(f"{ctx.node_id}: pack tensors not in the base: {extra[:5]}")
             names = base.names()
 
-            def fused() -> Iterator[tuple[str, torch.Tensor]]:
+            def fuse_one(name: str) -> tuple[str, torch.Tensor]:
+                """One fused tensor (runs on a -j worker; reads only this tensor's inputs)."""
                 import torch
 
+                b = base.get(name)
+                acc = b.to(device=device, dtype=torch.float32)
+                if fold is not None:
+                    # One delta in memory at a time. ``acc`` is ours to overwrite: a fresh read
+                    # (or its converted copy); never the base's own storage elsewhere.
+                    for r, w in zip(readers, cfg["weights"], strict=True):
+                        if name in r.entries:
+                            acc = fold(acc, r.decode(name).to(device), w, params, name)
+                    return name, acc.to(device="cpu", dtype=b.dtype)
+                deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
+                out = strategy.combine(acc, deltas, cfg["weights"], params, name)
+                return name, out.to(device="cpu", dtype=b.dtype)
+
+            def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
-                    for name in names:
-                        b = base.get(name)
-                        deltas = [r.decode(name) if name in r.entries else None for r in readers]
-                        out = strategy.combine(
-                            b.to(torch.float32), deltas, cfg["weights"], params, name
-                        )
-                        yield name, out.to(b.dtype)
+                    sizes = {n: base.infos[n].nbytes for n in names}
+                    work = ordered_map(
+                        fuse_one, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
+                    )
+                    for item in work:
+                        yield item
+                        del item  # not alive while the next one is computed
                         advance(1)
 
             infos = [base.infos[n] for n in names]

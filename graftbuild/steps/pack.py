@@ -1,6 +1,7 @@
 """``pack``: a source's delta against the base, compressed module by module into a SkillPack.
 
-Streams: one tensor of the base and one of the source are in memory at a time.
+Streams: each ``-j`` worker holds one tensor of the base and one of the source at a time, and
+parts are written in name order whatever order the workers finish in.
 """
 
 from __future__ import annotations
@@ -21,23 +22,26 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 class PackStep:
     name: ClassVar[str] = "pack"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: lowrank encodes small rank budgets with a randomized SVD
 
     def run(self, ctx: StepContext) -> None:
+        import torch
+
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
-        from graftbuild.modeling import set_threads
+        from graftbuild.memory import release_freed_tensors
+        from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackWriter, encode_tensor
         from graftbuild.tensors import ModelWeights
 
-        set_threads(ctx.settings.threads)
+        release_freed_tensors()
         profile = ctx.config["profile"]
         device = ctx.settings.device
         # A chained source's delta is taken against its parent's grafted model (``parent``); the
         # header still names the root base (what fusing adds it to) and records the parent.
         reference = "parent" if "parent" in ctx.inputs else "base"
         cal = profile.get("calibration")
-        hessians = {}
+        hessians: dict[str, Any] = {}
         if cal is not None:
             from graftbuild.compress.calibration import collect_statistics
 
@@ -62,27 +66,48 @@ class PackStep:
         ):
             check_same_layout(base, src)
             note_dtype_differences(base, src, ctx)
+            names = base.names()
+            for name in names:
+                if base.infos[name].dtype not in _DTYPE_NAMES:
+                    raise UserError(
+                        f"{base.folder}: tensor {name!r} has non-float dtype "
+                        f"{base.infos[name].dtype}"
+                    )
             specs = {
                 name: profile[classify(name, len(base.infos[name].shape), profile["roles"])]
-                for name in base.names()
+                for name in names
             }
             if profile.get("budget") is not None:
                 specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
                 header["budget"] = profile["budget"]
+
+            def encode(name: str) -> tuple:
+                """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
+                b = base.get(name).to(device=device, dtype=torch.float32)
+                delta = src.get(name).to(device=device, dtype=torch.float32) - b
+                del b
+                if not torch.isfinite(delta).all():
+                    raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
+                role = classify(name, delta.ndim, profile["roles"])
+                calibration = None
+                h = hessians.get(name)
+                if h is not None and h.ndim == 2 and specs[name]["method"] == "mixed":
+                    calibration = Calibration(h, cal["damp"], cal["act_order"])
+                codec, params, encoded = encode_tensor(delta, specs[name], calibration)
+                return name, role, codec, params, tuple(delta.shape), encoded
+
             with (
                 PackWriter(ctx.out / PACK_FILE, header) as writer,
-                ctx.progress.task(f"pack {ctx.node_id}", len(specs)) as advance,
+                ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance,
             ):
-                for name, dtype, delta in iter_deltas(base, src):
-                    role = classify(name, delta.ndim, profile["roles"])
-                    calibration = None
-                    h = hessians.get(name)
-                    if h is not None and h.ndim == 2 and specs[name]["method"] == "mixed":
-                        calibration = Calibration(h, cal["damp"], cal["act_order"])
-                    codec, params, encoded = encode_tensor(
-                        delta.to(device), specs[name], calibration
-                    )
-                    writer.add(name, role, codec, params, tuple(delta.shape), dtype, encoded)
+                sizes = {n: base.infos[n].nbytes for n in names}
+                work = ordered_map(
+                    encode, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
+                )
+                for name, role, codec, params, shape, encoded in work:
+                    dtype = _DTYPE_NAMES[base.infos[name].dtype]
+                    writer.add(name, role, codec, params, shape, dtype, encoded)
+                    del encoded  # not alive while the next one is computed
                     advance(1)
 
 

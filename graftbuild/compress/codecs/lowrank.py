@@ -3,6 +3,11 @@
 The rank is fixed (``rank``) or the smallest k whose energy ``Σ_{i≤k} σ_i²`` reaches
 ``energy · Σ_i σ_i²``, capped by ``max_rank`` and by ``min(m, n)``.
 
+When the largest rank that can come out (``rank``, or ``max_rank``) is small against the matrix
+(``k ≤ min(m, n) / 16``), a randomized SVD of that rank replaces the full one: the
+total energy ``Σ σ_i² = ‖Δ‖_F²`` needs no spectrum, so energy selection works on the top ``k``
+values too. Otherwise (energy selection without a cap) the exact SVD runs, bytes as before.
+
 Parts: ``a`` = ``U_k diag(σ_k)`` (m × k) and ``b`` = ``V_kᵀ`` (k × n), both in ``dtype``.
 Decode: ``a @ b`` in float32.
 
@@ -23,8 +28,10 @@ from graftbuild.compress.codecs._common import (
     as_float32,
     expect_params,
     numel,
+    randomized_svd,
     svd,
     torch_dtype,
+    use_randomized,
 )
 from graftbuild.compress.codecs.base import CodecParams, Encoded
 from graftbuild.compress.codecs.exact import FALLBACK, decode_exact, encode_exact
@@ -55,49 +62,65 @@ class LowRankParams(CodecParams):
         return self
 
 
-def energy_rank(s: torch.Tensor, energy: float) -> int:
-    """Smallest k with ``Σ_{i≤k} σ_i² ≥ energy · Σ σ²`` (1 for an all-zero spectrum)."""
+def energy_rank(s: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """Smallest k with ``Σ_{i≤k} σ_i² ≥ energy · total`` (1 for an all-zero spectrum).
+
+    ``total`` defaults to ``Σ σ²`` (a full spectrum); given a leading part of the spectrum, pass
+    ``‖Δ‖_F²``: if the leading part does not reach the target, all of it is used."""
     import torch
 
     e = s.to(torch.float64) ** 2
     cum = torch.cumsum(e, dim=0)
-    total = float(cum[-1])
-    if total <= 0.0:
+    total = float(cum[-1]) if total is None else total
+    if total <= 0.0 or not s.numel():
         return 1
     k = int(torch.searchsorted(cum, torch.tensor([energy * total], dtype=torch.float64))[0]) + 1
     return min(k, s.numel())
 
 
-def energy_fraction(s: torch.Tensor, k: int) -> float:
+def energy_fraction(s: torch.Tensor, k: int, total: float | None = None) -> float:
     """Share of the squared spectrum in the first ``k`` components, rounded for metadata."""
     import torch
 
     e = s.to(torch.float64) ** 2
-    total = float(e.sum())
-    return 1.0 if total <= 0.0 else round(float(e[:k].sum()) / total, 6)
+    total = float(e.sum()) if total is None else total
+    return 1.0 if total <= 0.0 else round(min(1.0, float(e[:k].sum()) / total), 6)
 
 
 class LowRankCodec:
     name: ClassVar[str] = "lowrank"
     version: ClassVar[int] = 1
+    """Of the format (parts, decode); the randomized encoder changed neither (pack step v2)."""
     Params: ClassVar[type[CodecParams]] = LowRankParams
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
+        import torch
+
         params = expect_params(params, LowRankParams)
         x = as_float32(delta)
         if x.ndim != 2 or min(x.shape) == 0:
             return encode_exact(x, {"fallback": FALLBACK})
         m, n = x.shape
-        u, s, vh = svd(x)
+        budget = params.rank if params.rank is not None else params.max_rank
+        total: float | None = None
+        if budget is not None and use_randomized((m, n), budget):
+            u, s, vh = randomized_svd(x, budget)
+            total = float(x.to(torch.float64).square().sum())
+        else:
+            u, s, vh = svd(x)
         s_cpu = s.cpu()
-        k = params.rank if params.rank is not None else energy_rank(s_cpu, params.energy or 0.9)
+        k = (
+            params.rank
+            if params.rank is not None
+            else energy_rank(s_cpu, params.energy or 0.9, total)
+        )
         k = min(k, s.numel(), params.max_rank or k)
         if k * (m + n) * DTYPE_NBYTES[params.dtype] > 4 * m * n:
             return encode_exact(x, {"fallback": FALLBACK})
         dtype = torch_dtype(params.dtype)
         a = (u[:, :k] * s[:k]).to(dtype).cpu().contiguous()
         b = vh[:k].to(dtype).cpu().contiguous()
-        meta = {"rank": k, "dtype": params.dtype, "energy_kept": energy_fraction(s_cpu, k)}
+        meta = {"rank": k, "dtype": params.dtype, "energy_kept": energy_fraction(s_cpu, k, total)}
         return Encoded({"a": a, "b": b}, meta)
 
     def decode(

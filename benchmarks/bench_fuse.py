@@ -1,0 +1,184 @@
+"""(c) fusing two sources: graftbuild ``sum`` (exact codec) against mergekit
+``task_arithmetic``, wall time and peak RSS, plus the same fuse from compressed packs; (d) the
+pack build's peak RSS (run this at two model sizes and compare).
+
+    python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
+    python benchmarks/bench_fuse.py /tmp/gb-bench/m07 --work /tmp/gb-bench/f07
+
+Both tools read the same three model folders and write float32 output. mergekit runs with its
+defaults (CPU). graftbuild runs its whole pipeline from the raw models (pack x, pack y, fuse) in
+one cold ``make``; then the fuse alone (packs cached) and the packs alone. The exact-codec fused
+model must equal mergekit's output to float tolerance (a correctness check, done tensor by
+tensor here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from common import Run, competitor, graftbuild, timed
+
+WEIGHTS = {"x": 1.0, "y": 0.5}
+
+RECIPE = """
+[project]
+name = "fuse-bench"
+cache = "cache"
+
+[base]
+path = "{models}/base"
+
+[compression.exact]
+embed = "exact"
+head = "exact"
+attn = "exact"
+mlp = "exact"
+
+[compression.compressed]
+embed = {{ method = "prune", keep = 0.1 }}
+head = {{ method = "prune", keep = 0.1 }}
+attn = {{ method = "lowrank", energy = 0.9, max_rank = 32 }}
+mlp = {{ method = "lowrank", energy = 0.9, max_rank = 32 }}
+
+[sources.x]
+path = "{models}/x"
+compression = "{profile}"
+
+[sources.y]
+path = "{models}/y"
+compression = "{profile}"
+
+[[fuse]]
+name = "fused"
+packs = ["x", "y"]
+weights = {{ x = {wx}, y = {wy} }}
+"""  # + shard_size
+
+MERGEKIT = """merge_method: task_arithmetic
+base_model: {models}/base
+models:
+  - model: {models}/x
+    parameters:
+      weight: {wx}
+  - model: {models}/y
+    parameters:
+      weight: {wy}
+dtype: float32
+"""
+
+
+def write_recipe(work: Path, models: Path, profile: str, shard_size: int = 2**40) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / "graftbuild.toml"
+    text = RECIPE.format(models=models, profile=profile, wx=WEIGHTS["x"], wy=WEIGHTS["y"])
+    recipe.write_text(text + f"shard_size = {shard_size}\n")
+    return recipe
+
+
+def graftbuild_pipeline(
+    models: Path, work: Path, profile: str, jobs: int, end_to_end: bool
+) -> dict[str, Run]:
+    """``end_to_end``: one cold ``make`` (packs and fuse in one process) first. Then the fuse
+    alone (a new shard size changes only the fuse's key; the bytes stay the same) and the packs
+    alone in a fresh cache (their peak RSS, for (d))."""
+    j = ["-j", str(jobs)]
+    runs: dict[str, Run] = {}
+    recipe = write_recipe(work, models, profile)
+    if end_to_end:
+        runs["end_to_end"] = timed(
+            f"graftbuild make, cold ({profile}: pack x, pack y, fuse)",
+            graftbuild("make", str(recipe), *j),
+            work,
+        )
+    # After an end-to-end build the packs are cached: time them again in a scratch cache.
+    scratch = ["--cache", "cache-packs"] if end_to_end else []
+    runs["packs"] = timed(
+        f"graftbuild pack x,y alone ({profile})",
+        graftbuild("make", str(recipe), "pack:x", "pack:y", *scratch, *j),
+        work,
+    )
+    shutil.rmtree(work / "cache-packs", ignore_errors=True)
+    write_recipe(work, models, profile, shard_size=2**40 + 1)
+    runs["fuse"] = timed(
+        f"graftbuild fuse alone from {profile} packs", graftbuild("make", str(recipe), *j), work
+    )
+    return runs
+
+
+def compare(a: Path, b: Path) -> dict[str, float]:
+    """Max absolute and relative difference over all tensors (read one at a time)."""
+    import torch
+
+    from graftbuild.tensors import ModelWeights
+
+    worst_abs, worst_rel, n = 0.0, 0.0, 0
+    with ModelWeights(a) as wa, ModelWeights(b) as wb:
+        if set(wa.infos) != set(wb.infos):
+            raise SystemExit(f"tensor names differ: {sorted(set(wa.infos) ^ set(wb.infos))[:5]}")
+        for name in wa.names():
+            x, y = wa.get(name).float(), wb.get(name).float()
+            d = (x - y).abs().max().item()
+            worst_abs = max(worst_abs, d)
+            worst_rel = max(worst_rel, d / max(y.abs().max().item(), 1e-30))
+            if not torch.allclose(x, y, rtol=1e-5, atol=1e-6):
+                raise SystemExit(f"{name}: outputs differ beyond float tolerance (max {d})")
+            n += 1
+    return {"tensors": n, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", type=Path, help="folder with base/, x/, y/")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("--results", type=Path)
+    ap.add_argument("--skip-compressed", action="store_true")
+    ap.add_argument("--clean", action="store_true", help="delete --work afterwards")
+    args = ap.parse_args()
+    models, work = args.models.resolve(), args.work.resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    size = sum(f.stat().st_size for f in (models / "base").glob("*.safetensors"))
+
+    cfg = work / "mergekit.yml"
+    cfg.write_text(MERGEKIT.format(models=models, wx=WEIGHTS["x"], wy=WEIGHTS["y"]))
+    mk = timed("mergekit task_arithmetic", competitor("mergekit-yaml", str(cfg), str(work / "mk")))
+    exact = graftbuild_pipeline(models, work / "exact", "exact", args.jobs, end_to_end=True)
+    check = compare(work / "exact" / "out" / "fused" / "fused", work / "mk")
+    shutil.rmtree(work / "mk")  # free the disk before the next pipeline
+    res: dict = {
+        "model_bytes": size,
+        "mergekit": mk.__dict__,
+        "exact": {k: v.__dict__ for k, v in exact.items()},
+        "exact_equals_mergekit": check,
+    }
+    res["ratios_vs_mergekit"] = {
+        "exact_end_to_end_wall": round(exact["end_to_end"].wall_s / mk.wall_s, 3),
+        "exact_end_to_end_peak_rss": round(exact["end_to_end"].peak_rss_mb / mk.peak_rss_mb, 3),
+        "exact_fuse_only_wall": round(exact["fuse"].wall_s / mk.wall_s, 3),
+        "exact_fuse_only_peak_rss": round(exact["fuse"].peak_rss_mb / mk.peak_rss_mb, 3),
+    }
+    shutil.rmtree(work / "exact")
+    if not args.skip_compressed:
+        comp = graftbuild_pipeline(
+            models, work / "compressed", "compressed", args.jobs, end_to_end=False
+        )
+        res["compressed"] = {k: v.__dict__ for k, v in comp.items()}
+        res["ratios_vs_mergekit"] |= {
+            "compressed_fuse_only_wall": round(comp["fuse"].wall_s / mk.wall_s, 3),
+            "compressed_fuse_only_peak_rss": round(comp["fuse"].peak_rss_mb / mk.peak_rss_mb, 3),
+        }
+    print(json.dumps(res, indent=1), flush=True)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(res, indent=1) + "\n")
+    if args.clean:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
