@@ -244,20 +244,9 @@ class Scheduler:
         for node in self.graph.order(targets):
             trace = self.traces.get(node.id)
             if node.is_input:
-                digest, files = self._input_node(node)
-                outputs[node.id] = digest
-                changed = trace is None or trace.get("output") != digest
-                results.append(
-                    NodeResult(
-                        node.id,
-                        "stale" if changed else "fresh",
-                        explain_input(node, files, trace) if changed else [],
-                        output_hash=digest,
-                        action="built" if changed else "reused",
-                        output=node.path,
-                    )
-                )
-                self._save_trace(node, {"output": digest, "files": files})
+                result = self.visit_input(node)
+                outputs[node.id] = result.output_hash  # type: ignore[assignment]
+                results.append(result)
                 continue
             files = self._file_hashes(node)
             deps = {r: outputs[d] for r, d in node.deps.items()}
@@ -311,6 +300,22 @@ class Scheduler:
             )
             self._save_trace(node, {"key": parts.key, "parts": parts.to_json(), "output": digest})
         return MakeResult(results, list(self.store.stat_cache.hashed))
+
+    def visit_input(self, node: Node) -> NodeResult:
+        """Hash a user's folder during make: "built" when its content differs from the last
+        build's (it is what changed), else "reused"; records the trace."""
+        trace = self.traces.get(node.id)
+        digest, files = self._input_node(node)
+        changed = trace is None or trace.get("output") != digest
+        self._save_trace(node, {"output": digest, "files": files})
+        return NodeResult(
+            node.id,
+            "stale" if changed else "fresh",
+            explain_input(node, files, trace) if changed else [],
+            output_hash=digest,
+            action="built" if changed else "reused",
+            output=node.path,
+        )
 
     def _save_trace(self, node: Node, entry: dict[str, Any]) -> None:
         if self.traces.get(node.id) == entry:

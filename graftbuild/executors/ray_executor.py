@@ -120,7 +120,7 @@ class RayExecutor:
         return ray
 
     def make(self, sched: Scheduler, targets: list[str] | None) -> MakeResult:
-        from graftbuild.rebuilder import explain, explain_input, key_parts
+        from graftbuild.rebuilder import explain, key_parts
         from graftbuild.scheduler import MakeResult, NodeResult
         from graftbuild.steps import STEPS
 
@@ -152,18 +152,8 @@ class RayExecutor:
         def start(node: Any) -> None:
             trace = sched.traces.get(node.id)
             if node.is_input:
-                digest, files = sched._input_node(node)
-                outputs[node.id] = digest
-                changed = trace is None or trace.get("output") != digest
-                results[node.id] = NodeResult(
-                    node.id,
-                    "stale" if changed else "fresh",
-                    explain_input(node, files, trace) if changed else [],
-                    output_hash=digest,
-                    action="built" if changed else "reused",
-                    output=node.path,
-                )
-                sched._save_trace(node, {"output": digest, "files": files})
+                results[node.id] = sched.visit_input(node)
+                outputs[node.id] = results[node.id].output_hash
                 return
             files = sched._file_hashes(node)
             deps = {r: outputs[d] for r, d in node.deps.items()}
