@@ -14,6 +14,7 @@ from conftest import REPO
 from helpers import make, scheduler
 
 from graftbuild.cli import main
+from graftbuild.steps.pack import PackStep
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -34,7 +35,7 @@ def test_make_writes_a_stable_lock(path_project: Path) -> None:
     for n in result.nodes:
         assert lock["nodes"][n.id]["output"] == n.output_hash
     pack = lock["nodes"]["pack:x"]
-    assert pack["step"] == "pack@1" and pack["key"] == result.node("pack:x").key
+    assert pack["step"] == f"pack@{PackStep.version}" and pack["key"] == result.node("pack:x").key
     source = result.node("source:x").output_hash
     assert pack["deps"]["source"] == {"node": "source:x", "hash": source}
     assert list(pack["output_files"]) == ["skillpack.safetensors"]

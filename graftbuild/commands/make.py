@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,14 @@ def record_build(
         }
         for n in result.nodes
     ]
-    seen = dict(sched.store.stat_cache.seen)
+    # Inputs keep the signature they had when hashed (a change since must void the record).
+    # Cached object files were verified on use, then hardlinked into outputs, which moves their
+    # ctime: take their signature as it is now.
+    objects = str(sched.store.root / "objects") + os.sep
+    seen = {
+        p: signature(p) if p.startswith(objects) else sig
+        for p, sig in sched.store.stat_cache.seen.items()
+    }
     lock = lock_path(sched.recipe.path)
     if lock.is_file():
         seen[str(lock)] = signature(lock)
