@@ -57,19 +57,23 @@ def part_key(name: str, part: str) -> str:
 
 
 def encode_tensor(
-    delta: torch.Tensor, spec: Mapping[str, Any], calibration: Any = None
+    delta: torch.Tensor,
+    spec: Mapping[str, Any],
+    calibration: Any = None,
+    check_finite: bool = True,
 ) -> tuple[str, dict, Encoded]:
     """(codec name, normalised params with defaults, encoding) of ``delta`` under ``spec``.
 
     The delta is converted to float32 first and the codec computes on its device (parts come
-    back on the CPU); non-finite entries are a ValueError. ``calibration`` (a
+    back on the CPU); non-finite entries are a ValueError (``check_finite=False``: the caller
+    has checked already, one pass over a large tensor saved). ``calibration`` (a
     :class:`~graftbuild.compress.gptq.Calibration`) goes to codecs that take it (``mixed``).
     """
     import torch
 
     codec, params = parse_spec(spec)
     x = delta.detach().to(torch.float32)
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError("the delta has NaN or infinite entries")
     if calibration is not None:
         encoded = codec.encode(x, params, calibration=calibration)  # type: ignore[call-arg]

@@ -93,7 +93,10 @@ class PackStep:
                 h = hessians.get(name)
                 if h is not None and h.ndim == 2 and specs[name]["method"] == "mixed":
                     calibration = Calibration(h, cal["damp"], cal["act_order"])
-                codec, params, encoded = encode_tensor(delta, specs[name], calibration)
+                # finiteness was checked just above, naming the tensor
+                codec, params, encoded = encode_tensor(
+                    delta, specs[name], calibration, check_finite=False
+                )
                 return name, role, codec, params, tuple(delta.shape), encoded
 
             with (
