@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,17 @@ def make_source(
         else:
             out[name] = t + 0.01 * torch.randn(t.shape, generator=g)
     save_model(folder, out, config_from=base_folder)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small matrices gain nothing from threads, and OpenMP spin-waits crawl on a busy box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_recipe(path: Path, body: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -16,14 +15,7 @@ from graftbuild.compress.codecs import CODECS, get_codec, parse_spec
 from graftbuild.compress.quant import dequantize, quantize_rtn
 from graftbuild.compress.quant import n_groups as quant_groups
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small matrices gain nothing from threads, and OpenMP spin-waits crawl on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def structured(m: int, n: int, seed: int, rank: int = 12, noise: float = 0.3) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,7 @@ from graftbuild.compress.quant import dequantize, quantize_rtn, quantize_to_grid
 CALIB = REPO / "recipes" / "quickstart" / "data" / "general.train.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs(n: int, tokens: int, seed: int) -> torch.Tensor:

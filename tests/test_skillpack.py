@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,7 @@ from graftbuild.skillpack import (
 HEADER = {"base": "xxh3:0123", "source": "xxh3:4567", "profile": "default"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small matrices gain nothing from threads, and OpenMP spin-waits crawl on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def delta_matrix(m: int, n: int, seed: int) -> torch.Tensor:

@@ -65,6 +65,19 @@ def resolve_device(device: str, reporter: Any) -> str:
     return device
 
 
+def build_options(f: Any) -> Any:
+    """``--device`` and ``-j/--jobs``: how a build runs (never what it produces)."""
+    f = click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Tensors processed in parallel inside a pack or fuse node (same bytes for any -j).",
+    )(f)
+    return click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")(f)
+
+
 def recipe_options(f: Any) -> Any:
     """``[RECIPE] [TARGET...]``, ``--cache``, ``--json``."""
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")(

@@ -13,21 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from graftbuild import noop
-from graftbuild.commands.common import console, open_scheduler, recipe_options, split_args
+from graftbuild.commands.common import (
+    build_options,
+    console,
+    open_scheduler,
+    recipe_options,
+    split_args,
+)
 from graftbuild.errors import UserError
 
 
 @click.command()
 @recipe_options
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Tensors processed in parallel inside a pack or fuse node (same bytes for any -j).",
-)
+@build_options
 @click.option("-q", "--quiet", is_flag=True, help="Only errors (and --json output).")
 @click.option(
     "--locked",

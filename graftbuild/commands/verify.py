@@ -18,7 +18,13 @@ from typing import Any
 import click
 from rich.table import Table
 
-from graftbuild.commands.common import console, recipe_options, resolve_device, split_args
+from graftbuild.commands.common import (
+    build_options,
+    console,
+    recipe_options,
+    resolve_device,
+    split_args,
+)
 
 
 @dataclass
@@ -122,13 +128,7 @@ def verify_build(
 
 @click.command()
 @recipe_options
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=1),
-    help="Tensors processed in parallel in pack and fuse nodes (same bytes for any N).",
-)
+@build_options
 def verify(
     args: tuple[str, ...], cache: Path | None, as_json: bool, device: str, jobs: int | None
 ) -> None:
