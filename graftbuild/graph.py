@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 
 from graftbuild.errors import UserError
-from graftbuild.recipe import Recipe, ReleaseSpec
+from graftbuild.recipe import BaseSpec, FinetuneSpec, Recipe, ReleaseSpec, TrainSpec
 
 
 @dataclass
@@ -77,42 +77,15 @@ def build_graph(recipe: Recipe) -> BuildGraph:
     out = recipe.project.out or recipe.root / "out"
     nodes: list[Node] = []
 
-    base = recipe.base
-    if base.path is not None:
-        nodes.append(Node("base", "input", path=base.path, labels={"output": "base model changed"}))
-    else:
-        init_id = "base:init" if base.finetune is not None else "base"
-        nodes.append(
-            Node(
-                init_id,
-                "init",
-                config={"seed": base.seed, "dtype": base.dtype},
-                files={"config": base.config, "tokenizer": base.tokenizer},  # type: ignore[dict-item]
-                labels={
-                    "file:config": "base model config changed",
-                    "file:tokenizer": "base tokenizer changed",
-                    "config.seed": "base init seed changed",
-                    "config.dtype": "base dtype changed",
-                },
-                output=out / init_id.replace(":", "-"),
-            )
+    nodes += model_nodes("base", "base:init", recipe.base, out / "base", "base")
+    for tname, teacher in recipe.teachers.items():
+        nodes += model_nodes(
+            f"teacher:{tname}",
+            f"teacher-init:{tname}",
+            teacher,
+            out / "teachers" / tname,
+            f"teacher '{tname}'",
         )
-        if base.finetune is not None:
-            nodes.append(
-                Node(
-                    "base",
-                    "finetune",
-                    config={"train": base.finetune.model_dump(mode="json", exclude={"data"})},
-                    deps={"base": init_id},
-                    files={"data": base.finetune.data},
-                    labels={
-                        "file:data": "base training data changed",
-                        "config.train": "base finetune settings changed",
-                        "dep:base": "base init changed",
-                    },
-                    output=out / "base",
-                )
-            )
 
     for name, src in recipe.sources.items():
         sid = f"source:{name}"
@@ -125,24 +98,18 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                     labels={"output": f"source '{name}' weights changed"},
                 )
             )
-        else:
-            assert src.finetune is not None
-            ft = src.finetune.model_dump(mode="json", exclude={"data"})
+        elif src.finetune is not None:
             nodes.append(
-                Node(
+                text_sft_node(
                     sid,
-                    "finetune",
-                    config={"train": ft},
-                    deps={"base": _start(src.parent)},
-                    files={"data": src.finetune.data},
-                    labels={
-                        "file:data": f"source '{name}' training data changed",
-                        "config.train": f"source '{name}' finetune settings changed",
-                        "dep:base": "base model changed",
-                    },
-                    output=out / "sources" / name,
+                    _start(src.parent),
+                    src.finetune,
+                    out / "sources" / name,
+                    f"source '{name}'",
                 )
             )
+        else:
+            nodes += transfer_nodes(recipe, name, out)
         profile = recipe.profile(src.compression)
         calib = {"calibration": profile.calibration.data} if profile.calibration else {}
         nodes.append(
@@ -150,7 +117,7 @@ def build_graph(recipe: Recipe) -> BuildGraph:
                 f"pack:{name}",
                 "pack",
                 config={"profile": profile.normalised()},
-                deps={"base": "base", "source": sid}
+                deps={"base": "base", "source": recipe.source_model(name)}
                 | ({"parent": _start(src.parent)} if src.parent else {}),
                 files=calib,
                 labels={
@@ -234,6 +201,140 @@ def build_graph(recipe: Recipe) -> BuildGraph:
         cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
         raise UserError(f"{recipe.path}: the recipe's nodes form a cycle: {cycle}")
     return BuildGraph(recipe, g)
+
+
+def model_nodes(node_id: str, init_id: str, spec: BaseSpec, out: Path, what: str) -> list[Node]:
+    """The nodes that make a model declared like the base: an input folder, a seeded init, or a
+    seeded init (``init_id``) then trained on text."""
+    if spec.path is not None:
+        return [Node(node_id, "input", path=spec.path, labels={"output": f"{what} model changed"})]
+    first = init_id if spec.finetune is not None else node_id
+    nodes = [
+        Node(
+            first,
+            "init",
+            config={"seed": spec.seed, "dtype": spec.dtype},
+            files={"config": spec.config, "tokenizer": spec.tokenizer},  # type: ignore[dict-item]
+            labels={
+                "file:config": f"{what} config changed",
+                "file:tokenizer": f"{what} tokenizer changed",
+                "config.seed": f"{what} init seed changed",
+                "config.dtype": f"{what} dtype changed",
+            },
+            output=out.parent / first.replace(":", "-") if first != node_id else out,
+        )
+    ]
+    if spec.finetune is not None:
+        nodes.append(text_sft_node(node_id, first, spec.finetune, out, what))
+    return nodes
+
+
+def train_config(spec: TrainSpec, exclude: set[str] | None = None) -> dict[str, Any]:
+    """A training spec as it goes into a key: unset options left out, so that adding an option
+    later does not change existing keys."""
+    return spec.model_dump(mode="json", exclude=exclude, exclude_none=True)
+
+
+def text_sft_node(node_id: str, start: str, spec: FinetuneSpec, out: Path, what: str) -> Node:
+    """SFT on a text file: the model ``start`` trained by causal LM on every token."""
+    return Node(
+        node_id,
+        "sft",
+        config={
+            "train": train_config(spec, {"data", "field", "seq_len"}),
+            "data": {"kind": "text", "field": spec.field, "seq_len": spec.seq_len},
+        },
+        deps={"base": start},
+        files={"data": spec.data},
+        labels={
+            "file:data": f"{what} training data changed",
+            "config.train": f"{what} finetune settings changed",
+            "config.data": f"{what} data settings changed",
+            "dep:base": f"{start} changed",
+        },
+        output=out,
+    )
+
+
+def transfer_nodes(recipe: Recipe, name: str, out: Path) -> list[Node]:
+    """teach:NAME (the teacher's answers), sft:NAME (the target trained on them) and, when DPO
+    is declared, dpo:NAME; plus the teacher's input node when the teacher is a folder."""
+    t = recipe.sources[name].transfer
+    assert t is not None
+    teacher = recipe.teacher_node(name)
+    nodes = []
+    if t.teacher not in recipe.teachers:
+        nodes.append(
+            Node(
+                teacher,
+                "input",
+                path=recipe.teacher_path(name),
+                labels={"output": f"teacher of '{name}' changed"},
+            )
+        )
+    gen = t.generation.model_dump(mode="json")
+    nodes.append(
+        Node(
+            f"teach:{name}",
+            "teach",
+            config={"generation": gen, "field": t.field},
+            deps={"teacher": teacher},
+            files={"prompts": t.prompts},
+            labels={
+                "file:prompts": f"prompts of '{name}' changed",
+                "config.generation": f"generation settings of '{name}' changed",
+                "config.field": f"prompt field of '{name}' changed",
+                "dep:teacher": f"teacher {teacher} changed",
+            },
+            output=out / "teach" / name,
+        )
+    )
+    start = _start(recipe.sources[name].parent)
+    sft_out = out / "sources" / name / ("sft" if t.dpo is not None else "")
+    nodes.append(
+        Node(
+            f"sft:{name}",
+            "sft",
+            config={
+                "train": train_config(t.sft, {"max_len", "chat_template"}),
+                "data": {
+                    "kind": "pairs",
+                    "max_len": t.sft.max_len,
+                    "chat_template": t.sft.chat_template,
+                },
+            },
+            deps={"base": start, "data": f"teach:{name}"},
+            labels={
+                "config.train": f"SFT settings of '{name}' changed",
+                "config.data": f"SFT data settings of '{name}' changed",
+                "dep:data": f"teacher answers for '{name}' changed",
+                "dep:base": f"{start} changed",
+            },
+            output=sft_out,
+        )
+    )
+    if t.dpo is not None:
+        nodes.append(
+            Node(
+                f"dpo:{name}",
+                "dpo",
+                config={
+                    "train": train_config(t.dpo),
+                    "sft": {"max_len": t.sft.max_len, "chat_template": t.sft.chat_template},
+                    "generation": gen,
+                },
+                deps={"model": f"sft:{name}", "data": f"teach:{name}"},
+                labels={
+                    "config.train": f"DPO settings of '{name}' changed",
+                    "config.sft": f"SFT data settings of '{name}' changed",
+                    "config.generation": f"generation settings of '{name}' changed",
+                    "dep:model": f"sft:{name} changed",
+                    "dep:data": f"teacher answers for '{name}' changed",
+                },
+                output=out / "sources" / name / "dpo",
+            )
+        )
+    return nodes
 
 
 def _start(parent: str | None) -> str:

@@ -29,10 +29,18 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    # transformers 5 builds an empty tokenizer from config.json alone; refuse that up front.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{folder}: no tokenizer in this folder (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False

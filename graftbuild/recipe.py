@@ -66,17 +66,98 @@ class ProjectSpec(Model):
         return v
 
 
-class FinetuneSpec(Model):
-    data: RelPath
-    field: str = "text"
-    """For .jsonl data: the field holding each example's text."""
-    steps: int = Field(gt=0)
+class LoraSpec(Model):
+    """Train LoRA adapters (peft) instead of every weight; they are merged into θ* afterwards,
+    so the pack still sees a full model. Full-parameter training is the default: adapters absorb
+    less of a skill."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainSpec(Model):
+    """What every training run shares (SFT of text or of a teacher's responses, DPO)."""
+
+    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    """Alternative to ``steps``: passes over the data."""
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    seq_len: int = Field(default=64, gt=1)
     seed: int = 0
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
+    lora: LoraSpec | None = None
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give either `steps` or `epochs`")
+        return self
+
+
+class FinetuneSpec(TrainSpec):
+    """Causal-LM training on a text file (one example per line, or jsonl)."""
+
+    data: RelPath
+    field: str = "text"
+    """For .jsonl data: the field holding each example's text."""
+    seq_len: int = Field(default=64, gt=1)
+    """Examples are joined by eos and cut into sequences of this many tokens."""
+
+
+class GenerationSpec(Model):
+    """How the teacher answers the prompts."""
+
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    """0 is greedy decoding."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    samples: int = Field(default=1, gt=0)
+    """Responses per prompt (sampling needs temperature > 0 for them to differ)."""
+    seed: int = 0
+    chat_template: bool = False
+    """Render each prompt with the teacher tokenizer's chat template (it must have one)."""
+    batch_size: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _sampling(self) -> GenerationSpec:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("`samples` > 1 needs `temperature` > 0 (greedy answers are identical)")
+        return self
+
+
+class SftSpec(TrainSpec):
+    """SFT of the target on the teacher's responses (loss on the response tokens only)."""
+
+    max_len: int = Field(default=128, gt=1)
+    """Prompt + response, in target tokens; longer pairs are cut at the end."""
+    chat_template: bool = False
+    """Render prompts with the target tokenizer's chat template (it must have one)."""
+
+
+class DpoSpec(TrainSpec):
+    """DPO after SFT: the teacher's response is chosen, the SFT model's own response to the same
+    prompt rejected; the SFT model is the reference."""
+
+    beta: float = Field(default=0.1, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    length_normalize: bool = False
+    """Average log-probabilities over response tokens (length-normalised DPO, as FuseChat-3.0)."""
+
+
+class TransferSpec(Model):
+    """Teach the target a skill from a teacher of any architecture and tokenizer."""
+
+    teacher: str = Field(min_length=1)
+    """A `[teachers]` name, or a path to a local Hugging Face causal-LM folder (with tokenizer)."""
+    prompts: RelPath
+    field: str = "prompt"
+    """The field of each prompts.jsonl line that holds the prompt."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    sft: SftSpec
+    dpo: DpoSpec | None = None
 
 
 class BaseSpec(Model):
@@ -102,6 +183,7 @@ class BaseSpec(Model):
 class SourceSpec(Model):
     path: RelPath | None = None
     finetune: FinetuneSpec | None = None
+    transfer: TransferSpec | None = None
     compression: str = "default"
     parent: str | None = None
     """A continual chain: this source was fine-tuned from base ⊕ the parent pack (and its own
@@ -109,8 +191,12 @@ class SourceSpec(Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
-        if (self.path is None) == (self.finetune is None):
-            raise ValueError("give either `path` (a model folder) or `finetune = {...}`")
+        given = [k for k in ("path", "finetune", "transfer") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `path` (a model folder), `finetune = {...}` or "
+                "`transfer = {...}`" + (f"; got {given}" if given else "")
+            )
         return self
 
 
@@ -277,6 +363,8 @@ class ReleaseSpec(Model):
 class Recipe(Model):
     project: ProjectSpec
     base: BaseSpec
+    teachers: dict[str, BaseSpec] = Field(default_factory=dict)
+    """Models that teach sources through `transfer`: a folder, or built like the base."""
     compression: dict[str, CompressionProfile] = Field(default_factory=dict)
     sources: dict[str, SourceSpec] = Field(min_length=1)
     fuse: list[FuseSpec] = Field(default_factory=list)
@@ -303,6 +391,7 @@ class Recipe(Model):
                 )
         for name in self.sources:
             self.chain(name)  # raises on a cycle
+        self._check_teachers()
         seen: set[str] = set()
         for i, f in enumerate(self.fuse):
             if f.name in seen:
@@ -333,6 +422,36 @@ class Recipe(Model):
         self._check_releases()
         return self
 
+    def _check_teachers(self) -> None:
+        for name, src in self.sources.items():
+            if src.transfer is None or src.transfer.teacher in self.teachers:
+                continue
+            if name in self.teachers:
+                raise ValueError(
+                    f"sources.{name}.transfer.teacher: a folder teacher gets the node "
+                    f"teacher:{name}, which [teachers.{name}] already names; rename one"
+                )
+
+    def teacher_node(self, source: str) -> str:
+        """The node id of the teacher of a transfer source: ``teacher:NAME`` for a `[teachers]`
+        entry, ``teacher:SOURCE`` for a folder given by path."""
+        t = self.sources[source].transfer
+        assert t is not None
+        return f"teacher:{t.teacher if t.teacher in self.teachers else source}"
+
+    def teacher_path(self, source: str) -> Path:
+        """A folder teacher's path, resolved against the recipe's folder."""
+        t = self.sources[source].transfer
+        assert t is not None and t.teacher not in self.teachers
+        return (self.root / Path(t.teacher).expanduser()).resolve()
+
+    def source_model(self, name: str) -> str:
+        """The node that produces a source's θ*: source:NAME, or sft:/dpo:NAME for transfer."""
+        t = self.sources[name].transfer
+        if t is None:
+            return f"source:{name}"
+        return f"dpo:{name}" if t.dpo is not None else f"sft:{name}"
+
     def _check_releases(self) -> None:
         fuses, evals, seen = {f.name for f in self.fuse}, {e.name for e in self.eval}, set()
         for i, r in enumerate(self.release):
@@ -357,7 +476,11 @@ class Recipe(Model):
 
     def model_ids(self) -> set[str]:
         init = {"base:init"} if self.base.finetune is not None else set()
-        sources = {f"source:{s}" for s in self.sources}
+        sources = {f"source:{s}" for s, v in self.sources.items() if v.transfer is None}
+        for s, v in self.sources.items():
+            if v.transfer is not None:
+                sources |= {f"sft:{s}"} | ({f"dpo:{s}"} if v.transfer.dpo is not None else set())
+                sources.add(self.teacher_node(s))
         fused = {f"fuse:{f.name}" for f in self.fuse if f.strategy != "routed"}
         return {"base"} | init | sources | fused | {f"graft:{p}" for p in self.parents()}
 
@@ -403,6 +526,15 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         (Recipe, "release"): (ReleaseSpec, True),
         (EvalSpec, "gates"): (GateSpec, True),
         (SourceSpec, "finetune"): (FinetuneSpec, False),
+        (SourceSpec, "transfer"): (TransferSpec, False),
+        (TransferSpec, "generation"): (GenerationSpec, False),
+        (TransferSpec, "sft"): (SftSpec, False),
+        (TransferSpec, "dpo"): (DpoSpec, False),
+        (FinetuneSpec, "lora"): (LoraSpec, False),
+        (SftSpec, "lora"): (LoraSpec, False),
+        (DpoSpec, "lora"): (LoraSpec, False),
+        (Recipe, "teachers"): (BaseSpec, True),
+        (BaseSpec, "finetune"): (FinetuneSpec, False),
     }
     cls: type = Recipe
     parts = iter(loc)

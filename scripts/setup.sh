@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python -m pip install --quiet --disable-pip-version-check -e '.[test,remote,ray]'
+python -m pip install --quiet --disable-pip-version-check -e '.[train,test,remote,ray]'

@@ -28,7 +28,7 @@ from graftbuild.errors import BuildError, GraftbuildError, UserError
 if TYPE_CHECKING:
     from graftbuild.scheduler import MakeResult, Scheduler
 
-GPU_STEPS = {"finetune", "pack", "fuse", "eval", "init"}
+GPU_STEPS = {"sft", "teach", "dpo", "pack", "fuse", "eval", "init"}
 """Steps that run on the accelerator when ``--device cuda``: each task asks Ray for one GPU."""
 
 

@@ -27,7 +27,7 @@ DEFAULT_TAGS = ["graftbuild", "graftllm", "merge"]
 BASE_DESC = {
     "input": "a model folder",
     "init": "seeded random init",
-    "finetune": "seeded random init, then trained in the build",
+    "sft": "seeded random init, then trained in the build",
 }
 
 

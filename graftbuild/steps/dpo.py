@@ -1,0 +1,85 @@
+"""``dpo``: preference tuning after SFT, through TRL's DPOTrainer.
+
+For each prompt the teacher's response is *chosen* and the SFT model's own response (generated
+here, with the transfer's generation settings) is *rejected*, as FuseChat-3.0 builds its pairs.
+Pairs where the two agree carry no preference and are dropped. The SFT model is the reference;
+its log-probabilities are computed once before training, so only one model is in memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import ClassVar
+
+from graftbuild.errors import BuildError
+from graftbuild.steps.base import StepContext
+
+
+class DpoStep:
+    name: ClassVar[str] = "dpo"
+    version: ClassVar[int] = 1
+
+    def run(self, ctx: StepContext) -> None:
+        from graftbuild.training import require_trl
+
+        trl = require_trl()
+        from datasets import Dataset
+
+        from graftbuild.generation import generate, read_generations, render_prompt
+        from graftbuild.modeling import load_causal_lm, load_tokenizer
+        from graftbuild.training import (
+            common_args,
+            lora_config,
+            quiet_training,
+            run_trainer,
+            save_like_base,
+            total_steps,
+        )
+
+        train, sft, gen = ctx.config["train"], ctx.config["sft"], ctx.config["generation"]
+        model_dir, device = ctx.inputs["model"], ctx.settings.device
+        source = ctx.node_id.split(":", 1)[1]
+        where = f"sources.{source}.transfer.sft"
+        with quiet_training():
+            tok = load_tokenizer(model_dir)
+            taught = read_generations(ctx.inputs["data"])
+            prompts = list(dict.fromkeys(g["prompt"] for g in taught))
+            texts = {p: render_prompt(tok, p, sft["chat_template"], where) for p in prompts}
+            model = load_causal_lm(model_dir, device)
+            own_gen = gen | {"samples": 1, "temperature": 0.0}  # the SFT model's best guess
+            with ctx.progress.task(f"answer {ctx.node_id}", len(prompts)) as advance:
+                own = generate(model, tok, [texts[p] for p in prompts], own_gen, device, advance)
+            rejected = {p: r[0] for p, r in zip(prompts, own, strict=True)}
+            rows = [
+                {
+                    "prompt": texts[g["prompt"]],
+                    "chosen": g["response"],
+                    "rejected": rejected[g["prompt"]],
+                }
+                for g in taught
+                if g["response"].strip() != rejected[g["prompt"]].strip()
+            ]
+            if not rows:
+                raise BuildError(
+                    f"{ctx.node_id}: the SFT model already gives the teacher's answer to every "
+                    "prompt, so there is no preference to learn; remove `dpo` from the transfer"
+                )
+            ctx.progress.log(f"{ctx.node_id}: {len(rows)} preference pairs of {len(taught)}")
+            with tempfile.TemporaryDirectory(prefix="graftbuild-dpo-") as scratch:
+                args = trl.DPOConfig(
+                    **common_args(train, Path(scratch), device),
+                    beta=train["beta"],
+                    loss_type=["sigmoid_norm" if train["length_normalize"] else "sigmoid"],
+                    max_length=sft["max_len"],
+                    precompute_ref_log_probs=True,
+                )
+                trainer = trl.DPOTrainer(
+                    model=model,
+                    args=args,
+                    train_dataset=Dataset.from_list(rows),
+                    processing_class=tok,
+                    peft_config=lora_config(train),
+                )
+                model = run_trainer(ctx, trainer, total_steps(train, len(rows)))
+            save_like_base(model, model_dir, ctx.out, ctx.node_id)
