@@ -75,6 +75,11 @@ def common_args(train: dict[str, Any], scratch: Path, device: str) -> dict[str, 
         "seed": train["seed"],
         "data_seed": train["seed"],
         "use_cpu": device == "cpu",
+        # TRL defaults to bf16 autocast and gradient checkpointing: on a CPU the first makes
+        # every matmul ~10x slower, and both change the numbers. Train in the model's dtype.
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": False,
         "save_strategy": "no",
