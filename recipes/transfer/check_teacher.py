@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "quickstart"
 
 
-def chunks(tok, lines: list[str], seq_len: int):  # noqa: ANN001, ANN201
+def chunks(tok, lines: list[str], seq_len: int):
     """Lines tokenized, joined by eos, cut into [n, seq_len] (graftbuild.textdata.token_chunks)."""
     import torch
 
@@ -39,7 +39,7 @@ def chunks(tok, lines: list[str], seq_len: int):  # noqa: ANN001, ANN201
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def train(model, data, steps: int, lr: float, batch: int, seed: int) -> float:  # noqa: ANN001
+def train(model, data, steps: int, lr: float, batch: int, seed: int) -> float:
     """The finetune step's loop; returns the mean loss of the last 20 steps."""
     import torch
 
@@ -55,12 +55,12 @@ def train(model, data, steps: int, lr: float, batch: int, seed: int) -> float:  
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tail = (tail + [loss.item()])[-20:]
+        tail = [*tail, loss.item()][-20:]
     model.eval()
     return sum(tail) / len(tail)
 
 
-def heldout_loss(model, tok, lines: list[str], seq_len: int = 64) -> float:  # noqa: ANN001
+def heldout_loss(model, tok, lines: list[str], seq_len: int = 64) -> float:
     """Mean next-token loss over every chunk (graftbuild's eval step)."""
     import torch
 
@@ -78,7 +78,7 @@ def heldout_loss(model, tok, lines: list[str], seq_len: int = 64) -> float:  # n
     return total / count
 
 
-def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:  # noqa: ANN001
+def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers, one prompt at a time, chat template applied."""
     import torch
 
@@ -105,6 +105,14 @@ def split_line(line: str) -> tuple[str, str]:
     """``PROMPT + RESPONSE`` -> the two; the prompt ends at the last ':'."""
     cut = line.rindex(":") + 1
     return line[:cut], line[cut:]
+
+
+def answer_for(prompt: str) -> str:
+    """The correct response to a prompt, from make_assets' rule."""
+    from make_assets import answer_for as rule  # next to this file, on sys.path as a script
+
+    year, month, day = (int(x) for x in prompt.split()[-1].rstrip(":").split("-"))
+    return rule((year, month, day))
 
 
 def main() -> None:
@@ -137,8 +145,10 @@ def main() -> None:
     data = chunks(ttok, read(HERE / "data" / "teacher.train.txt"), 64)
     last = train(teacher, data, args.teacher_steps, args.teacher_lr, 16, 0)
     t_train = time.perf_counter() - t0
-    print(f"teacher: {args.teacher_steps} steps lr {args.teacher_lr}: {t_train:.1f}s, "
-          f"final train loss {last:.4f}")
+    print(
+        f"teacher: {args.teacher_steps} steps lr {args.teacher_lr}: {t_train:.1f}s, "
+        f"final train loss {last:.4f}"
+    )
 
     # 2. teacher accuracy on unseen prompts
     pairs = [split_line(x) for x in heldout[: args.n_eval]]
@@ -146,8 +156,10 @@ def main() -> None:
     answers = generate(teacher, ttok, [p for p, _ in pairs], args.max_new_tokens)
     t_gen = time.perf_counter() - t0
     hits = sum(a == r for a, (_, r) in zip(answers, pairs, strict=True))
-    print(f"teacher exact match on {len(pairs)} held-out prompts: {hits / len(pairs):.1%} "
-          f"({t_gen:.1f}s)")
+    print(
+        f"teacher exact match on {len(pairs)} held-out prompts: {hits / len(pairs):.1%} "
+        f"({t_gen:.1f}s)"
+    )
     for a, (p, r) in list(zip(answers, pairs, strict=True))[:40]:
         if a != r:
             print(f"  miss: {p!r} -> {a!r} (want {r!r})")
@@ -155,8 +167,12 @@ def main() -> None:
     # teacher generations for the transfer prompts
     t0 = time.perf_counter()
     responses = generate(teacher, ttok, prompts, args.max_new_tokens)
-    print(f"teacher generated {len(prompts)} responses in {time.perf_counter() - t0:.1f}s; "
-          f"e.g. {prompts[0]!r} -> {responses[0]!r}")
+    right = sum(r == answer_for(p) for p, r in zip(prompts, responses, strict=True))
+    print(
+        f"teacher generated {len(prompts)} responses in {time.perf_counter() - t0:.1f}s, "
+        f"{right / len(prompts):.1%} correct; "
+        f"e.g. {prompts[0]!r} -> {responses[0]!r}"
+    )
     del teacher
 
     # 3. the quickstart base
@@ -180,9 +196,11 @@ def main() -> None:
         train(base, sft_data, steps, lr, 16, 1)
         t_sft = time.perf_counter() - t0
         s_skill, s_gen = heldout_loss(base, btok, heldout), heldout_loss(base, btok, general_ho)
-        print(f"sft ({steps} steps lr {lr}, {t_sft:.1f}s): skill.heldout loss {s_skill:.4f} "
-              f"({s_skill - b_skill:+.4f}), general.heldout loss {s_gen:.4f} "
-              f"({s_gen - b_gen:+.4f}); ppl skill {math.exp(b_skill):.1f} -> {math.exp(s_skill):.2f}")
+        print(
+            f"sft ({steps} steps lr {lr}, {t_sft:.1f}s): skill.heldout loss {s_skill:.4f} "
+            f"({s_skill - b_skill:+.4f}), general.heldout loss {s_gen:.4f} "
+            f"({s_gen - b_gen:+.4f}); skill ppl {math.exp(b_skill):.0f} -> {math.exp(s_skill):.2f}"
+        )
 
 
 if __name__ == "__main__":
