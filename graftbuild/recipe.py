@@ -139,10 +139,13 @@ class SftSpec(TrainSpec):
 
 class DpoSpec(TrainSpec):
     """DPO after SFT: the teacher's response is chosen, the SFT model's own response to the same
-    prompt rejected; the SFT model is the reference."""
+    prompt rejected (pairs where they agree are dropped); the SFT model is the reference."""
 
     beta: float = Field(default=0.1, gt=0)
     lr: float = Field(default=5e-5, gt=0)
+    temperature: float = Field(default=1.0, ge=0)
+    """The SFT model's rejected answers are sampled at this temperature (0: greedy). Sampling
+    finds the mistakes it still makes where its greedy answer is already right."""
     length_normalize: bool = False
     """Average log-probabilities over response tokens (length-normalised DPO, as FuseChat-3.0)."""
 

@@ -1,8 +1,8 @@
 """``dpo``: preference tuning after SFT, through TRL's DPOTrainer.
 
 For each prompt the teacher's response is *chosen* and the SFT model's own response (generated
-here, with the transfer's generation settings) is *rejected*, as FuseChat-3.0 builds its pairs.
-Pairs where the two agree carry no preference and are dropped. The SFT model is the reference;
+here, with the transfer's generation settings at ``dpo.temperature``) is *rejected*, as
+FuseChat-3.0 builds its pairs. Pairs where the two agree carry no preference and are dropped. The SFT model is the reference;
 its log-probabilities are computed once before training, so only one model is in memory.
 """
 
@@ -47,7 +47,7 @@ class DpoStep:
             prompts = list(dict.fromkeys(g["prompt"] for g in taught))
             texts = {p: render_prompt(tok, p, sft["chat_template"], where) for p in prompts}
             model = load_causal_lm(model_dir, device)
-            own_gen = gen | {"samples": 1, "temperature": 0.0}  # the SFT model's best guess
+            own_gen = gen | {"samples": 1, "temperature": train["temperature"]}
             with ctx.progress.task(f"answer {ctx.node_id}", len(prompts)) as advance:
                 own = generate(model, tok, [texts[p] for p in prompts], own_gen, device, advance)
             rejected = {p: r[0] for p, r in zip(prompts, own, strict=True)}
