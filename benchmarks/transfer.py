@@ -1,10 +1,13 @@
 """Transfer from a heterogeneous teacher: what SFT and DPO do, before and after packing.
 
 Builds ``recipes/transfer.toml`` (a GPT-2 teacher with a character-level tokenizer teaches the
-quickstart's Llama base to write ISO dates out) in a scratch copy with a fresh cache, twice:
+quickstart's Llama base to write ISO dates out) in a scratch copy with a fresh cache, three
+times (later builds reuse every node whose key is unchanged: base, teacher, teach, sft):
 
-* ``sft+dpo``: the recipe as it is (teach -> sft -> dpo -> pack -> fuse);
-* ``sft``: the same without ``dpo`` (teach and sft are reused from the first build: same keys).
+* ``sft_dpo``: the recipe as it is (teach -> sft 200 steps -> dpo 100 steps -> pack -> fuse);
+* ``sft``: the same without ``dpo``;
+* ``sft_more``: SFT for 300 steps, no DPO: as many optimizer steps as ``sft_dpo``, the control
+  that tells DPO's effect from that of more training.
 
 For each model it reports the eval node's held-out losses (date skill, and the base's own
 ``general`` domain) and the greedy exact-match rate on the 200 held-out date prompts (the
@@ -32,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "transfer.json"
-HELDOUT = "transfer/data/skill.heldout.txt"
+HELDOUT = "transfer/data/skill.heldout.txt"  # exact match reads the plain-text pairs
 
 
 def make(recipe: Path, cache: Path) -> float:
@@ -65,8 +68,19 @@ def exact_match(model_dir: Path, heldout: Path) -> float:
         "batch_size": 50,
     }
     answers = generate(model, tok, [p for p, _ in pairs], gen, "cpu", lambda n: None)
-    hits = sum(a[0].split("\n")[0].rstrip() == ref for a, (_, ref) in zip(answers, pairs))
+    hits = sum(
+        a[0].split("\n")[0].rstrip() == ref for a, (_, ref) in zip(answers, pairs, strict=True)
+    )
     return hits / len(pairs)
+
+
+def variant(text: str, name: str, sft_steps: int | None, dpo: bool) -> str:
+    """The recipe with its out folder renamed, optionally without DPO or with more SFT steps."""
+    if not dpo:
+        text = re.sub(r"(?m)^dpo = .*\n", "", text).replace('"dpo:dates", ', "")
+    if sft_steps is not None:
+        text = re.sub(r"sft = \{ steps = \d+", f"sft = {{ steps = {sft_steps}", text)
+    return text.replace('out = "../out/transfer"', f'out = "../out/{name}"')
 
 
 def main() -> None:
@@ -81,29 +95,40 @@ def main() -> None:
     for name in ("quickstart", "transfer"):
         shutil.copytree(REPO / "recipes" / name, work / "recipes" / name)
     text = (REPO / "recipes" / "transfer.toml").read_text()
-    full = work / "recipes" / "transfer.toml"
-    full.write_text(text)
-    sft_only = work / "recipes" / "transfer_sft.toml"
-    sft_text = re.sub(r"(?m)^dpo = .*\n", "", text).replace('"dpo:dates", ', "")
-    sft_only.write_text(sft_text.replace('out = "../out/transfer"', 'out = "../out/transfer_sft"'))
-    cache = work / "cache"
+    variants = {  # name -> (sft steps, dpo)
+        "sft_dpo": (None, True),  # the recipe as it is
+        "sft": (None, False),
+        "sft_more": (300, False),  # as many optimizer steps as SFT 200 + DPO 100
+    }
+    cache, out, times, metrics = work / "cache", work / "out", {}, {}
+    for name, (steps, dpo) in variants.items():
+        recipe = work / "recipes" / f"{name}.toml"
+        recipe.write_text(variant(text, name, steps, dpo))
+        times[name] = make(recipe, cache)
+        metrics[name] = json.loads((out / name / "evals" / "transfer" / "metrics.json").read_text())
 
-    times = {"sft+dpo": make(full, cache), "sft": make(sft_only, cache)}
-    out = work / "out"
-    metrics = json.loads((out / "transfer" / "evals" / "transfer" / "metrics.json").read_text())
-    metrics_sft = json.loads(
-        (out / "transfer_sft" / "evals" / "transfer" / "metrics.json").read_text()
-    )
     heldout = work / "recipes" / HELDOUT
+    dates = out / "sft_dpo" / "sources" / "dates"
     rows = {
-        "base": (metrics["base"], out / "transfer" / "base"),
-        "sft:dates (θ*, no DPO)": (metrics["sft:dates"], out / "transfer" / "sources" / "dates" / "sft"),
-        "dpo:dates (θ*, SFT + DPO)": (
-            metrics["dpo:dates"],
-            out / "transfer" / "sources" / "dates" / "dpo",
+        "base": (metrics["sft"]["base"], out / "sft" / "base"),
+        "θ* after SFT 200 steps (sft:dates)": (metrics["sft"]["sft:dates"], dates / "sft"),
+        "θ* after SFT 200 + DPO 100 (dpo:dates)": (metrics["sft_dpo"]["dpo:dates"], dates / "dpo"),
+        "θ* after SFT 300 steps (control)": (
+            metrics["sft_more"]["sft:dates"],
+            out / "sft_more" / "sources" / "dates",
         ),
-        "fused, SFT only": (metrics_sft["fuse:release"], out / "transfer_sft" / "fused" / "release"),
-        "fused, SFT + DPO": (metrics["fuse:release"], out / "transfer" / "fused" / "release"),
+        "grafted: base ⊕ pack of SFT 200": (
+            metrics["sft"]["fuse:release"],
+            out / "sft" / "fused" / "release",
+        ),
+        "grafted: base ⊕ pack of SFT 200 + DPO 100": (
+            metrics["sft_dpo"]["fuse:release"],
+            out / "sft_dpo" / "fused" / "release",
+        ),
+        "grafted: base ⊕ pack of SFT 300": (
+            metrics["sft_more"]["fuse:release"],
+            out / "sft_more" / "fused" / "release",
+        ),
     }
     table = {}
     for label, (m, folder) in rows.items():
@@ -112,12 +137,16 @@ def main() -> None:
             "general_loss": m["general"]["loss"],
             "exact_match": exact_match(folder, heldout),
         }
-    result = {"build_seconds": times, "models": table}
+    packs = {
+        name: sum(p.stat().st_size for p in (out / name / "packs" / "dates").iterdir())
+        for name in variants
+    }
+    result = {"build_seconds": times, "pack_bytes": packs, "models": table}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
     base = table["base"]
-    print("| model | dates loss | general loss (Δ vs base) | exact match, 200 held-out dates |")
+    print("| model | dates loss (response only) | general loss (Δ vs base) | exact match |")
     print("|---|---|---|---|")
     for label, r in table.items():
         delta = r["general_loss"] - base["general_loss"]
@@ -125,7 +154,7 @@ def main() -> None:
             f"| {label} | {r['dates_loss']:.3f} | {r['general_loss']:.3f} ({delta:+.3f}) "
             f"| {r['exact_match']:.1%} |"
         )
-    print(f"\nbuild: {times['sft+dpo']:.0f} s (everything), then {times['sft']:.0f} s (SFT-only)")
+    print("\nbuild seconds:", {k: round(v) for k, v in times.items()}, "pack bytes:", packs)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

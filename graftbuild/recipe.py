@@ -148,6 +148,9 @@ class DpoSpec(TrainSpec):
     finds the mistakes it still makes where its greedy answer is already right."""
     length_normalize: bool = False
     """Average log-probabilities over response tokens (length-normalised DPO, as FuseChat-3.0)."""
+    sft_weight: float = Field(default=0.0, ge=0)
+    """Adds this much NLL of the chosen (teacher's) response to the loss (RPO): DPO alone tends
+    to lower the chosen answer's likelihood along with the rejected one's."""
 
 
 class TransferSpec(Model):

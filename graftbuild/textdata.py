@@ -53,3 +53,34 @@ def token_chunks(tokenizer: Any, examples: list[str], seq_len: int, source: Path
             f"{source}: {len(ids)} tokens is less than one sequence of seq_len={seq_len}"
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]] | None:
+    """(prompt, response) rows of a .jsonl file whose first row has string fields ``prompt`` and
+    ``response``; None for any other file (it is plain text, scored on every token)."""
+    if path.suffix != ".jsonl":
+        return None
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    rows = []
+    for i, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e})") from None
+        rows.append((i, row))
+    if not rows or not (isinstance(rows[0][1], dict) and {"prompt", "response"} <= set(rows[0][1])):
+        return None
+    out = []
+    for i, row in rows:
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt"), str)
+            and isinstance(row.get("response"), str)
+        ):
+            raise UserError(
+                f"{path}:{i}: expected an object with string fields 'prompt' and 'response'"
+            )
+        out.append((row["prompt"], row["response"]))
+    return out

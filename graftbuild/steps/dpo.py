@@ -2,8 +2,9 @@
 
 For each prompt the teacher's response is *chosen* and the SFT model's own response (generated
 here, with the transfer's generation settings at ``dpo.temperature``) is *rejected*, as
-FuseChat-3.0 builds its pairs. Pairs where the two agree carry no preference and are dropped. The SFT model is the reference;
-its log-probabilities are computed once before training, so only one model is in memory.
+FuseChat-3.0 builds its pairs. Pairs where the two agree carry no preference and are dropped.
+The SFT model is the reference; its log-probabilities are computed once before training, so
+only one model is in memory.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DpoStep:
                 args = trl.DPOConfig(
                     **common_args(train, Path(scratch), device),
                     beta=train["beta"],
-                    loss_type=["sigmoid_norm" if train["length_normalize"] else "sigmoid"],
+                    **dpo_loss(train),
                     max_length=sft["max_len"],
                     precompute_ref_log_probs=True,
                 )
@@ -83,3 +84,12 @@ class DpoStep:
                 )
                 model = run_trainer(ctx, trainer, total_steps(train, len(rows)))
             save_like_base(model, model_dir, ctx.out, ctx.node_id)
+
+
+def dpo_loss(train: dict) -> dict:
+    """TRL's loss settings for a DPO spec: (length-normalised) sigmoid DPO, plus the chosen
+    response's NLL when ``sft_weight`` > 0."""
+    dpo = "sigmoid_norm" if train["length_normalize"] else "sigmoid"
+    if train["sft_weight"] > 0:
+        return {"loss_type": [dpo, "sft"], "loss_weights": [1.0, train["sft_weight"]]}
+    return {"loss_type": [dpo]}

@@ -1,4 +1,9 @@
-"""``eval``: held-out loss and perplexity of model nodes on declared datasets -> metrics.json."""
+"""``eval``: held-out loss and perplexity of model nodes on declared datasets -> metrics.json.
+
+A text dataset is scored on every token (chunks of ``seq_len``). A .jsonl dataset of
+``{"prompt", "response"}`` rows is scored on the response only, each row its own sequence
+(prompt, response, eos): the loss of answering, not of guessing the question.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,16 @@ METRICS_FILE = "metrics.json"
 
 class EvalStep:
     name: ClassVar[str] = "eval"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.textdata import read_examples
+        from graftbuild.textdata import read_examples, read_pairs
 
         cfg = ctx.config
-        texts = {d: read_examples(ctx.files[f"data.{d}"], cfg["field"]) for d in cfg["datasets"]}
+        texts: dict[str, list[str] | list[tuple[str, str]]] = {}
+        for d in cfg["datasets"]:
+            path = ctx.files[f"data.{d}"]
+            texts[d] = read_pairs(path) or read_examples(path, cfg["field"])
         results: dict[str, dict[str, dict[str, float]]] = {}
         total = len(cfg["models"]) * len(texts)
         with ctx.progress.task(f"eval {ctx.node_id}", total) as advance:
@@ -28,14 +36,18 @@ class EvalStep:
                 folder = ctx.inputs[f"model.{i}"]
                 results[model_id] = {}
                 for d, examples in texts.items():
-                    loss, tokens = heldout_loss(
-                        folder,
-                        examples,
-                        cfg["seq_len"],
-                        cfg["batch_size"],
-                        ctx.files[f"data.{d}"],
-                        ctx.settings.device,
-                    )
+                    source, device = ctx.files[f"data.{d}"], ctx.settings.device
+                    if isinstance(examples[0], tuple):
+                        loss, tokens = response_loss(folder, examples, cfg["batch_size"], device)  # type: ignore[arg-type]
+                    else:
+                        loss, tokens = heldout_loss(
+                            folder,
+                            examples,
+                            cfg["seq_len"],
+                            cfg["batch_size"],
+                            source,
+                            device,  # type: ignore[arg-type]
+                        )
                     results[model_id][d] = {
                         "loss": round(loss, 6),
                         "perplexity": round(math.exp(min(loss, 50.0)), 4),
@@ -73,4 +85,44 @@ def heldout_loss(
             )
             total += nll.item()
             count += target.numel()
+    return total / count, count
+
+
+def response_loss(
+    folder: Path, pairs: list[tuple[str, str]], batch_size: int, device: str = "cpu"
+) -> tuple[float, int]:
+    """Mean next-token loss over the response tokens (and the eos after them), given the prompt.
+    The response starts where tokenizing prompt and prompt + response diverge, as in training."""
+    import torch
+
+    from graftbuild.modeling import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(folder)
+    model = load_causal_lm(folder, device).eval()
+    rows = []
+    for prompt, response in pairs:
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        full = tok(prompt + response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        same = (i for i, (a, b) in enumerate(zip(head, full, strict=False)) if a != b)
+        cut = next(same, len(head))
+        rows.append((full, max(cut, 1)))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), tok.eos_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, (row, cut) in enumerate(batch):
+                ids[j, : len(row)] = torch.tensor(row)
+                labels[j, cut : len(row)] = torch.tensor(row[cut:])
+                mask[j, : len(row)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
+            )
+            total += nll.item()
+            count += int((target != -100).sum())
     return total / count, count

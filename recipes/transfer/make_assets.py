@@ -18,6 +18,8 @@ answerable). Writes, next to this file:
   GPT-2 (learned absolute positions) then learns the rule in ~200 steps, where examples of
   varying length at random offsets are not learned in 1200;
 * ``data/prompts.jsonl`` -- ``{"prompt": PROMPT}`` per line: raw user prompts for the teacher;
+* ``data/skill.heldout.jsonl`` -- the same pairs as ``{"prompt", "response"}`` objects, for the
+  eval step's response-only loss;
 * ``data/skill.heldout.txt`` -- ``PROMPT + RESPONSE`` per line, plain text, as the target is
   trained on the teacher's answers (the target has no chat template).
 
@@ -121,8 +123,12 @@ def make_data() -> None:
         DATA_DIR / "prompts.jsonl",
         [json.dumps({"prompt": prompt_for(rng, d)}) for d in prompts],
     )
+    pairs = [(prompt_for(rng, d), answer_for(d)) for d in heldout]
+    write_lines(DATA_DIR / "skill.heldout.txt", [p + a for p, a in pairs])
+    # The same pairs for the eval step's response-only loss (prompt given, answer scored).
     write_lines(
-        DATA_DIR / "skill.heldout.txt", [prompt_for(rng, d) + answer_for(d) for d in heldout]
+        DATA_DIR / "skill.heldout.jsonl",
+        [json.dumps({"prompt": p, "response": a}) for p, a in pairs],
     )
 
 
