@@ -74,6 +74,41 @@ def exact_match(model_dir: Path, heldout: Path) -> float:
     return hits / len(pairs)
 
 
+def routed_rows(bundle: Path, heldout: Path, general: Path) -> dict[str, float]:
+    """The routed bundle: where the router sends each held-out line, the mean per-line loss of
+    the base domain as routed (against the base alone), and exact match with routing."""
+    import torch
+
+    from graftbuild.runtime import GraftedModel
+
+    g = GraftedModel.from_pretrained(bundle)
+    lines = [ln for ln in general.read_text().splitlines() if ln.strip()]
+    prompts = [ln[: ln.index(":") + 1] for ln in heldout.read_text().splitlines()]
+    refs = [ln[ln.index(":") + 1 :] for ln in heldout.read_text().splitlines()]
+    general_routes = g.route(lines)
+    date_routes = g.route(prompts)
+
+    def line_loss(packs: list[list[str]]) -> float:
+        total, count = 0.0, 0
+        eos = g.tokenizer.eos_token_id
+        for line, chosen in zip(lines, packs, strict=True):
+            ids = torch.tensor([g.tokenizer(line)["input_ids"] + [eos]])
+            with g.using(chosen), torch.no_grad():
+                total += g.model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+        return total / count
+
+    answers = g.generate(prompts, max_new_tokens=16, packs=date_routes)
+    hits = sum(a.split("\n")[0].rstrip() == r for a, r in zip(answers, refs, strict=True))
+    return {
+        "general_to_base": sum(r == [] for r in general_routes) / len(lines),
+        "dates_to_pack": sum(r == ["dates"] for r in date_routes) / len(prompts),
+        "general_line_loss_routed": line_loss(general_routes),
+        "general_line_loss_base": line_loss([[] for _ in lines]),
+        "exact_match": hits / len(prompts),
+    }
+
+
 def variant(text: str, name: str, sft_steps: int | None, dpo: bool) -> str:
     """The recipe with its out folder renamed, optionally without DPO or with more SFT steps."""
     if not dpo:
@@ -137,11 +172,16 @@ def main() -> None:
             "general_loss": m["general"]["loss"],
             "exact_match": exact_match(folder, heldout),
         }
+    routed = routed_rows(
+        out / "sft_dpo" / "fused" / "routed",
+        heldout,
+        work / "recipes" / "quickstart" / "data" / "general.heldout.txt",
+    )
     packs = {
         name: sum(p.stat().st_size for p in (out / name / "packs" / "dates").iterdir())
         for name in variants
     }
-    result = {"build_seconds": times, "pack_bytes": packs, "models": table}
+    result = {"build_seconds": times, "pack_bytes": packs, "models": table, "routed": routed}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -154,6 +194,13 @@ def main() -> None:
             f"| {label} | {r['dates_loss']:.3f} | {r['general_loss']:.3f} ({delta:+.3f}) "
             f"| {r['exact_match']:.1%} |"
         )
+    r = routed
+    print(
+        f"\nrouted bundle (SFT + DPO pack): general lines to the base alone "
+        f"{r['general_to_base']:.1%}, date prompts to the dates pack {r['dates_to_pack']:.1%}; "
+        f"general per-line loss {r['general_line_loss_routed']:.3f} "
+        f"(base alone {r['general_line_loss_base']:.3f}); exact match {r['exact_match']:.1%}"
+    )
     print("\nbuild seconds:", {k: round(v) for k, v in times.items()}, "pack bytes:", packs)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
