@@ -263,3 +263,14 @@ def test_recipe_errors(project: Path, old: str, new: str, expected: str) -> None
     project.write_text(project.read_text().replace(old, new))
     code, err = run_cli(project)
     assert code == 2 and expected in err, err
+
+
+def test_training_without_trl_asks_for_the_train_extra(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    code, err = run_cli(project)
+    assert code == 2, err
+    assert "pip install 'graftbuild[train]'" in err
