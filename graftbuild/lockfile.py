@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 LOCK_FORMAT = 1
 REGISTRY = "locks.json"
 PACKAGES = ("graftbuild", "torch", "transformers", "safetensors", "numpy")
+TRAINING = ("trl", "datasets", "accelerate", "peft")
+"""Recorded too: the training stack of the sft and dpo steps (None where not installed)."""
 PINNED = (*PACKAGES, "device", "threads")
 """Environment fields that must match the lock for a node that ``make --locked`` rebuilds."""
 
@@ -47,7 +49,7 @@ def lock_path(recipe: Path) -> Path:
 def environment(settings: BuildSettings) -> dict[str, Any]:
     """What may change a step's bytes without changing its key (docs/REPRODUCIBILITY.md)."""
     env: dict[str, Any] = {}
-    for pkg in PACKAGES:
+    for pkg in (*PACKAGES, *TRAINING):
         try:
             env[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
