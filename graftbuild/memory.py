@@ -58,3 +58,14 @@ def empty(nbytes: int) -> torch.Tensor:
     with contextlib.suppress(OSError):
         region.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``t`` (on its device), a CPU one from ``empty``."""
+    import torch
+
+    dtype = dtype or t.dtype
+    if t.device.type != "cpu":
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return empty(t.numel() * itemsize).view(dtype).view(t.shape)
