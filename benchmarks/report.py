@@ -68,6 +68,31 @@ def fuse(name: str, r: dict) -> None:
         f"{c['max_abs_diff']:.3g} (max relative {c['max_rel_diff']:.3g}): equal to float tolerance."
     )
     print()
+    if "ties" in r:
+        ties(r["ties"])
+
+
+def ties(t: dict) -> None:
+    mk = t["mergekit"]
+    p = t["params"]
+    print(f"`ties`, density {p['density']}, weights {p['weight']}, scale/lambda {p['lambda']}:")
+    print()
+    print("| run | wall s | peak RSS MB | wall vs mergekit | RSS vs mergekit |")
+    print("|---|---|---|---|---|")
+    rows = [("mergekit `ties`", mk)] + [(v["label"], v) for v in t["graftbuild"].values()]
+    for label, v in rows:
+        print(
+            f"| {label} | {v['wall_s']:.1f} | {v['peak_rss_mb']:.0f} | "
+            f"{v['wall_s'] / mk['wall_s']:.3f}x | {v['peak_rss_mb'] / mk['peak_rss_mb']:.3f}x |"
+        )
+    d = t["difference"]
+    print()
+    print(
+        f"graftbuild `ties` vs mergekit `ties`: max |diff| {d['max_abs_diff']:.3g}, "
+        f"{d['fraction_differing']:.2e} of the entries differ by more than 1e-6, "
+        f"‖difference‖ / ‖mergekit's merged delta‖ = {d['relative_diff_of_merged_delta']:.2e}."
+    )
+    print()
 
 
 def main() -> None:

@@ -136,7 +136,8 @@ class PackWriter:
         self._parts: dict[str, tuple[str, list[int], int, int, int]] = {}
         self._spill: BinaryIO | None = None
         self._out: HashedWriter | None = None
-        self._tmp: Path | None = None
+        self._tmp: Path | None = None  # the pack being written, renamed into place at close
+        self._spill_path: Path | None = None
         self._closed = False
         self.order: list[str] | None = None
         """Planned writing: the tensor names in file order, the order ``add`` takes them in."""
@@ -146,7 +147,7 @@ class PackWriter:
             fd, spill = tempfile.mkstemp(
                 prefix=f".{self.path.name}.", suffix=".spill", dir=self.path.parent
             )
-            self._tmp = Path(spill)
+            self._spill_path = Path(spill)
             self._spill = os.fdopen(fd, "w+b")
             self._spill_size = 0
 
@@ -353,15 +354,14 @@ class PackWriter:
         return out.size
 
     def _write_from_spill(self) -> HashedWriter:
-        """The pack, written in one pass from the spill file; the spill file is dropped."""
+        """The pack, written in one pass from the spill file (``abort`` then drops it)."""
         assert self._spill is not None
         head, order, _ = self._st_header()
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         self._spill.flush()
-        spill, self._tmp = self._tmp, Path(tmp)
-        assert spill is not None
+        self._tmp = Path(tmp)
         self._out = out = HashedWriter(tmp, fd)
         out.write(struct.pack("<Q", len(head)))
         out.write(head)
@@ -376,12 +376,9 @@ class PackWriter:
                     start + nbytes - left,
                 )
                 if n <= 0:
-                    raise OSError(f"{spill}: spill file truncated")
+                    raise OSError(f"{self._spill_path}: spill file truncated")
                 out.write(memoryview(buf)[:n])
                 left -= n
-        self._spill.close()
-        self._spill = None
-        spill.unlink(missing_ok=True)
         return out
 
     def abort(self) -> None:
@@ -390,6 +387,9 @@ class PackWriter:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+        if self._spill_path is not None:
+            self._spill_path.unlink(missing_ok=True)
+            self._spill_path = None
         if self._out is not None:
             self._out.close()
             self._out = None
