@@ -1,6 +1,7 @@
 """(c) fusing two sources: graftbuild ``sum`` (exact codec) against mergekit
-``task_arithmetic``, wall time and peak RSS, plus the same fuse from compressed packs; (d) the
-pack build's peak RSS (run this at two model sizes and compare).
+``task_arithmetic`` and graftbuild ``ties`` against mergekit ``ties``, wall time and peak RSS,
+plus the same fuse from compressed packs; (d) the pack build's peak RSS (run this at two model
+sizes and compare).
 
     python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
     python benchmarks/bench_fuse.py /tmp/gb-bench/m07 --work /tmp/gb-bench/f07
@@ -9,7 +10,8 @@ Both tools read the same three model folders and write float32 output. mergekit 
 defaults (CPU). graftbuild runs its whole pipeline from the raw models (pack x, pack y, fuse) in
 one cold ``make``; then the fuse alone (packs cached) and the packs alone. The exact-codec fused
 model must equal mergekit's output to float tolerance (a correctness check, done tensor by
-tensor here).
+tensor here). ``ties`` runs with the same density, weights and scale on both sides (``TIES``);
+its outputs may differ by design, and how far they are apart is measured and reported.
 """
 
 from __future__ import annotations

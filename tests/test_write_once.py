@@ -12,6 +12,7 @@ import torch
 
 import graftbuild.hashing as hashing
 from graftbuild.hashing import hash_file, hash_written
+from graftbuild.memory import HUGE_MIN, empty, empty_like
 from graftbuild.skillpack import PackReader, PackWriter, TensorLayout, encode_tensor, plan_layout
 from graftbuild.store import Store
 from graftbuild.tensors import TensorInfo, all_finite, write_model_weights
@@ -221,3 +222,15 @@ def test_all_finite(values: list[float], dtype: torch.dtype, expected: bool) -> 
     t = torch.tensor(values, dtype=dtype)
     assert all_finite(t) is expected
     assert bool(torch.isfinite(t).all()) is expected
+
+
+@pytest.mark.parametrize("nbytes", [0, 1000, HUGE_MIN, HUGE_MIN + 12])
+def test_fresh_buffers_are_writable_tensors_of_their_size(nbytes: int) -> None:
+    buf = empty(nbytes)
+    assert buf.dtype == torch.uint8 and buf.numel() == nbytes
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * nbytes
+    like = empty_like(torch.zeros(3, nbytes // 12 + 1), torch.float64)
+    assert like.shape == (3, nbytes // 12 + 1) and like.dtype == torch.float64
+    like.fill_(1.5)
+    assert float(like.sum()) == 1.5 * like.numel()
