@@ -146,6 +146,9 @@ def graftbuild_pipeline(
         work,
     )
     shutil.rmtree(work / "cache-packs", ignore_errors=True)
+    # The pack outputs now link to the scratch cache's (deleted) objects: left in place, the next
+    # make would re-read them to check them against its own cache's objects.
+    shutil.rmtree(work / "out", ignore_errors=True)
     write_recipe(work, models, profile, shard_size=2**40 + 1)
     runs["fuse"] = timed(
         f"graftbuild fuse alone from {profile} packs", graftbuild("make", str(recipe), *j), work
