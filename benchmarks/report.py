@@ -95,6 +95,24 @@ def ties(t: dict) -> None:
     print()
 
 
+def rounds(results: dict[str, dict]) -> None:
+    """The interleaved rounds (bench_fuse_rounds.py), one row per model size."""
+    print(
+        "| model | rounds | mergekit s | mergekit + sync s | graftbuild fuse alone s | "
+        "graftbuild cold make s | fuse / mergekit | cold make / mergekit | "
+        "cold make / (mergekit + sync) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, r in results.items():
+        m, q = r["median_wall_s"], r["ratios_vs_mergekit"]
+        print(
+            f"| {size} | {r['rounds']} | {m['mergekit']:.1f} | {m['mergekit_plus_sync']:.1f} | "
+            f"{m['fuse']:.1f} | {m['end_to_end']:.1f} | {q['fuse_only_wall']:.3f}x | "
+            f"{q['end_to_end_wall']:.3f}x | {q['end_to_end_wall_vs_mergekit_plus_sync']:.3f}x |"
+        )
+    print()
+
+
 def main() -> None:
     r = load("noop_2gb.json")
     if r:
@@ -103,6 +121,11 @@ def main() -> None:
         r = load(name)
         if r:
             fuse(name.removesuffix(".json"), r)
+    found = {
+        size: r for size in ("0.7gb", "3gb") if (r := load(f"fuse_rounds_{size}.json")) is not None
+    }
+    if found:
+        rounds(found)
     small, big = load("fuse_0.7gb.json"), load("fuse_3gb.json")
     if small and big:
         print("| pack build peak RSS MB | 0.7 GB | 3 GB | growth |")
