@@ -68,6 +68,49 @@ def fuse(name: str, r: dict) -> None:
         f"{c['max_abs_diff']:.3g} (max relative {c['max_rel_diff']:.3g}): equal to float tolerance."
     )
     print()
+    if "ties" in r:
+        ties(r["ties"])
+
+
+def ties(t: dict) -> None:
+    mk = t["mergekit"]
+    p = t["params"]
+    print(f"`ties`, density {p['density']}, weights {p['weight']}, scale/lambda {p['lambda']}:")
+    print()
+    print("| run | wall s | peak RSS MB | wall vs mergekit | RSS vs mergekit |")
+    print("|---|---|---|---|---|")
+    rows = [("mergekit `ties`", mk)] + [(v["label"], v) for v in t["graftbuild"].values()]
+    for label, v in rows:
+        print(
+            f"| {label} | {v['wall_s']:.1f} | {v['peak_rss_mb']:.0f} | "
+            f"{v['wall_s'] / mk['wall_s']:.3f}x | {v['peak_rss_mb'] / mk['peak_rss_mb']:.3f}x |"
+        )
+    d = t["difference"]
+    print()
+    print(
+        f"graftbuild `ties` vs mergekit `ties`: max |diff| {d['max_abs_diff']:.3g}, "
+        f"{d['fraction_differing']:.2e} of the entries differ by more than 1e-6, "
+        f"‖difference‖ / ‖mergekit's merged delta‖ = {d['relative_diff_of_merged_delta']:.2e}."
+    )
+    print()
+
+
+def rounds(results: dict[str, dict]) -> None:
+    """The interleaved rounds (bench_fuse_rounds.py), one row per model size."""
+    print(
+        "| model | rounds | mergekit s | mergekit + sync s | graftbuild fuse alone s | "
+        "graftbuild cold make s | fuse / mergekit | cold make / mergekit | "
+        "cold make / (mergekit + sync) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, r in results.items():
+        m, q = r["median_wall_s"], r["ratios_vs_mergekit"]
+        print(
+            f"| {size} | {r['rounds']} | {m['mergekit']:.1f} | {m['mergekit_plus_sync']:.1f} | "
+            f"{m['fuse']:.1f} | {m['end_to_end']:.1f} | {q['fuse_only_wall']:.3f}x | "
+            f"{q['end_to_end_wall']:.3f}x | {q['end_to_end_wall_vs_mergekit_plus_sync']:.3f}x |"
+        )
+    print()
 
 
 def main() -> None:
@@ -78,6 +121,11 @@ def main() -> None:
         r = load(name)
         if r:
             fuse(name.removesuffix(".json"), r)
+    found = {
+        size: r for size in ("0.7gb", "3gb") if (r := load(f"fuse_rounds_{size}.json")) is not None
+    }
+    if found:
+        rounds(found)
     small, big = load("fuse_0.7gb.json"), load("fuse_3gb.json")
     if small and big:
         print("| pack build peak RSS MB | 0.7 GB | 3 GB | growth |")

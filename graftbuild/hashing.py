@@ -183,7 +183,30 @@ class StatCache:
         self.dirty = False
 
 
-def tree_hash_uncached(root: Path) -> TreeHash:
-    """Hash of a folder read in full (for objects freshly written by a step)."""
-    files = {rel: hash_file(p) for rel, p in iter_files(root)}
+def tree_hash_uncached(root: Path, hasher: Callable[[Path], str] = hash_file) -> TreeHash:
+    """Hash of a folder read in full (for objects freshly written by a step; ``hasher=
+    hash_written`` takes the hashes their writers recorded instead of reading those files)."""
+    files = {rel: hasher(p) for rel, p in iter_files(root)}
     return TreeHash(combine(files), files)
+
+
+# Files this process wrote in one sequential pass, hashing exactly the bytes it wrote
+# (graftbuild/writing.py): absolute path -> (stat signature after the write, hash).
+_WRITTEN: dict[str, tuple[list[int], str]] = {}
+
+
+def note_written(path: str | Path, digest: str) -> None:
+    """Record ``digest`` as the hash of a file this process has just finished writing (and
+    hashed while writing), so committing it to the store need not read it back."""
+    key = os.path.abspath(path)
+    _WRITTEN[key] = (signature(key), digest)
+
+
+def hash_written(path: Path) -> str:
+    """The hash its writer recorded for ``path`` if the file is as the writer left it (same
+    size, mtime, ctime, inode: the stat cache's test), else the hash of its bytes, read."""
+    key = os.path.abspath(path)
+    hit = _WRITTEN.pop(key, None)
+    if hit is not None and hit[0] == signature(key):
+        return hit[1]
+    return hash_file(Path(key))

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from graftbuild.hashing import TreeHash, combine, iter_files, tree_hash_uncached
+from graftbuild.hashing import TreeHash, combine, hash_written, iter_files, tree_hash_uncached
 
 MANIFEST = ".graftbuild-object.json"
 
@@ -25,8 +25,9 @@ Hasher = Callable[[Path], str]
 
 def write_manifest(folder: Path) -> TreeHash:
     """Hash a freshly written folder and record its manifest in it; fsyncs every file, so an
-    object that survives a power cut is whole."""
-    th = tree_hash_uncached(folder)
+    object that survives a power cut is whole. A file whose writer hashed it while writing it
+    (``hashing.note_written``) and that is unchanged since is not read again."""
+    th = tree_hash_uncached(folder, hash_written)
     files = {rel: [(folder / rel).stat().st_size, h] for rel, h in th.files.items()}
     (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, sort_keys=True))
     for _, p in iter_files(folder, keep=lambda rel: True):

@@ -9,9 +9,15 @@ A no-op elsewhere (other C libraries, or when glibc cannot be loaded).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import mmap
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's <malloc.h>
 _THRESHOLD = 1 << 20
@@ -28,3 +34,38 @@ def release_freed_tensors() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD))
     except (OSError, AttributeError):
         return False
+
+
+HUGE_MIN = 4 << 20  # smaller buffers come from torch's allocator
+
+
+def empty(nbytes: int) -> torch.Tensor:
+    """A fresh uint8 CPU tensor of ``nbytes``; a large one in its own anonymous mapping advised
+    for transparent huge pages.
+
+    Each large tensor is a fresh mapping (see ``release_freed_tensors``), and filling one 4 KiB
+    page at a time costs a page fault per page: touching fresh memory ran at 0.5–1 GB/s here,
+    slower than reading a cached file into it. With 2 MiB pages (``MADV_HUGEPAGE``; the usual
+    ``transparent_hugepage=madvise`` setting honours it) it ran 3–8× faster. The mapping is
+    unmapped when the tensor is freed, as before. Falls back to ``torch.empty`` where ``mmap``
+    cannot advise.
+    """
+    import torch
+
+    if nbytes < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``t`` (on its device), a CPU one from ``empty``."""
+    import torch
+
+    dtype = dtype or t.dtype
+    if t.device.type != "cpu":
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return empty(t.numel() * itemsize).view(dtype).view(t.shape)

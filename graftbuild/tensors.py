@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from graftbuild.errors import UserError
 from graftbuild.hashing import is_tracked
+from graftbuild.writing import HashedWriter
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +57,17 @@ def st_to_torch_dtype(code: str) -> torch.dtype:
         "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     }  # fmt: skip
     return table[code]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN or infinite entry. A NaN or an infinity makes the sum NaN or
+    infinite, so a finite sum settles it in one allocation-free pass (tens of times faster than
+    ``isfinite(t).all()`` on a large CPU tensor); only a sum that overflows looks entry by entry."""
+    import torch
+
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -192,11 +204,12 @@ class TensorFile:
 
     def read(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor with the stored bytes of ``name``."""
-        import torch
+
+        from graftbuild.memory import empty
 
         info = self.infos[name]
         begin, end = info.offsets
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        buf = empty(end - begin)  # large ones on huge pages: fewer page faults (memory.py)
         view = memoryview(buf.numpy())
         got = 0
         while got < len(view):
@@ -304,7 +317,8 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._expected = [i for i in infos]
-        self._f = open(path, "wb")  # noqa: SIM115 - closed by close(); tensors arrive one by one
+        # hashed as written, so committing the output does not read it back (writing.py)
+        self._f = HashedWriter(path)
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
 
@@ -315,12 +329,14 @@ class SafetensorsStreamWriter:
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
-        self._f.write(memoryview(data.numpy()))  # no intermediate bytes copy
+        self._f.write(data.numpy())  # no intermediate bytes copy
 
     def close(self) -> None:
         if self._expected:
+            self._f.close()
             raise RuntimeError(f"stream writer closed with {len(self._expected)} tensors unwritten")
         self._f.close()
+        self._f.record()
 
 
 def _byte_dtype() -> torch.dtype:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from graftbuild.errors import UserError
 from graftbuild.fusion import get_strategy
 from graftbuild.fusion.dare import DareParams, drop_and_rescale, mask_seed
-from graftbuild.fusion.ties import TiesParams, trim
+from graftbuild.fusion.ties import TiesParams, kth_largest, trim
 from graftbuild.recipe import load_recipe
 
 
@@ -41,6 +41,46 @@ def test_trim_keeps_the_largest_fraction(n: int, density: float, seed: int) -> N
     dropped = x.abs()[t == 0]
     if len(dropped) and len(kept):
         assert kept.min() >= dropped.max()
+
+
+def test_trim_breaks_ties_at_the_threshold_towards_the_lower_index() -> None:
+    x = torch.tensor([1.0, 3.0, -2.0, 2.0, 2.0, -2.0, 0.5])
+    assert trim(x.clone(), 3 / 7).tolist() == [0.0, 3.0, -2.0, 2.0, 0.0, 0.0, 0.0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31), st.floats(0.01, 1.0), st.booleans())
+def test_kth_largest_of_a_large_tensor_is_exact(seed: int, fraction: float, coarse: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    mag = torch.randn(1_100_000, generator=gen).abs()
+    if coarse:  # many equal values
+        mag = torch.round(mag * 8) / 8
+    k = max(1, round(fraction * mag.numel()))
+    assert kth_largest(mag, k) == torch.kthvalue(mag, mag.numel() - k + 1).values
+
+
+def test_ties_on_large_tensors_matches_the_textbook_rule() -> None:
+    """The in-place implementation against the rule written out with stacks (two packs: the
+    same sums in the same order, so the same bits)."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1200, 1000, generator=gen)
+    deltas = [torch.randn(1200, 1000, generator=gen) for _ in range(2)]
+    weights, density = [1.0, 0.5], 0.2
+    out = get_strategy("ties").combine(
+        base, deltas, weights, TiesParams(density=density, scale=0.7), "w"
+    )
+    trimmed = []
+    for d, w in zip(deltas, weights, strict=True):
+        x = (d * w).reshape(-1)
+        k = round(density * x.numel())
+        keep = torch.zeros_like(x, dtype=torch.bool)
+        keep[torch.topk(x.abs(), k).indices] = True
+        trimmed.append((x * keep).view_as(d))
+    stack = torch.stack(trimmed)
+    sign = torch.sign(stack.sum(dim=0))
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    merged = (stack * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    assert torch.equal(out, base + 0.7 * merged)
 
 
 def test_ties_single_pack_full_density_is_the_sum() -> None:

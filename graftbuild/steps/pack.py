@@ -31,8 +31,8 @@ class PackStep:
         from graftbuild.compress.roles import classify
         from graftbuild.memory import release_freed_tensors
         from graftbuild.parallel import ordered_map
-        from graftbuild.skillpack import PackWriter, encode_tensor
-        from graftbuild.tensors import ModelWeights
+        from graftbuild.skillpack import PackWriter, encode_tensor, plan_layout
+        from graftbuild.tensors import ModelWeights, all_finite
 
         release_freed_tensors()
         profile = ctx.config["profile"]
@@ -84,9 +84,10 @@ class PackStep:
             def encode(name: str) -> tuple:
                 """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
                 b = base.get(name).to(device=device, dtype=torch.float32)
-                delta = src.get(name).to(device=device, dtype=torch.float32) - b
+                # a fresh read (or its converted copy) is ours: subtract in place
+                delta = src.get(name).to(device=device, dtype=torch.float32).sub_(b)
                 del b
-                if not torch.isfinite(delta).all():
+                if not all_finite(delta):
                     raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
                 role = classify(name, delta.ndim, profile["roles"])
                 calibration = None
@@ -99,13 +100,29 @@ class PackStep:
                 )
                 return name, role, codec, params, tuple(delta.shape), encoded
 
+            # When every tensor's entry is known before encoding (exact codec), the pack's header
+            # is written first and each tensor goes straight to its place, in the file's order.
+            layout: dict[str, Any] | None = {}
+            for name in names:
+                info = base.infos[name]
+                planned = plan_layout(
+                    specs[name],
+                    classify(name, len(info.shape), profile["roles"]),
+                    info.shape,
+                    _DTYPE_NAMES[info.dtype],
+                )
+                if planned is None:
+                    layout = None
+                    break
+                layout[name] = planned  # type: ignore[index]
             with (
-                PackWriter(ctx.out / PACK_FILE, header) as writer,
+                PackWriter(ctx.out / PACK_FILE, header, layout) as writer,
                 ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance,
             ):
+                order = writer.order if writer.order is not None else names
                 sizes = {n: base.infos[n].nbytes for n in names}
                 work = ordered_map(
-                    encode, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
+                    encode, order, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                 )
                 for name, role, codec, params, shape, encoded in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
@@ -118,6 +135,8 @@ def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(name, original dtype name, float32 delta) of every tensor, one at a time."""
     import torch
 
+    from graftbuild.tensors import all_finite
+
     for name in base.names():
         info = base.infos[name]
         if info.dtype not in _DTYPE_NAMES:
@@ -125,7 +144,7 @@ def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
         b = base.get(name)
         delta = src.get(name).to(torch.float32) - b.to(torch.float32)
         del b
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
         yield name, _DTYPE_NAMES[info.dtype], delta
 

@@ -57,3 +57,13 @@ class Codec(Protocol):
     def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
         """Payload size computed from the encoding's ranks, bits and kept entries alone."""
         ...
+
+
+# Optional: a codec whose encoding's metadata and part shapes follow from the tensor's shape alone
+# (``exact``) may also define
+#
+#     def layout(self, params, shape) -> tuple[dict, dict[str, tuple[str, list[int]]]] | None
+#
+# returning (meta, part name -> (safetensors dtype code, shape)). When every tensor of a pack has
+# one, the pack writer writes the file's header first and each tensor's parts straight into place
+# (graftbuild/skillpack.py), instead of spilling them and copying at the end.

@@ -21,7 +21,14 @@ class ExactParams(CodecParams):
 
 
 def encode_exact(delta: torch.Tensor, meta: dict[str, Any] | None = None) -> Encoded:
-    data = as_float32(delta).to("cpu", copy=True).contiguous()
+    import torch
+
+    from graftbuild.memory import empty
+
+    x = as_float32(delta)
+    # a copy (the codec keeps no reference to ``delta``), into memory that is cheap to fill
+    data = empty(4 * x.numel()).view(torch.float32).reshape(x.shape)
+    data.copy_(x)
     return Encoded({"data": data}, dict(meta or {}))
 
 
@@ -46,3 +53,10 @@ class ExactCodec:
 
     def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
         return 4 * numel(shape)
+
+    def layout(
+        self, params: CodecParams, shape: tuple[int, ...]
+    ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]]:
+        """(meta, part -> (safetensors dtype, shape)) of any delta of ``shape``, known before
+        encoding, so the pack writer can write the file's header first (skillpack.plan_layout)."""
+        return {}, {"data": ("F32", [int(d) for d in shape])}

@@ -1,0 +1,110 @@
+"""Repeated, interleaved rounds of (c): mergekit ``task_arithmetic``, graftbuild's fuse alone
+(packs cached) and graftbuild's whole pipeline from the raw models (cold ``make`` in an empty
+cache), medians and ratios. On a shared machine one pair of runs can land in different load;
+interleaving the three in every round and taking medians makes the ratios steadier.
+
+Every command is followed by a ``sync`` (timed apart), so none starts while the disk is still
+writing the previous one's output. graftbuild's objects are on disk (fsynced) when ``make``
+returns; mergekit's output is still in the page cache when it exits, so ``mergekit + sync`` is
+also reported: the same work with the output made durable.
+
+    python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
+    python benchmarks/bench_fuse_rounds.py /tmp/gb-bench/m07 --work /tmp/gb-bench/r07 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from bench_fuse import MERGEKIT, WEIGHTS, write_recipe
+from common import Run, competitor, graftbuild, timed
+
+
+def synced(label: str, cmd: list[str], cwd: Path, syncs: dict[str, list[float]]) -> Run:
+    """``timed`` then ``sync``; the sync's wall time is recorded under ``label``."""
+    run = timed(label, cmd, cwd)
+    t0 = time.perf_counter()
+    subprocess.run(["sync"], check=True)
+    syncs.setdefault(label, []).append(round(time.perf_counter() - t0, 3))
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", type=Path, help="folder with base/, x/, y/")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("--results", type=Path)
+    ap.add_argument("--clean", action="store_true", help="delete --work afterwards")
+    args = ap.parse_args()
+    models, work = args.models.resolve(), args.work.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    j = ["-j", str(args.jobs)]
+    cfg = work / "mergekit.yml"
+    cfg.write_text(MERGEKIT.format(models=models, wx=WEIGHTS["x"], wy=WEIGHTS["y"]))
+    recipe = write_recipe(work / "gb", models, "exact")
+    syncs: dict[str, list[float]] = {}
+    synced("packs", graftbuild("make", str(recipe), *j), work, syncs)
+    runs: dict[str, list[Run]] = {"mergekit": [], "fuse": [], "end_to_end": []}
+    for i in range(args.rounds):
+        shutil.rmtree(work / "mk", ignore_errors=True)
+        runs["mergekit"].append(
+            synced("mergekit", competitor("mergekit-yaml", str(cfg), str(work / "mk")), work, syncs)
+        )
+        # a new shard size changes only the fuse's key: the packs are reused
+        write_recipe(work / "gb", models, "exact", shard_size=2**40 + i + 1)
+        shutil.rmtree(work / "gb" / "out")  # each run materialises its output afresh
+        runs["fuse"].append(synced("fuse", graftbuild("make", str(recipe), *j), work / "gb", syncs))
+        shutil.rmtree(work / "gb" / "out")
+        runs["end_to_end"].append(
+            synced(
+                "end_to_end",
+                graftbuild("make", str(recipe), "--cache", "cold-cache", *j),
+                work / "gb",
+                syncs,
+            )
+        )
+        shutil.rmtree(work / "gb" / "cold-cache")
+    med = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
+    med["mergekit_plus_sync"] = statistics.median(
+        r.wall_s + s for r, s in zip(runs["mergekit"], syncs["mergekit"], strict=True)
+    )
+    rss = {k: max(r.peak_rss_mb for r in v) for k, v in runs.items()}
+    res = {
+        "model_bytes": sum(f.stat().st_size for f in (models / "base").glob("*.safetensors")),
+        "rounds": args.rounds,
+        "runs": {k: [r.__dict__ for r in v] for k, v in runs.items()},
+        "median_wall_s": med,
+        "syncs_s": syncs,
+        "max_peak_rss_mb": rss,
+        "ratios_vs_mergekit": {
+            "fuse_only_wall": round(med["fuse"] / med["mergekit"], 3),
+            "end_to_end_wall": round(med["end_to_end"] / med["mergekit"], 3),
+            "fuse_only_wall_vs_mergekit_plus_sync": round(
+                med["fuse"] / med["mergekit_plus_sync"], 3
+            ),
+            "end_to_end_wall_vs_mergekit_plus_sync": round(
+                med["end_to_end"] / med["mergekit_plus_sync"], 3
+            ),
+            "fuse_only_peak_rss": round(rss["fuse"] / rss["mergekit"], 3),
+            "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),
+        },
+    }
+    print(json.dumps(res, indent=1), flush=True)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(res, indent=1) + "\n")
+    if args.clean:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

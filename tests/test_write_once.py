@@ -1,0 +1,236 @@
+"""Outputs written once: packs with a known layout go straight to their file (same bytes as the
+spilled way), files are hashed while written and the store does not read them back unless they
+changed since, and the cheap finiteness test agrees with the entry-by-entry one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import graftbuild.hashing as hashing
+from graftbuild.hashing import hash_file, hash_written
+from graftbuild.memory import HUGE_MIN, empty, empty_like
+from graftbuild.skillpack import PackReader, PackWriter, TensorLayout, encode_tensor, plan_layout
+from graftbuild.store import Store
+from graftbuild.tensors import TensorInfo, all_finite, write_model_weights
+from graftbuild.writing import HashedWriter
+
+HEADER = {"base": "xxh3:0123"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def exact_contents() -> dict[str, tuple[str, str, torch.Tensor]]:
+    """name -> (role, original dtype, delta): names whose sorted order differs from the file's
+    (``a.b::data`` sorts before ``a::data``)."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "model.norm": ("norm", "bfloat16", torch.randn(64, generator=gen)),
+        "model.norm.weight": ("norm", "float32", torch.randn(64, generator=gen)),
+        "lm_head.weight": ("head", "float16", torch.randn(48, 64, generator=gen)),
+        "model.embed_tokens.weight": ("embed", "float32", torch.randn(96, 64, generator=gen)),
+        "scalar": ("other", "float32", torch.tensor(0.25)),
+    }
+
+
+def write_spilled(path: Path, names: list[str]) -> None:
+    contents = exact_contents()
+    with PackWriter(path, HEADER) as writer:
+        assert writer.order is None
+        for name in names:
+            role, dtype, delta = contents[name]
+            codec, params, enc = encode_tensor(delta, {"method": "exact"})
+            writer.add(name, role, codec, params, delta.shape, dtype, enc)
+
+
+def layout_of(contents: dict[str, tuple[str, str, torch.Tensor]]) -> dict[str, TensorLayout]:
+    out = {}
+    for name, (role, dtype, delta) in contents.items():
+        planned = plan_layout({"method": "exact"}, role, tuple(delta.shape), dtype)
+        assert planned is not None
+        out[name] = planned
+    return out
+
+
+def write_planned(path: Path) -> list[str]:
+    contents = exact_contents()
+    with PackWriter(path, HEADER, layout_of(contents)) as writer:
+        assert writer.order is not None and sorted(writer.order) == sorted(contents)
+        for name in writer.order:
+            role, dtype, delta = contents[name]
+            codec, params, enc = encode_tensor(delta, {"method": "exact"})
+            writer.add(name, role, codec, params, delta.shape, dtype, enc)
+        return list(writer.order)
+
+
+def test_planned_pack_has_the_spilled_packs_bytes(tmp_path: Path) -> None:
+    names = list(exact_contents())
+    write_spilled(tmp_path / "spilled.safetensors", names[::-1])
+    order = write_planned(tmp_path / "planned.safetensors")
+    assert order != sorted(names)  # the file's order, not the names'
+    planned = (tmp_path / "planned.safetensors").read_bytes()
+    assert planned == (tmp_path / "spilled.safetensors").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["planned.safetensors", "spilled.safetensors"]
+    with PackReader(tmp_path / "planned.safetensors") as reader:
+        for name, (_, _, delta) in exact_contents().items():
+            assert torch.equal(reader.decode(name), delta)
+
+
+def test_planned_writer_refuses_what_the_layout_did_not_promise(tmp_path: Path) -> None:
+    contents = exact_contents()
+    path = tmp_path / "p.safetensors"
+    with PackWriter(path, HEADER, layout_of(contents)) as writer:
+        assert writer.order is not None
+        first, second = writer.order[0], writer.order[1]
+        role, dtype, delta = contents[second]
+        codec, params, enc = encode_tensor(delta, {"method": "exact"})
+        with pytest.raises(ValueError, match="out of order"):
+            writer.add(second, role, codec, params, delta.shape, dtype, enc)
+        role, dtype, delta = contents[first]
+        wrong = torch.zeros(delta.numel() + 1)
+        codec, params, enc = encode_tensor(wrong, {"method": "exact"})
+        with pytest.raises(ValueError, match="does not match the planned layout"):
+            writer.add(first, role, codec, params, wrong.shape, dtype, enc)
+        codec, params, enc = encode_tensor(delta, {"method": "exact"})
+        with pytest.raises(ValueError, match="does not match the planned layout"):
+            writer.add(first, "other", codec, params, delta.shape, dtype, enc)
+        writer.add(first, role, codec, params, delta.shape, dtype, enc)
+        with pytest.raises(ValueError, match="added twice"):
+            writer.add(first, role, codec, params, delta.shape, dtype, enc)
+        with pytest.raises(ValueError, match="tensors never added"):
+            writer.close()
+    assert os.listdir(tmp_path) == []  # nothing half-written is left
+
+
+def test_a_layout_whose_parts_interleave_falls_back_to_spilling(tmp_path: Path) -> None:
+    # "a" has a float32 and a float16 part, "b" one float32 part: the file holds a::x, b::x,
+    # a::y (widest first), so "a" cannot be written in one piece.
+    layout = {
+        "a": TensorLayout("other", "exact", {}, (4,), "float32", {}, {"x": ("F32", [4]),
+                                                                       "y": ("F16", [4])}),
+        "b": TensorLayout("other", "exact", {}, (4,), "float32", {}, {"x": ("F32", [4])}),
+    }  # fmt: skip
+    with PackWriter(tmp_path / "p.safetensors", HEADER, layout) as writer:
+        assert writer.order is None
+        codec, params, enc = encode_tensor(torch.ones(4), {"method": "exact"})
+        writer.add("b", "other", codec, params, (4,), "float32", enc)
+    with PackReader(tmp_path / "p.safetensors") as reader:
+        assert reader.names() == ["b"]
+
+
+def test_only_codecs_that_know_their_layout_plan_one() -> None:
+    assert plan_layout({"method": "exact"}, "mlp", (3, 5), "float32") == TensorLayout(
+        "mlp", "exact", {}, (3, 5), "float32", {}, {"data": ("F32", [3, 5])}
+    )
+    assert plan_layout({"method": "lowrank", "rank": 2}, "mlp", (3, 5), "float32") is None
+    assert plan_layout({"method": "prune", "keep": 0.5}, "mlp", (3, 5), "float32") is None
+
+
+def test_hashed_writer_hashes_exactly_what_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    writer = HashedWriter(path)
+    chunks = [b"header", torch.arange(100_000, dtype=torch.int32).numpy(), bytearray(3)]
+    for chunk in chunks:
+        writer.write(chunk)
+    writer.close()
+    assert writer.size == path.stat().st_size == 6 + 400_000 + 3
+    assert writer.digest == hash_file(path)
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    read: list[Path] = []
+
+    def counting(path: Path) -> str:
+        read.append(Path(path))
+        return hash_file(path)
+
+    monkeypatch.setattr(hashing, "hash_file", counting)
+    return read
+
+
+def test_commit_takes_the_writers_hashes_and_reads_a_file_changed_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "cache")
+    infos = [TensorInfo("w", (256, 64), "F32", Path("w")), TensorInfo("v", (64,), "F32", Path())]
+    tensors = {"w": torch.randn(256, 64), "v": torch.randn(64)}
+    read = count_reads(monkeypatch)
+    with store.staging("fuse:x") as out:
+        write_pack_and_model(out, infos, tensors)
+        (out / "config.json").write_text("{}")  # written by plain code: read to hash it
+        digest = store.commit(out)
+    obj = store.object_path(digest)
+    assert sorted(p.name for p in read) == ["config.json"]
+    assert store.verify(digest, full=True) is None  # the recorded hashes are the true ones
+
+    read.clear()
+    with store.staging("fuse:y") as out:
+        write_pack_and_model(out, infos, tensors)
+        pack = out / "skillpack.safetensors"
+        data = bytearray(pack.read_bytes())
+        data[-1] ^= 0xFF  # replaced after its writer hashed it: same size, another inode
+        (out / "new").write_bytes(bytes(data))
+        os.replace(out / "new", pack)
+        digest2 = store.commit(out)
+    assert [p.name for p in read] == ["skillpack.safetensors"]
+    assert digest2 != digest and store.verify(digest2, full=True) is None
+    assert obj.is_dir()
+
+
+def write_pack_and_model(out: Path, infos: list[TensorInfo], tensors: dict) -> None:
+    write_model_weights(out, infos, iter(tensors.items()), shard_size=2**40)
+    contents = exact_contents()
+    with PackWriter(out / "skillpack.safetensors", HEADER, layout_of(contents)) as writer:
+        assert writer.order is not None
+        for name in writer.order:
+            role, dtype, delta = contents[name]
+            codec, params, enc = encode_tensor(delta, {"method": "exact"})
+            writer.add(name, role, codec, params, delta.shape, dtype, enc)
+
+
+def test_hash_written_is_used_once_and_only_for_the_file_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    writer = HashedWriter(path)
+    writer.write(b"abc")
+    writer.close()
+    hashing.note_written(path, "not-the-real-hash")  # as if a writer had recorded it
+    assert hash_written(path) == "not-the-real-hash"
+    assert hash_written(path) == hash_file(path)  # the record is taken once
+    hashing.note_written(path, "not-the-real-hash")
+    path.write_bytes(b"abcd")  # rewritten: another size
+    assert hash_written(path) == hash_file(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        ([1.0, -2.0, 3.5], torch.float32, True),
+        ([1.0, float("nan"), 3.0], torch.float32, False),
+        ([float("inf"), 1.0], torch.float32, False),
+        ([float("-inf"), float("inf")], torch.float32, False),
+        ([3e38, 3e38, 3e38, -1.0], torch.float32, True),  # the sum overflows; entries do not
+        ([3e38, float("nan")], torch.float32, False),
+        ([60000.0, 60000.0], torch.float16, True),
+        ([60000.0, float("inf")], torch.float16, False),
+        ([], torch.float32, True),
+    ],
+)
+def test_all_finite(values: list[float], dtype: torch.dtype, expected: bool) -> None:
+    t = torch.tensor(values, dtype=dtype)
+    assert all_finite(t) is expected
+    assert bool(torch.isfinite(t).all()) is expected
+
+
+@pytest.mark.parametrize("nbytes", [0, 1000, HUGE_MIN, HUGE_MIN + 12])
+def test_fresh_buffers_are_writable_tensors_of_their_size(nbytes: int) -> None:
+    buf = empty(nbytes)
+    assert buf.dtype == torch.uint8 and buf.numel() == nbytes
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * nbytes
+    like = empty_like(torch.zeros(3, nbytes // 12 + 1), torch.float64)
+    assert like.shape == (3, nbytes // 12 + 1) and like.dtype == torch.float64
+    like.fill_(1.5)
+    assert float(like.sum()) == 1.5 * like.numel()
