@@ -131,6 +131,37 @@ def total_steps(train: dict[str, Any], examples: int) -> int:
     return max(1, math.ceil(float(train["epochs"]) * math.ceil(examples / train["batch_size"])))
 
 
+def fit(
+    ctx: StepContext,
+    kind: str,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    train: dict[str, Any],
+    **config: Any,
+) -> Any:
+    """Train ``model`` on ``rows`` with TRL's ``{kind}Trainer`` (``SFT`` or ``DPO``), the recipe's
+    spec ``train`` and the trainer-specific ``config``; the trainer's scratch folder is removed
+    afterwards. Returns the trained model, LoRA adapters merged."""
+    import tempfile
+
+    from datasets import Dataset
+
+    trl = require_trl()
+    with tempfile.TemporaryDirectory(prefix=f"graftbuild-{kind.lower()}-") as scratch:
+        args = getattr(trl, f"{kind}Config")(
+            **common_args(train, Path(scratch), ctx.settings.device), **config
+        )
+        trainer = getattr(trl, f"{kind}Trainer")(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(train),
+        )
+        return run_trainer(ctx, trainer, total_steps(train, len(rows)))
+
+
 def run_trainer(ctx: StepContext, trainer: Any, steps: int) -> Any:
     """Train with our progress bar; returns the trained model with any LoRA adapters merged."""
     import math

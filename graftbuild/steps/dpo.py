@@ -9,8 +9,6 @@ only one model is in memory.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 from graftbuild.errors import BuildError
@@ -22,21 +20,11 @@ class DpoStep:
     version: ClassVar[int] = 1
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.training import require_trl
-
-        trl = require_trl()
-        from datasets import Dataset
-
         from graftbuild.generation import generate, read_generations, render_prompt
         from graftbuild.modeling import load_causal_lm, load_tokenizer
-        from graftbuild.training import (
-            common_args,
-            lora_config,
-            quiet_training,
-            run_trainer,
-            save_like_base,
-            total_steps,
-        )
+        from graftbuild.training import fit, quiet_training, require_trl, save_like_base
+
+        require_trl()  # before any work: a missing extra is the user's to fix
 
         train, sft, gen = ctx.config["train"], ctx.config["sft"], ctx.config["generation"]
         model_dir, device = ctx.inputs["model"], ctx.settings.device
@@ -67,22 +55,18 @@ class DpoStep:
                     "prompt, so there is no preference to learn; remove `dpo` from the transfer"
                 )
             ctx.progress.log(f"{ctx.node_id}: {len(rows)} preference pairs of {len(taught)}")
-            with tempfile.TemporaryDirectory(prefix="graftbuild-dpo-") as scratch:
-                args = trl.DPOConfig(
-                    **common_args(train, Path(scratch), device),
-                    beta=train["beta"],
-                    **dpo_loss(train),
-                    max_length=sft["max_len"],
-                    precompute_ref_log_probs=True,
-                )
-                trainer = trl.DPOTrainer(
-                    model=model,
-                    args=args,
-                    train_dataset=Dataset.from_list(rows),
-                    processing_class=tok,
-                    peft_config=lora_config(train),
-                )
-                model = run_trainer(ctx, trainer, total_steps(train, len(rows)))
+            model = fit(
+                ctx,
+                "DPO",
+                model,
+                tok,
+                rows,
+                train,
+                beta=train["beta"],
+                max_length=sft["max_len"],
+                precompute_ref_log_probs=True,
+                **dpo_loss(train),
+            )
             save_like_base(model, model_dir, ctx.out, ctx.node_id)
 
 

@@ -11,8 +11,6 @@ tokenizer, so the pack step pairs it with the base tensor by tensor.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 from graftbuild.steps.base import StepContext
@@ -23,47 +21,20 @@ class SftStep:
     version: ClassVar[int] = 1
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.training import require_trl
-
-        trl = require_trl()
-        from datasets import Dataset
-
         from graftbuild.modeling import load_causal_lm, load_tokenizer
-        from graftbuild.training import (
-            common_args,
-            lora_config,
-            quiet_training,
-            run_trainer,
-            save_like_base,
-            total_steps,
-        )
+        from graftbuild.training import fit, quiet_training, require_trl, save_like_base
 
+        require_trl()  # before any work: a missing extra is the user's to fix
         train, data = ctx.config["train"], ctx.config["data"]
         base_dir = ctx.inputs["base"]
-        device = ctx.settings.device
         with quiet_training():
             tok = load_tokenizer(base_dir)
             if data["kind"] == "text":
                 rows, max_length = self._text_rows(ctx, tok, data), data["seq_len"]
             else:
                 rows, max_length = self._pair_rows(ctx, tok, data), data["max_len"]
-            dataset = Dataset.from_list(rows)
-            model = load_causal_lm(base_dir, device)
-            with tempfile.TemporaryDirectory(prefix="graftbuild-sft-") as scratch:
-                args = trl.SFTConfig(
-                    **common_args(train, Path(scratch), device),
-                    max_length=max_length,
-                    packing=False,
-                    dataset_num_proc=None,
-                )
-                trainer = trl.SFTTrainer(
-                    model=model,
-                    args=args,
-                    train_dataset=dataset,
-                    processing_class=tok,
-                    peft_config=lora_config(train),
-                )
-                model = run_trainer(ctx, trainer, total_steps(train, len(rows)))
+            model = load_causal_lm(base_dir, ctx.settings.device)
+            model = fit(ctx, "SFT", model, tok, rows, train, max_length=max_length, packing=False)
             save_like_base(model, base_dir, ctx.out, ctx.node_id)
 
     @staticmethod
