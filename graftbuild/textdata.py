@@ -12,27 +12,41 @@ if TYPE_CHECKING:
     import torch
 
 
-def read_examples(path: Path, field: str = "text") -> list[str]:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"data file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    examples: list[str] = []
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of each non-blank line."""
+    rows = []
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except ValueError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _has_strings(row: Any, *fields: str) -> bool:
+    return isinstance(row, dict) and all(isinstance(row.get(f), str) for f in fields)
+
+
+def read_examples(path: Path, field: str = "text") -> list[str]:
     if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        examples = []
+        for i, row in _jsonl_rows(path):
+            if not _has_strings(row, field):
                 raise UserError(f"{path}:{i}: expected an object with a string field {field!r}")
             examples.append(row[field])
     else:
-        examples = [line for line in text.splitlines() if line.strip()]
+        examples = [line for line in _read_text(path).splitlines() if line.strip()]
     if not examples:
         raise UserError(f"{path}: no examples in this file")
     return examples
@@ -60,27 +74,12 @@ def read_pairs(path: Path) -> list[tuple[str, str]] | None:
     ``response``; None for any other file (it is plain text, scored on every token)."""
     if path.suffix != ".jsonl":
         return None
-    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
-    rows = []
-    for i, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e})") from None
-        rows.append((i, row))
-    if not rows or not (isinstance(rows[0][1], dict) and {"prompt", "response"} <= set(rows[0][1])):
+    rows = _jsonl_rows(path)
+    if not rows or not _has_strings(rows[0][1], "prompt", "response"):
         return None
-    out = []
     for i, row in rows:
-        if not (
-            isinstance(row, dict)
-            and isinstance(row.get("prompt"), str)
-            and isinstance(row.get("response"), str)
-        ):
+        if not _has_strings(row, "prompt", "response"):
             raise UserError(
                 f"{path}:{i}: expected an object with string fields 'prompt' and 'response'"
             )
-        out.append((row["prompt"], row["response"]))
-    return out
+    return [(row["prompt"], row["response"]) for _, row in rows]
