@@ -83,6 +83,5 @@ def write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_generations(folder: Path) -> list[dict[str, Any]]:
-    path = folder / GENERATIONS_FILE
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return rows
+    text = (folder / GENERATIONS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line]

@@ -24,29 +24,33 @@ class EvalStep:
     def run(self, ctx: StepContext) -> None:
         from graftbuild.textdata import read_examples, read_pairs
 
-        cfg = ctx.config
-        texts: dict[str, list[str] | list[tuple[str, str]]] = {}
+        cfg, device = ctx.config, ctx.settings.device
+        pairs: dict[str, list[tuple[str, str]]] = {}
+        texts: dict[str, list[str]] = {}
         for d in cfg["datasets"]:
             path = ctx.files[f"data.{d}"]
-            texts[d] = read_pairs(path) or read_examples(path, cfg["field"])
+            rows = read_pairs(path)
+            if rows is not None:
+                pairs[d] = rows
+            else:
+                texts[d] = read_examples(path, cfg["field"])
         results: dict[str, dict[str, dict[str, float]]] = {}
-        total = len(cfg["models"]) * len(texts)
+        total = len(cfg["models"]) * len(cfg["datasets"])
         with ctx.progress.task(f"eval {ctx.node_id}", total) as advance:
             for i, model_id in enumerate(cfg["models"]):
                 folder = ctx.inputs[f"model.{i}"]
                 results[model_id] = {}
-                for d, examples in texts.items():
-                    source, device = ctx.files[f"data.{d}"], ctx.settings.device
-                    if isinstance(examples[0], tuple):
-                        loss, tokens = response_loss(folder, examples, cfg["batch_size"], device)  # type: ignore[arg-type]
+                for d in cfg["datasets"]:
+                    if d in pairs:
+                        loss, tokens = response_loss(folder, pairs[d], cfg["batch_size"], device)
                     else:
                         loss, tokens = heldout_loss(
                             folder,
-                            examples,
+                            texts[d],
                             cfg["seq_len"],
                             cfg["batch_size"],
-                            source,
-                            device,  # type: ignore[arg-type]
+                            ctx.files[f"data.{d}"],
+                            device,
                         )
                     results[model_id][d] = {
                         "loss": round(loss, 6),

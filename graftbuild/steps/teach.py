@@ -18,7 +18,12 @@ class TeachStep:
     version: ClassVar[int] = 1
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.generation import GENERATIONS_FILE, generate, render_prompt
+        from graftbuild.generation import (
+            GENERATIONS_FILE,
+            generate,
+            render_prompt,
+            write_generations,
+        )
         from graftbuild.modeling import load_causal_lm, load_tokenizer
         from graftbuild.textdata import read_examples
 
@@ -29,10 +34,7 @@ class TeachStep:
         try:
             tok = load_tokenizer(teacher_dir)
         except UserError as e:
-            raise UserError(
-                f"{where}.teacher: the teacher needs its own tokenizer in its folder "
-                f"(tokenizer.json or tokenizer_config.json with its vocabulary): {e}"
-            ) from None
+            raise UserError(f"{where}.teacher: the teacher needs its own tokenizer: {e}") from None
         here = f"{where}.generation"
         texts = [render_prompt(tok, p, gen["chat_template"], here) for p in prompts]
         model = load_causal_lm(teacher_dir, ctx.settings.device)
@@ -45,6 +47,4 @@ class TeachStep:
             for p, rs in zip(prompts, answers, strict=True)
             for k, r in enumerate(rs)
         ]
-        from graftbuild.generation import write_generations
-
         write_generations(ctx.out / GENERATIONS_FILE, rows)
