@@ -161,3 +161,12 @@ def test_statistics_match_the_layer_inputs(model_folders: Path) -> None:
     expected = x.T @ x / len(x)
     assert torch.allclose(stats["model.layers.1.mlp.up_proj.weight"], expected, atol=1e-5)
     assert float(freq[ids.reshape(-1)].min()) > 0
+
+
+def test_identity_hessian_matches_rtn_at_a_rounding_tie() -> None:
+    """A case hypothesis found: one value per group sits at a rounding tie, where multiplying by
+    1/scale and dividing by scale round to different codes; GPTQ must divide, as RTN does."""
+    w = torch.randn(1, 24, generator=torch.Generator().manual_seed(2629))
+    out = gptq_rows(w, torch.eye(24), [8], 1, damp=0.0, act_order=False)
+    assert out is not None
+    assert torch.equal(quantize_to_grid(*out, 8, 1).codes, quantize_rtn(w, 8, 1).codes)

@@ -138,8 +138,11 @@ def _on_grid_rows(
     ``levels`` = 2**bits - 1 per row. A zero scale (a constant group) maps to ``zero``."""
     import torch
 
-    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
-    q = torch.minimum((w - zero).mul_(inv).round_().clamp_(min=0), levels)
+    # Divide as quantize_rtn does: a multiply by 1/scale rounds differently at exact ties, and
+    # then an identity Hessian no longer gives RTN's codes.
+    positive = scale > 0
+    q = (w - zero).div_(torch.where(positive, scale, 1.0)).round_().clamp_(min=0)
+    q = torch.where(positive, torch.minimum(q, levels), 0.0)
     return q.mul_(scale).add_(zero)
 
 

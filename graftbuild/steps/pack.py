@@ -22,7 +22,9 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 class PackStep:
     name: ClassVar[str] = "pack"
-    version: ClassVar[int] = 2  # 2: lowrank encodes small rank budgets with a randomized SVD
+    # 2: lowrank encodes small rank budgets with a randomized SVD
+    # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
+    version: ClassVar[int] = 3
 
     def run(self, ctx: StepContext) -> None:
         import torch
