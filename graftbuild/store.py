@@ -13,7 +13,8 @@ An object appears under ``objects/`` only by an atomic rename of a complete, fsy
 that carries its manifest, and an action entry is written only after its object exists, so a
 crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
 that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
-through the stat cache: only files whose stat changed are re-read) and a corrupt one is removed
+through the stat cache: only files whose size, mtime or inode changed are re-read; a ctime
+change alone is an output folder linking or unlinking it) and a corrupt one is removed
 and rebuilt; ``graftbuild fsck`` re-reads everything.
 """
 
@@ -98,7 +99,7 @@ class Store:
         obj = self.object_path(digest)
         if full:
             return check_object(obj, digest, hash_file)
-        if check_object(obj, digest, self.stat_cache.file) is None:
+        if check_object(obj, digest, self.stat_cache.object_file) is None:
             return None
         problem = check_object(obj, digest, hash_file)
         if problem is None:  # a wrong stat-cache entry, not a wrong object
