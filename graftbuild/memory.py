@@ -60,12 +60,16 @@ def empty(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive
 
 
-def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialised tensor shaped like ``t`` (on its device), a CPU one from ``empty``."""
+def empty_like(
+    t: torch.Tensor, dtype: torch.dtype | None = None, device: str | None = None
+) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``t``, on ``device`` (default: ``t``'s); a CPU one
+    from ``empty``."""
     import torch
 
     dtype = dtype or t.dtype
-    if t.device.type != "cpu":
-        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    target = torch.device(device) if device is not None else t.device
+    if target.type != "cpu":
+        return torch.empty(t.shape, dtype=dtype, device=target)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return empty(t.numel() * itemsize).view(dtype).view(t.shape)

@@ -513,7 +513,8 @@ class PackReader:
         codec = self._codec(name, entry)
         shape = tuple(int(d) for d in entry["shape"])
         assert self._raw is not None
-        parts = {p: self._raw.read(part_key(name, p)) for p in entry["parts"]}
+        # copy-on-write maps: a codec that only reads its parts copies nothing
+        parts = {p: self._raw.map(part_key(name, p)) for p in entry["parts"]}
         out = codec.decode(parts, entry.get("meta", {}), shape)
         if tuple(out.shape) != shape:
             raise UserError(

@@ -3,15 +3,17 @@
 Reading takes one tensor at a time straight from the file (``pread`` at the offsets the header
 gives, into the tensor's own buffer); writing streams tensors into (possibly sharded) files whose
 headers are laid out in advance, so neither side ever holds a whole model. Reading with ``pread``
-rather than through a memory map keeps the process's resident memory to the tensors in hand: a
-mapped file's touched pages count as the process's own (RSS) until it is unmapped, so reading a
-whole model through a map looks like holding it. Weights are read from safetensors only: pickle
-formats are refused, never loaded.
+rather than through one memory map of the whole file keeps the process's resident memory to the
+tensors in hand: a mapped file's touched pages count as the process's own (RSS) until it is
+unmapped, so reading a whole model through a map looks like holding it. Steps that only read a
+tensor take ``map``: a copy-on-write mapping of that one tensor, unmapped when it is freed.
+Weights are read from safetensors only: pickle formats are refused, never loaded.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -225,14 +227,55 @@ class TensorFile:
             ) from None
         return buf.view(dtype).reshape(info.shape)
 
+    def map(self, name: str) -> torch.Tensor:
+        """The stored bytes of ``name`` as a copy-on-write mapping of the file.
+
+        Reading it costs no copy: its pages are the page cache's own, mapped on first touch. It
+        behaves as a private tensor: a write copies the touched pages and never reaches the file.
+        So a step that only reads a tensor (a fuse reading the base, a pack subtracting two
+        models) saves the copy ``read`` makes, about half the cost of a warm read. The mapping
+        covers this tensor's pages alone and is unmapped when the tensor is freed, so resident
+        memory stays that of the tensors in hand. Falls back to ``read`` for an empty tensor or
+        one whose bytes are not aligned for its dtype."""
+        import torch
+
+        info = self.infos[name]
+        begin, end = info.offsets
+        offset = self._start + begin
+        itemsize = ST_ITEMSIZE.get(info.dtype, 1)
+        if end == begin or offset % itemsize or not _CAN_MAP:
+            return self.read(name)
+        try:
+            dtype = st_to_torch_dtype(info.dtype)
+        except KeyError:
+            raise UserError(
+                f"{self.path}: tensor {name!r}: unsupported dtype {info.dtype}"
+            ) from None
+        if os.fstat(self._fd).st_size < offset + end - begin:  # mapping past the end: SIGBUS
+            raise UserError(f"{self.path}: file truncated while reading tensor {name!r}")
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(
+            self._fd,
+            offset + end - begin - aligned,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=aligned,
+        )
+        data = torch.frombuffer(region, dtype=torch.uint8)[offset - aligned :]  # keeps region
+        return data.view(dtype).reshape(info.shape)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
+_CAN_MAP = hasattr(mmap, "MAP_PRIVATE")
+
+
 class ModelWeights:
-    """Lazy, memory-mapped access to a model folder's tensors, one at a time."""
+    """Lazy access to a model folder's tensors, one at a time: fresh reads (``get``) or
+    copy-on-write mappings (``map``)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -274,6 +317,11 @@ class ModelWeights:
         """A fresh CPU tensor (safe to call from several threads at once)."""
         info = self.infos[name]
         return self._handles[info.file].read(name)
+
+    def map(self, name: str) -> torch.Tensor:
+        """A copy-on-write mapping of the stored tensor, for reading (``TensorFile.map``)."""
+        info = self.infos[name]
+        return self._handles[info.file].map(name)
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> None:

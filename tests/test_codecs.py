@@ -117,12 +117,20 @@ def test_exact_round_trips_bit_for_bit(shape: list[int], dtype: torch.dtype, see
     assert codec.expected_nbytes(enc.meta, tuple(delta.shape)) == enc.nbytes
 
 
-def test_exact_does_not_alias_input() -> None:
-    delta = torch.ones(3, 3)
+def test_exact_stores_a_float32_delta_without_copying_it() -> None:
+    # A pack of a 3 GB model would otherwise copy 3 GB: the encoding holds the delta itself
+    # (callers drop a delta once encoded), and copies only what it converts.
     codec, params = parse_spec({"method": "exact"})
+    delta = torch.randn(4, 6)
     enc = codec.encode(delta, params)
-    delta += 1
-    assert torch.equal(enc.parts["data"], torch.ones(3, 3))
+    assert enc.parts["data"].data_ptr() == delta.data_ptr()
+    half = torch.randn(4, 6).half()
+    enc = codec.encode(half, params)
+    assert enc.parts["data"].dtype == torch.float32
+    assert torch.equal(enc.parts["data"], half.float())
+    strided = torch.randn(6, 4).t()
+    enc = codec.encode(strided, params)
+    assert enc.parts["data"].is_contiguous() and torch.equal(enc.parts["data"], strided)
 
 
 # --- budgets: more budget never means more error ----------------------------------------------

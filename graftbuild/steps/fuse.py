@@ -21,7 +21,7 @@ class FuseStep:
         from contextlib import ExitStack
 
         from graftbuild.fusion import get_strategy
-        from graftbuild.memory import release_freed_tensors
+        from graftbuild.memory import empty_like, release_freed_tensors
         from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackReader
         from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
@@ -51,11 +51,10 @@ class FuseStep:
                 """One fused tensor (runs on a -j worker; reads only this tensor's inputs)."""
                 import torch
 
-                b = base.get(name)
-                acc = b.to(device=device, dtype=torch.float32)
+                b = base.map(name)  # read, never written: no copy of the stored bytes
+                acc = empty_like(b, dtype=torch.float32, device=device).copy_(b)
                 if fold is not None:
-                    # One delta in memory at a time. ``acc`` is ours to overwrite: a fresh read
-                    # (or its converted copy); never the base's own storage elsewhere.
+                    # One delta in memory at a time; ``acc`` is a fresh buffer, ours to overwrite.
                     for r, w in zip(readers, cfg["weights"], strict=True):
                         if name in r.entries:
                             acc = fold(acc, r.decode(name).to(device), w, params, name)

@@ -31,7 +31,7 @@ class PackStep:
 
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
-        from graftbuild.memory import release_freed_tensors
+        from graftbuild.memory import empty_like, release_freed_tensors
         from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackWriter, encode_tensor, plan_layout
         from graftbuild.tensors import ModelWeights, all_finite
@@ -85,10 +85,12 @@ class PackStep:
 
             def encode(name: str) -> tuple:
                 """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
-                b = base.get(name).to(device=device, dtype=torch.float32)
-                # a fresh read (or its converted copy) is ours: subtract in place
-                delta = src.get(name).to(device=device, dtype=torch.float32).sub_(b)
-                del b
+                # both read through copy-on-write maps (no copy of the stored bytes), the delta
+                # into a fresh buffer
+                b = base.map(name).to(device=device, dtype=torch.float32)
+                x = src.map(name).to(device=device, dtype=torch.float32)
+                delta = torch.sub(x, b, out=empty_like(x))
+                del b, x
                 if not all_finite(delta):
                     raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
                 role = classify(name, delta.ndim, profile["roles"])

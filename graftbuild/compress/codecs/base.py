@@ -45,7 +45,8 @@ class Codec(Protocol):
     Params: ClassVar[type[CodecParams]]
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
-        """Encode a float32 delta (any shape). Must not keep references to ``delta``."""
+        """Encode a float32 delta (any shape). Parts may share memory with ``delta`` (``exact``
+        stores it as is), so callers must not modify ``delta`` once it is encoded."""
         ...
 
     def decode(
