@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +261,17 @@ def test_copied_outputs_are_fsynced_and_dated_now(
     assert weights.stat().st_mtime >= start - 1  # not the object's mtime: copy2 would keep it
     assert weights.stat().st_mode & 0o222 == 0  # read-only, like the object
     assert make(path_project).built == []
+
+
+def test_other_processes_stay_immediate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ``make``'s own process selects deferred: a fresh interpreter (a Ray worker, a
+    library user) fsyncs objects."""
+    code = "from graftbuild import durability; print(durability.mode())"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == durability.IMMEDIATE
+    assert durability.requested() == durability.DEFERRED
+    for value, mode in (("0", durability.DEFERRED), ("1", durability.IMMEDIATE)):
+        monkeypatch.setenv("GRAFTBUILD_FSYNC", value)
+        assert durability.requested() == mode
+    assert durability.requested(fsync=True) == durability.IMMEDIATE
