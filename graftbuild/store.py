@@ -10,10 +10,10 @@ Layout (all under the cache root)::
     lock                    an flock held by a running build
     durability.json         since when this boot's files may not be on disk (+ its flock file)
 
-An object appears under ``objects/`` only by an atomic rename of a complete folder that carries
-its manifest, and an action entry is written only after its object exists, so a killed build
-leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object that
-looks whole. An object is checked against its manifest every time a build uses it (cheaply,
+An object appears under ``objects/`` only by an atomic rename of a complete folder (see below)
+that carries its manifest, and an action entry is written only after its object exists, so a
+crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
+that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
 through the stat cache: only files whose stat changed are re-read) and a corrupt one is removed
 and rebuilt; ``graftbuild fsck`` re-reads everything.
 
