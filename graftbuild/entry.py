@@ -19,7 +19,7 @@ DEFAULT_RECIPE = "graftbuild.toml"
 # a build would run, and nothing runs on a no-op.
 _OPTIONS = {
     "make": {"--json": False, "-q": False, "--quiet": False, "--cache": True, "--device": True,
-             "-j": True, "--jobs": True},
+             "-j": True, "--jobs": True, "--fsync": False},
     "plan": {"--json": False, "--cache": True},
 }  # fmt: skip
 

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from graftbuild import durability
 from graftbuild.hashing import TreeHash, combine, hash_written, iter_files, tree_hash_uncached
 
 MANIFEST = ".graftbuild-object.json"
@@ -24,15 +25,18 @@ Hasher = Callable[[Path], str]
 
 
 def write_manifest(folder: Path) -> TreeHash:
-    """Hash a freshly written folder and record its manifest in it; fsyncs every file, so an
-    object that survives a power cut is whole. A file whose writer hashed it while writing it
-    (``hashing.note_written``) and that is unchanged since is not read again."""
+    """Hash a freshly written folder and record its manifest in it. In immediate mode it fsyncs
+    every file and the folder, so an object that survives a power cut is whole (deferred mode:
+    graftbuild/durability.py re-checks objects after a crash instead). A file whose writer
+    hashed it while writing it (``hashing.note_written``) and that is unchanged since is not read
+    again."""
     th = tree_hash_uncached(folder, hash_written)
     files = {rel: [(folder / rel).stat().st_size, h] for rel, h in th.files.items()}
     (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, sort_keys=True))
-    for _, p in iter_files(folder, keep=lambda rel: True):
-        _fsync(p)
-    _fsync(folder)
+    if durability.fsync_objects():
+        for _, p in iter_files(folder, keep=lambda rel: True):
+            _fsync(p)
+        _fsync(folder)
     return th
 
 

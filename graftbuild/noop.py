@@ -14,7 +14,9 @@ every successful ``make`` we record what the build depended on:
 The next ``make``/``plan`` with the same recipe and targets first re-stats exactly those paths
 (tens of milliseconds for a few hundred files); if every signature matches, it prints the
 previous result and stops, without importing torch, networkx, pydantic, click or rich. Any
-difference, or anything unexpected, falls back to the full planner, which then decides.
+difference, or anything unexpected, falls back to the full planner, which then decides; so
+does a reboot after a build whose objects may not have reached the disk (graftbuild/durability.py:
+their stat may be unchanged while their bytes are lost).
 A slow-path ``make`` deletes the record before it builds and writes a new one after success.
 """
 
@@ -25,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from graftbuild import __version__
+from graftbuild import __version__, durability
 from graftbuild.hashing import hash_bytes, hash_obj, iter_files, signature
 
 RECORD_VERSION = 1
@@ -111,6 +113,8 @@ def check(recipe_path: Path, targets: list[str], override: Path | None) -> dict[
         recipe_path = recipe_path.resolve()
         recipe_bytes = recipe_path.read_bytes()
         cache = cache_root(recipe_path, recipe_bytes, override)
+        if durability.unsynced_elsewhere(cache):  # a reboot since a deferred build: recheck
+            return None
         record = json.loads(record_path(cache, recipe_path, targets).read_bytes())
         if (
             record.get("version") != RECORD_VERSION

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from safetensors import safe_open
 
+from graftbuild import durability
 from graftbuild.compress.codecs import Encoded, get_codec, parse_spec
 from graftbuild.compress.roles import ROLES
 from graftbuild.errors import UserError
@@ -341,7 +342,8 @@ class PackWriter:
                 out = self._write_from_spill()
             assert out is not None
             os.fchmod(out.fileno(), 0o666 & ~_UMASK)
-            out.sync()
+            if durability.fsync_objects():  # else written back by the kernel: durability.py
+                out.sync()
             out.close()
             assert self._tmp is not None
             os.replace(self._tmp, self.path)

@@ -8,14 +8,20 @@ Layout (all under the cache root)::
     stat.json               the stat cache (see hashing.StatCache)
     tmp/                    step outputs being written; renamed into objects/ when complete
     lock                    an flock held by a running build
+    durability.json         since when this boot's files may not be on disk (+ its flock file)
 
-An object appears under ``objects/`` only by an atomic rename of a complete, fsynced folder
+An object appears under ``objects/`` only by an atomic rename of a complete folder (see below)
 that carries its manifest, and an action entry is written only after its object exists, so a
 crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
 that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
 through the stat cache: only files whose size, mtime or inode changed are re-read; a ctime
 change alone is an output folder linking or unlinking it) and a corrupt one is removed
 and rebuilt; ``graftbuild fsck`` re-reads everything.
+
+Whether object data is fsynced before that rename depends on the durability mode: ``make``
+defers it to the kernel by default (``--fsync``: immediate). After a crash or power cut that may
+have lost deferred bytes, opening the store forgets the stat entries of every file written since
+(graftbuild/durability.py), so the next use of such an object re-reads and re-checks it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from graftbuild import durability
 from graftbuild.errors import BuildError, UserError
 from graftbuild.hashing import StatCache, hash_file, hash_obj, iter_files
 from graftbuild.integrity import MANIFEST, check_copy, check_object, read_manifest, write_manifest
@@ -49,6 +56,7 @@ class Store:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create cache folder {self.root}: {e.strerror}") from e
+        durability.recover(self.root)  # after a reboot: before the stat cache is trusted
         self.stat_cache = StatCache.load(self.root / "stat.json")
 
     # -- objects -------------------------------------------------------------------------------
@@ -62,6 +70,7 @@ class Store:
     @contextlib.contextmanager
     def staging(self, label: str) -> Iterator[Path]:
         """A fresh temporary folder for a step's output; removed afterwards unless committed."""
+        durability.begin(self.root)  # deferred mode: record the window before writing
         tmp = Path(tempfile.mkdtemp(prefix=label.replace(":", "_") + ".", dir=self.root / "tmp"))
         out = tmp / "out"
         out.mkdir()
@@ -244,8 +253,8 @@ class Store:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(p, target)
-                except OSError:
-                    shutil.copy2(p, target)
+                except OSError:  # another filesystem (rare): a copy, fsynced in any mode
+                    _copy_durably(p, target)
                     if rel in hashes:
                         copied.append((dest / rel, hashes[rel]))
             _atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
@@ -266,6 +275,15 @@ class Store:
         for path, h in copied:
             self.stat_cache.remember(path, h)
         return why
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """Copy a file into an output folder, fsynced in any durability mode (it lives outside the
+    cache). Not ``copy2``: the copy's mtime must be now, the time its bytes were written, which
+    crash recovery goes by (graftbuild/durability.py)."""
+    shutil.copyfile(src, dst)
+    shutil.copymode(src, dst)
+    durability.fsync_path(dst)
 
 
 def _umask() -> int:

@@ -9,8 +9,9 @@ committing the object uses it instead of reading the file: ``hashing.hash_writte
 
 It also asks the kernel to start writing each ``FLUSH_EVERY`` bytes to disk as soon as they are
 written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux; elsewhere nothing), so the disk works
-while the next tensors are computed and the ``fsync`` that makes the object durable before it is
-renamed into the store waits only for the last few megabytes instead of the whole file.
+while the next tensors are computed: with ``--fsync`` (graftbuild/durability.py) the ``fsync``
+that makes the object durable before it is renamed into the store waits only for the last few
+megabytes instead of the whole file, and by default (no fsync) the dirty pages do not pile up.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class HashedWriter:
         return self._hash.hexdigest()
 
     def sync(self) -> None:
-        """Wait until the file's bytes are on disk."""
+        """Wait until the file's bytes are on disk (callers ask ``durability.fsync_objects()``)."""
         os.fsync(self._fd)
 
     def close(self) -> None:

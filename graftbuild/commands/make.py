@@ -38,6 +38,12 @@ from graftbuild.errors import UserError
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", help="Ray cluster address (default: a local cluster on 127.0.0.1).")
 @click.option("--keep-going", is_flag=True, help="Ray: build every node not below a failed one.")
+@click.option(
+    "--fsync",
+    is_flag=True,
+    help="fsync every object before it enters the cache (also GRAFTBUILD_FSYNC=1); by default "
+    "the kernel writes them back and objects are re-checked after a crash.",
+)
 def make(
     args: tuple[str, ...],
     cache: Path | None,
@@ -51,11 +57,45 @@ def make(
     executor: str,
     address: str | None,
     keep_going: bool,
+    fsync: bool,
 ) -> None:
     """Build the recipe's targets (default: every node), rebuilding only what is stale.
 
     Writes the lockfile RECIPE.lock; exits with 1 when a release gate fails.
     """
+    from graftbuild import durability
+
+    with durability.using(durability.requested(fsync)):
+        build(
+            args,
+            cache,
+            as_json,
+            device,
+            jobs,
+            quiet,
+            locked,
+            no_pull,
+            no_push,
+            executor,
+            address,
+            keep_going,
+        )
+
+
+def build(
+    args: tuple[str, ...],
+    cache: Path | None,
+    as_json: bool,
+    device: str,
+    jobs: int,
+    quiet: bool,
+    locked: bool,
+    no_pull: bool,
+    no_push: bool,
+    executor: str,
+    address: str | None,
+    keep_going: bool,
+) -> None:
     from graftbuild.gates import evaluate
     from graftbuild.lockfile import lock_path
 
