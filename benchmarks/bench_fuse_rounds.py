@@ -1,12 +1,13 @@
 """Repeated, interleaved rounds of (c): mergekit ``task_arithmetic``, graftbuild's fuse alone
 (packs cached) and graftbuild's whole pipeline from the raw models (cold ``make`` in an empty
-cache), medians and ratios. On a shared machine one pair of runs can land in different load;
-interleaving the three in every round and taking medians makes the ratios steadier.
+cache), each graftbuild run both as it runs by default (deferred durability: objects are left to
+the kernel's writeback, like mergekit's output) and with ``--fsync`` (every object on disk before
+it enters the cache); medians and ratios. On a shared machine one pair of runs can land in
+different load; interleaving them in every round and taking medians makes the ratios steadier.
 
 Every command is followed by a ``sync`` (timed apart), so none starts while the disk is still
-writing the previous one's output. graftbuild's objects are on disk (fsynced) when ``make``
-returns; mergekit's output is still in the page cache when it exits, so ``mergekit + sync`` is
-also reported: the same work with the output made durable.
+writing the previous one's output; "+ sync" figures add that sync to the command's time: the
+same work with its output made durable.
 
     python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
     python benchmarks/bench_fuse_rounds.py /tmp/gb-bench/m07 --work /tmp/gb-bench/r07 --rounds 3
@@ -53,31 +54,32 @@ def main() -> None:
     recipe = write_recipe(work / "gb", models, "exact")
     syncs: dict[str, list[float]] = {}
     synced("packs", graftbuild("make", str(recipe), *j), work, syncs)
-    runs: dict[str, list[Run]] = {"mergekit": [], "fuse": [], "end_to_end": []}
+    runs: dict[str, list[Run]] = {
+        k: [] for k in ("mergekit", "fuse", "fuse_fsync", "end_to_end", "end_to_end_fsync")
+    }
     for i in range(args.rounds):
         shutil.rmtree(work / "mk", ignore_errors=True)
         runs["mergekit"].append(
             synced("mergekit", competitor("mergekit-yaml", str(cfg), str(work / "mk")), work, syncs)
         )
-        # a new shard size changes only the fuse's key: the packs are reused
-        write_recipe(work / "gb", models, "exact", shard_size=2**40 + i + 1)
-        shutil.rmtree(work / "gb" / "out")  # each run materialises its output afresh
-        runs["fuse"].append(synced("fuse", graftbuild("make", str(recipe), *j), work / "gb", syncs))
-        shutil.rmtree(work / "gb" / "out")
-        runs["end_to_end"].append(
-            synced(
-                "end_to_end",
-                graftbuild("make", str(recipe), "--cache", "cold-cache", *j),
-                work / "gb",
-                syncs,
-            )
-        )
-        shutil.rmtree(work / "gb" / "cold-cache")
+        for label, flags in (("fuse", []), ("fuse_fsync", ["--fsync"])):
+            # a new shard size changes only the fuse's key: the packs are reused
+            write_recipe(work / "gb", models, "exact", shard_size=2**40 + 2 * i + len(flags) + 1)
+            shutil.rmtree(work / "gb" / "out", ignore_errors=True)  # materialised afresh
+            cmd = graftbuild("make", str(recipe), *j, *flags)
+            runs[label].append(synced(label, cmd, work / "gb", syncs))
+        for label, flags in (("end_to_end", []), ("end_to_end_fsync", ["--fsync"])):
+            shutil.rmtree(work / "gb" / "out", ignore_errors=True)
+            cmd = graftbuild("make", str(recipe), "--cache", "cold-cache", *j, *flags)
+            runs[label].append(synced(label, cmd, work / "gb", syncs))
+            shutil.rmtree(work / "gb" / "cold-cache")
     med = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
-    med["mergekit_plus_sync"] = statistics.median(
-        r.wall_s + s for r, s in zip(runs["mergekit"], syncs["mergekit"], strict=True)
-    )
+    for k, v in runs.items():
+        med[f"{k}_plus_sync"] = statistics.median(
+            r.wall_s + s for r, s in zip(v, syncs[k], strict=True)
+        )
     rss = {k: max(r.peak_rss_mb for r in v) for k, v in runs.items()}
+    mk, mks = med["mergekit"], med["mergekit_plus_sync"]
     res = {
         "model_bytes": sum(f.stat().st_size for f in (models / "base").glob("*.safetensors")),
         "rounds": args.rounds,
@@ -86,13 +88,13 @@ def main() -> None:
         "syncs_s": syncs,
         "max_peak_rss_mb": rss,
         "ratios_vs_mergekit": {
-            "fuse_only_wall": round(med["fuse"] / med["mergekit"], 3),
-            "end_to_end_wall": round(med["end_to_end"] / med["mergekit"], 3),
-            "fuse_only_wall_vs_mergekit_plus_sync": round(
-                med["fuse"] / med["mergekit_plus_sync"], 3
-            ),
-            "end_to_end_wall_vs_mergekit_plus_sync": round(
-                med["end_to_end"] / med["mergekit_plus_sync"], 3
+            "fuse_only_wall": round(med["fuse"] / mk, 3),
+            "fuse_only_fsync_wall": round(med["fuse_fsync"] / mk, 3),
+            "end_to_end_wall": round(med["end_to_end"] / mk, 3),
+            "end_to_end_fsync_wall": round(med["end_to_end_fsync"] / mk, 3),
+            "fuse_only_plus_sync_vs_mergekit_plus_sync": round(med["fuse_plus_sync"] / mks, 3),
+            "end_to_end_plus_sync_vs_mergekit_plus_sync": round(
+                med["end_to_end_plus_sync"] / mks, 3
             ),
             "fuse_only_peak_rss": round(rss["fuse"] / rss["mergekit"], 3),
             "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),

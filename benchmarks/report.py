@@ -96,20 +96,26 @@ def ties(t: dict) -> None:
 
 
 def rounds(results: dict[str, dict]) -> None:
-    """The interleaved rounds (bench_fuse_rounds.py), one row per model size."""
-    print(
-        "| model | rounds | mergekit s | mergekit + sync s | graftbuild fuse alone s | "
-        "graftbuild cold make s | fuse / mergekit | cold make / mergekit | "
-        "cold make / (mergekit + sync) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    """The interleaved rounds (bench_fuse_rounds.py), one row per model size and run."""
+    print("| model | run | median s | + sync s | vs mergekit | + sync vs mergekit + sync |")
+    print("|---|---|---|---|---|---|")
+    labels = {
+        "mergekit": "mergekit `task_arithmetic`",
+        "fuse": "graftbuild fuse alone",
+        "fuse_fsync": "graftbuild fuse alone, `--fsync`",
+        "end_to_end": "graftbuild cold make (pack, pack, fuse)",
+        "end_to_end_fsync": "graftbuild cold make, `--fsync`",
+    }
     for size, r in results.items():
-        m, q = r["median_wall_s"], r["ratios_vs_mergekit"]
-        print(
-            f"| {size} | {r['rounds']} | {m['mergekit']:.1f} | {m['mergekit_plus_sync']:.1f} | "
-            f"{m['fuse']:.1f} | {m['end_to_end']:.1f} | {q['fuse_only_wall']:.3f}x | "
-            f"{q['end_to_end_wall']:.3f}x | {q['end_to_end_wall_vs_mergekit_plus_sync']:.3f}x |"
-        )
+        m = r["median_wall_s"]
+        for key, label in labels.items():
+            if key not in m:
+                continue
+            plus = m[f"{key}_plus_sync"]
+            print(
+                f"| {size} | {label} | {m[key]:.1f} | {plus:.1f} | "
+                f"{m[key] / m['mergekit']:.3f}x | {plus / m['mergekit_plus_sync']:.3f}x |"
+            )
     print()
 
 

@@ -7,11 +7,14 @@ hash) exactly the bytes it hands to ``write(2)``, in file order from offset 0, s
 file its hash is known (``hashing.note_written`` records it with the file's stat signature, and
 committing the object uses it instead of reading the file: ``hashing.hash_written``).
 
-It also asks the kernel to start writing each ``FLUSH_EVERY`` bytes to disk as soon as they are
-written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux; elsewhere nothing), so the disk works
-while the next tensors are computed: with ``--fsync`` (graftbuild/durability.py) the ``fsync``
-that makes the object durable before it is renamed into the store waits only for the last few
-megabytes instead of the whole file, and by default (no fsync) the dirty pages do not pile up.
+With ``--fsync`` (immediate durability, graftbuild/durability.py) it also asks the kernel to
+start writing each ``FLUSH_EVERY`` bytes to disk as soon as they are written
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux; elsewhere nothing), so the disk works while
+the next tensors are computed and the ``fsync`` that makes the object durable before it is
+renamed into the store waits only for the last few megabytes instead of the whole file. By
+default (deferred) it does not: starting writeback makes each ``write`` wait for the disk's
+queue, and writing 3 GB took 5.6 s with it against 2.5 s without (the kernel's own writeback then
+runs behind the build, as it does for any program's output).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import xxhash
 
+from graftbuild.durability import fsync_objects
 from graftbuild.hashing import note_written
 
 FLUSH_EVERY = 32 << 20
@@ -71,7 +75,7 @@ class HashedWriter:
             n = os.write(self._fd, view)
             view = view[n:]
             self.size += n
-        if self.size - self._flushed >= FLUSH_EVERY:
+        if self.size - self._flushed >= FLUSH_EVERY and fsync_objects():
             fn = _sync_file_range()
             if fn is not None:
                 fn(self._fd, self._flushed, self.size - self._flushed, _SYNC_FILE_RANGE_WRITE)
