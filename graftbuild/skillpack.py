@@ -171,7 +171,7 @@ class PackWriter:
                     itemsize,
                 )
         self._entries, self._parts = entries, parts
-        head, keys, _ = self._st_header()
+        head, keys, payload = self._st_header()
         order = [key.split(PART_SEP, 1)[0] for key in keys]
         runs = [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n]
         if len(runs) != len(set(runs)):  # a tensor's parts interleave with another's
@@ -183,7 +183,7 @@ class PackWriter:
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         self._tmp = Path(tmp)
-        self._out = HashedWriter(self._tmp, fd)
+        self._out = HashedWriter(self._tmp, fd, size=8 + len(head) + payload)
         try:
             self._out.write(struct.pack("<Q", len(head)))
             self._out.write(head)
@@ -358,13 +358,13 @@ class PackWriter:
     def _write_from_spill(self) -> HashedWriter:
         """The pack, written in one pass from the spill file (``abort`` then drops it)."""
         assert self._spill is not None
-        head, order, _ = self._st_header()
+        head, order, payload = self._st_header()
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         self._spill.flush()
         self._tmp = Path(tmp)
-        self._out = out = HashedWriter(tmp, fd)
+        self._out = out = HashedWriter(tmp, fd, size=8 + len(head) + payload)
         out.write(struct.pack("<Q", len(head)))
         out.write(head)
         buf = bytearray(_COPY_CHUNK)

@@ -366,7 +366,7 @@ class SafetensorsStreamWriter:
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._expected = [i for i in infos]
         # hashed as written, so committing the output does not read it back (writing.py)
-        self._f = HashedWriter(path)
+        self._f = HashedWriter(path, size=8 + len(raw) + offset)
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
 

@@ -164,3 +164,28 @@ def test_bad_strategy_options_are_user_errors(path_project: Path) -> None:
     path_project.write_text(RECIPE.format(ties="density = 0.5", dare="keep = 0.5"))
     with pytest.raises(UserError, match="keep"):
         load_recipe(path_project)
+
+
+@pytest.mark.parametrize("present", [(True, True), (False, True), (True, False), (False, False)])
+def test_sum_streaming_forms_give_combines_bytes(present: tuple[bool, bool]) -> None:
+    # The fuse step streams ``sum`` through fold_first/fold; its bytes must be combine's.
+    from graftbuild.fusion.sum import SumStrategy
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(33, 17, generator=g)
+    deltas = [torch.randn(33, 17, generator=g) * 1e-3 if p else None for p in present]
+    weights = [0.7, -1.3]
+    strategy = SumStrategy()
+    params = strategy.Params()
+    expected = strategy.combine(base, deltas, weights, params, "w")
+    acc = None
+    for delta, w in zip(deltas, weights, strict=True):
+        if delta is None:
+            continue
+        if acc is None:
+            acc = strategy.fold_first(base, delta, w, params, "w", torch.empty_like(base))
+        else:
+            acc = strategy.fold(acc, delta, w, params, "w")
+    got = base.clone() if acc is None else acc
+    assert torch.equal(got, expected)
+    assert torch.equal(base, torch.randn(33, 17, generator=torch.Generator().manual_seed(7)))

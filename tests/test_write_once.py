@@ -151,6 +151,24 @@ def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return read
 
 
+def test_reserved_writer_gives_the_same_file_and_frees_what_it_did_not_write(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(3 << 20)
+    plain, reserved, short = tmp_path / "plain", tmp_path / "reserved", tmp_path / "short"
+    for path, size in ((plain, None), (reserved, len(data))):
+        w = HashedWriter(path, size=size)
+        w.write(data)
+        w.close()
+        assert path.stat().st_size == len(data) and w.digest == hash_file(path)
+    assert plain.read_bytes() == reserved.read_bytes()
+    w = HashedWriter(short, size=len(data))
+    w.write(data[:1000])
+    w.close()
+    assert short.read_bytes() == data[:1000]
+    assert short.stat().st_blocks * 512 < 1 << 20  # the reserved blocks were given back
+
+
 def test_commit_takes_the_writers_hashes_and_reads_a_file_changed_since(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,4 +43,10 @@ class Strategy(Protocol):
 # returning ``acc`` updated with one delta (in place is allowed: the fuse step owns ``acc``,
 # which starts as a fresh float32 copy of the base tensor). The fuse step then decodes one pack's
 # delta at a time, so a tensor's working set is two copies instead of one per pack plus two.
-# It must give the same bytes as ``combine``.
+# It must give the same bytes as ``combine``. Such a strategy may also define
+#
+#     def fold_first(self, base, delta, weight, params, tensor_name, out) -> torch.Tensor
+#
+# for the first delta of a tensor: ``base`` must not be modified (it may be a mapping of the
+# base model's file), ``out`` is a fresh float32 buffer shaped like it, and the result must equal
+# ``fold(base as float32, delta, ...)``. It saves copying the base into the accumulator first.

@@ -41,3 +41,17 @@ class SumStrategy:
     ) -> torch.Tensor:
         """The streaming form of ``combine``, one delta at a time, in place (same bytes)."""
         return acc.add_(delta, alpha=weight)
+
+    def fold_first(
+        self,
+        base: torch.Tensor,
+        delta: torch.Tensor,
+        weight: float,
+        params: StrategyParams,
+        tensor_name: str,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``fold`` into a fresh ``out`` (same kernel, same bytes), reading ``base`` once."""
+        import torch
+
+        return torch.add(base, delta, alpha=weight, out=out)

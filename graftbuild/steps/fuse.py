@@ -32,6 +32,7 @@ class FuseStep:
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
+        fold_first = getattr(strategy, "fold_first", None) if fold is not None else None
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
@@ -52,13 +53,23 @@ class FuseStep:
                 import torch
 
                 b = base.map(name)  # read, never written: no copy of the stored bytes
-                acc = empty_like(b, dtype=torch.float32, device=device).copy_(b)
+                out = empty_like(b, dtype=torch.float32, device=device)
                 if fold is not None:
-                    # One delta in memory at a time; ``acc`` is a fresh buffer, ours to overwrite.
+                    # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
+                    acc = None
                     for r, w in zip(readers, cfg["weights"], strict=True):
-                        if name in r.entries:
-                            acc = fold(acc, r.decode(name).to(device), w, params, name)
+                        if name not in r.entries:
+                            continue
+                        delta = r.decode(name).to(device)
+                        if acc is None and fold_first is not None and b.dtype == torch.float32:
+                            acc = fold_first(b.to(device), delta, w, params, name, out)
+                        else:
+                            acc = out.copy_(b) if acc is None else acc
+                            acc = fold(acc, delta, w, params, name)
+                        del delta
+                    acc = out.copy_(b) if acc is None else acc
                     return name, acc.to(device="cpu", dtype=b.dtype)
+                acc = out.copy_(b)
                 deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
                 out = strategy.combine(acc, deltas, cfg["weights"], params, name)
                 return name, out.to(device="cpu", dtype=b.dtype)
