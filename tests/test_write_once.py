@@ -252,3 +252,17 @@ def test_fresh_buffers_are_writable_tensors_of_their_size(nbytes: int) -> None:
     assert like.shape == (3, nbytes // 12 + 1) and like.dtype == torch.float64
     like.fill_(1.5)
     assert float(like.sum()) == 1.5 * like.numel()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 100_003])
+def test_pipelined_file_hash_equals_the_hash_of_the_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    import xxhash
+
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    monkeypatch.setattr(hashing, "PIPELINE_MIN", 0)  # every file through the reader thread
+    monkeypatch.setattr(hashing, "CHUNK", 4096)  # many buffers in flight
+    assert hash_file(path) == xxhash.xxh3_128_hexdigest(data)
