@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from graftbuild.errors import BuildError, UserError
 from graftbuild.hashing import hash_obj, tree_hash_uncached
+from graftbuild.integrity import read_manifest
 
 if TYPE_CHECKING:
     from graftbuild.graph import Node
@@ -162,7 +163,7 @@ def _entry(
     if same and "output_files" in prev:
         files = prev["output_files"]
     else:
-        files = tree_hash_uncached(sched.store.object_path(digest)).files
+        files = _object_files(sched, digest)
     return {
         "step": parts["step"],
         "key": trace["key"],
@@ -303,3 +304,14 @@ def referenced_objects(lock: dict[str, Any]) -> set[str]:
         for e in lock.get("nodes", {}).values()
         if e.get("step") != "input" and isinstance(e.get("output"), str)
     }
+
+
+def _object_files(sched: Scheduler, digest: str) -> dict[str, str]:
+    """Per-file hashes of an object, from its manifest (written when the object was committed
+    and checked whenever a build uses it): re-reading the object would read every byte of
+    every model built, 9 GB for a 3 GB fuse with its two exact packs."""
+    obj = sched.store.object_path(digest)
+    manifest = read_manifest(obj)
+    if manifest is not None:
+        return {rel: h for rel, (_, h) in sorted(manifest.items())}
+    return tree_hash_uncached(obj).files  # an object from before manifests: read it
