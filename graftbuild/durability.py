@@ -212,12 +212,12 @@ def _recover_locked(root: Path, state: dict[str, Any]) -> None:
             _write_durably(path, json.dumps(kept, sort_keys=True))
     elif entries is not None or path.exists():
         path.unlink(missing_ok=True)
-        _fsync(root)
+        fsync_path(root)
     records = root / NOOP_RECORDS
     if records.is_dir():
         for p in records.iterdir():
             p.unlink(missing_ok=True)
-        _fsync(records)
+        fsync_path(records)
     # Only once the above is on disk: a crash before this line recovers again next boot.
     _write_state(root, {"boot": boot_id(), "unsynced_since": None})
 
@@ -234,17 +234,13 @@ def _recorded_before(entry: Any, since_ns: int) -> bool:
 # -- fsync helpers ---------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder by path."""
-    _fsync(path)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -258,4 +254,4 @@ def _write_durably(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+    fsync_path(path.parent)

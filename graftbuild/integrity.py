@@ -12,7 +12,6 @@ check of ``graftbuild fsck``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +34,8 @@ def write_manifest(folder: Path) -> TreeHash:
     (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, sort_keys=True))
     if durability.fsync_objects():
         for _, p in iter_files(folder, keep=lambda rel: True):
-            _fsync(p)
-        _fsync(folder)
+            durability.fsync_path(p)
+        durability.fsync_path(folder)
     return th
 
 
@@ -97,11 +96,3 @@ def check_copy(obj: Path, dest: Path, hasher: Hasher) -> str | None:
         if hasher(dest / rel) != h:
             return f"{rel}: changed (hash mismatch)"
     return None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

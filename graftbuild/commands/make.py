@@ -64,40 +64,11 @@ def make(
     Writes the lockfile RECIPE.lock; exits with 1 when a release gate fails.
     """
     from graftbuild import durability
-
-    with durability.using(durability.requested(fsync)):
-        build(
-            args,
-            cache,
-            as_json,
-            device,
-            jobs,
-            quiet,
-            locked,
-            no_pull,
-            no_push,
-            executor,
-            address,
-            keep_going,
-        )
-
-
-def build(
-    args: tuple[str, ...],
-    cache: Path | None,
-    as_json: bool,
-    device: str,
-    jobs: int,
-    quiet: bool,
-    locked: bool,
-    no_pull: bool,
-    no_push: bool,
-    executor: str,
-    address: str | None,
-    keep_going: bool,
-) -> None:
     from graftbuild.gates import evaluate
     from graftbuild.lockfile import lock_path
+
+    # the mode holds for this command only (restored when click closes its context)
+    click.get_current_context().with_resource(durability.using(durability.requested(fsync)))
 
     recipe_path, targets = split_args(args)
     sched = open_scheduler(recipe_path, cache, device, jobs, quiet, not no_pull, not no_push)
