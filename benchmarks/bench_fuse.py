@@ -17,12 +17,11 @@ its outputs may differ by design, and how far they are apart is measured and rep
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from common import Run, competitor, graftbuild, timed
+from common import Run, competitor, graftbuild, publish, timed
 
 from graftbuild.tensors import ModelWeights
 
@@ -240,10 +239,7 @@ def main() -> None:
 
     if args.only_ties:
         res = {"model_bytes": size, "ties": ties_comparison(models, work, args.jobs)}
-        print(json.dumps(res, indent=1), flush=True)
-        if args.results:
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(res, indent=1) + "\n")
+        publish(res, args.results)
         if args.clean:
             shutil.rmtree(work)
         return
@@ -277,10 +273,7 @@ def main() -> None:
             "compressed_fuse_only_wall": round(comp["fuse"].wall_s / mk.wall_s, 3),
             "compressed_fuse_only_peak_rss": round(comp["fuse"].peak_rss_mb / mk.peak_rss_mb, 3),
         }
-    print(json.dumps(res, indent=1), flush=True)
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(res, indent=1) + "\n")
+    publish(res, args.results)
     if args.clean:
         shutil.rmtree(work)
 

@@ -16,7 +16,6 @@ same work with its output made durable.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench_fuse import MERGEKIT, WEIGHTS, write_recipe
-from common import Run, competitor, graftbuild, timed
+from common import Run, competitor, graftbuild, publish, timed
 
 
 def synced(label: str, cmd: list[str], cwd: Path, syncs: dict[str, list[float]]) -> Run:
@@ -100,10 +99,7 @@ def main() -> None:
             "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),
         },
     }
-    print(json.dumps(res, indent=1), flush=True)
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(res, indent=1) + "\n")
+    publish(res, args.results)
     if args.clean:
         shutil.rmtree(work)
 

@@ -71,3 +71,11 @@ def median(runs: list[Run]) -> float:
 
 def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}x"
+
+
+def publish(res: dict, path: Path | None) -> None:
+    """Print a benchmark's results and, given a path, write them there as JSON."""
+    print(json.dumps(res, indent=1), flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1) + "\n")

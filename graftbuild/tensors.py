@@ -219,13 +219,14 @@ class TensorFile:
             if k <= 0:
                 raise UserError(f"{self.path}: file truncated while reading tensor {name!r}")
             got += k
+        return buf.view(self._dtype(name)).reshape(info.shape)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        code = self.infos[name].dtype
         try:
-            dtype = st_to_torch_dtype(info.dtype)
+            return st_to_torch_dtype(code)
         except KeyError:
-            raise UserError(
-                f"{self.path}: tensor {name!r}: unsupported dtype {info.dtype}"
-            ) from None
-        return buf.view(dtype).reshape(info.shape)
+            raise UserError(f"{self.path}: tensor {name!r}: unsupported dtype {code}") from None
 
     def map(self, name: str) -> torch.Tensor:
         """The stored bytes of ``name`` as a copy-on-write mapping of the file.
@@ -245,12 +246,7 @@ class TensorFile:
         itemsize = ST_ITEMSIZE.get(info.dtype, 1)
         if end == begin or offset % itemsize or not _CAN_MAP:
             return self.read(name)
-        try:
-            dtype = st_to_torch_dtype(info.dtype)
-        except KeyError:
-            raise UserError(
-                f"{self.path}: tensor {name!r}: unsupported dtype {info.dtype}"
-            ) from None
+        dtype = self._dtype(name)
         if os.fstat(self._fd).st_size < offset + end - begin:  # mapping past the end: SIGBUS
             raise UserError(f"{self.path}: file truncated while reading tensor {name!r}")
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
