@@ -56,18 +56,17 @@ class FuseStep:
                 out = empty_like(b, dtype=torch.float32, device=device)
                 if fold is not None:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
-                    acc = None
-                    for r, w in zip(readers, cfg["weights"], strict=True):
-                        if name not in r.entries:
-                            continue
+                    weighted = zip(readers, cfg["weights"], strict=True)
+                    packs = [(r, w) for r, w in weighted if name in r.entries]
+                    if packs and fold_first is not None and b.dtype == torch.float32:
+                        r, w = packs.pop(0)  # added straight from the base into ``out``
                         delta = r.decode(name).to(device)
-                        if acc is None and fold_first is not None and b.dtype == torch.float32:
-                            acc = fold_first(b.to(device), delta, w, params, name, out)
-                        else:
-                            acc = out.copy_(b) if acc is None else acc
-                            acc = fold(acc, delta, w, params, name)
+                        acc = fold_first(b.to(device), delta, w, params, name, out)
                         del delta
-                    acc = out.copy_(b) if acc is None else acc
+                    else:
+                        acc = out.copy_(b)
+                    for r, w in packs:
+                        acc = fold(acc, r.decode(name).to(device), w, params, name)
                     return name, acc.to(device="cpu", dtype=b.dtype)
                 acc = out.copy_(b)
                 deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
