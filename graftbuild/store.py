@@ -240,7 +240,7 @@ class Store:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             for stale in dest.parent.glob(f".{glob.escape(dest.name)}.graftbuild-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_copy(stale)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.graftbuild-tmp-", dir=dest.parent))
             tmp.chmod(0o777 & ~_umask())
         except OSError as e:
@@ -262,7 +262,7 @@ class Store:
                 old = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
                 os.rename(dest, old)
                 os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_copy(old)
             else:
                 os.rename(tmp, dest)
         except OSError as e:
@@ -284,6 +284,15 @@ def _copy_durably(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
     shutil.copymode(src, dst)
     durability.fsync_path(dst)
+
+
+def _remove_copy(folder: Path) -> None:
+    """Delete a folder set aside by ``materialize``, its marker first: a deletion cut short (a
+    killed build) then leaves loose files for the next build to clear, never a marked folder
+    that claims to be a copy of its object but lacks some of its files."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        (folder / MARKER).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from helpers import make, plan
 
@@ -193,3 +194,25 @@ def test_a_wrong_stat_cache_entry_is_not_taken_for_corruption(path_project: Path
     result = make(path_project)
     assert result.built == [] and result.node("pack:x").action == "reused"
     assert json.loads(stat_json.read_text())[key][1] == right  # settled by reading it, once
+
+
+def test_replaced_output_loses_its_marker_before_its_files(
+    path_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A build killed while deleting the replaced copy must not leave a marked, partial folder.
+    import graftbuild.store as store
+
+    make(path_project)
+    (path_project.parent / "out" / "fused" / "release" / "config.json").unlink()
+    removed: list[Path] = []
+    rmtree = store.shutil.rmtree
+
+    def checked(folder: Path, **kwargs: object) -> None:
+        if ".graftbuild-old-" in Path(folder).name:
+            assert not (Path(folder) / store.MARKER).exists()
+            removed.append(Path(folder))
+        rmtree(folder, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.shutil, "rmtree", checked)
+    assert make(path_project).node("fuse:release").action == "restored"
+    assert removed
