@@ -30,7 +30,7 @@ MODEL = {
 
 
 def chunks(tok: Any, name: str, split: str, seq_len: int) -> Any:
-    from graftbuild.textdata import read_examples, token_chunks
+    from graftbuild.weights.textdata import read_examples, token_chunks
 
     path = DATA / f"{name}.{split}.txt"
     return token_chunks(tok, read_examples(path), seq_len, path)

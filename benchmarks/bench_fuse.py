@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import Run, competitor, graftbuild, publish, timed
 
-from graftbuild.tensors import ModelWeights
+from graftbuild.weights.tensors import ModelWeights
 
 WEIGHTS = {"x": 1.0, "y": 0.5}
 

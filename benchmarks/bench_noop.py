@@ -92,7 +92,7 @@ def evict(files: list[Path]) -> None:
 HASH_PROBE = """
 import sys, time
 from pathlib import Path
-from graftbuild.hashing import StatCache
+from graftbuild.cache.hashing import StatCache
 t = time.perf_counter()
 cache = StatCache()
 for d in sys.argv[1:]:

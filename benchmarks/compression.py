@@ -105,12 +105,12 @@ def mixed_at(
     d: Any, nbytes: float, hessian: Any, group_size: int = 128, damp: float = 0.01
 ) -> tuple[Any, int]:
     """The mixed codec with the paper's band shape, scaled to fit ``nbytes``."""
-    from graftbuild.compress.budget import _mixed_costs
     from graftbuild.compress.codecs import parse_spec
+    from graftbuild.compress.codecs.mixed import _component_costs
     from graftbuild.compress.gptq import Calibration
 
     m, n = d.shape
-    costs = dict(zip((2, 3, 4, 8), _mixed_costs(m, n, group_size), strict=True))
+    costs = dict(zip((2, 3, 4, 8), _component_costs(m, n, group_size), strict=True))
     unit = sum(rel * costs[bits] for bits, rel in BAND_SHAPE)
     alpha = nbytes / unit
     bands = []
@@ -191,8 +191,9 @@ def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> An
     """Runs graftbuild's real pack step with a budget and calibration; returns decoder."""
     from graftbuild.recipe import CompressionProfile
     from graftbuild.skillpack import PackReader
+    from graftbuild.skillpack.format import PACK_FILE
     from graftbuild.steps.base import StepContext
-    from graftbuild.steps.pack import PACK_FILE, PackStep
+    from graftbuild.steps.pack import PackStep
 
     def run(ratio: int) -> tuple[dict[str, Any], int]:
         profile = CompressionProfile.model_validate(

@@ -23,14 +23,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def build(recipe_path: Path, device: str, threads: int | None) -> tuple[dict[str, str], float]:
+    from graftbuild.build.engine import Engine
+    from graftbuild.cache.store import Store
     from graftbuild.recipe import load_recipe
-    from graftbuild.scheduler import Scheduler
     from graftbuild.steps.base import BuildSettings
-    from graftbuild.store import Store
 
     recipe = load_recipe(recipe_path)
     with tempfile.TemporaryDirectory(prefix="determinism.") as tmp:
-        sched = Scheduler(recipe, Store(Path(tmp)), BuildSettings(device=device, threads=threads))
+        sched = Engine(recipe, Store(Path(tmp)), BuildSettings(device=device, threads=threads))
         sched.write_lock = False
         for nid in sched.graph.graph:
             sched.graph.node(nid).output = None

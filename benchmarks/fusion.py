@@ -137,11 +137,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from graftbuild.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.build.engine import Engine, cache_dir
+    from graftbuild.cache.store import Store
     from graftbuild.recipe import load_recipe
     from graftbuild.runtime import GraftedModel
-    from graftbuild.scheduler import Scheduler, cache_dir
-    from graftbuild.store import Store
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(2)
     work = args.work
@@ -153,7 +153,7 @@ def main() -> None:
         path = work / name
         path.write_text(text)
         r = load_recipe(path)
-        return Scheduler(r, Store(cache_dir(r))).make()
+        return Engine(r, Store(cache_dir(r))).make()
 
     t0 = time.time()
     build(PRE.format(qs=QS, steps=args.steps), "pre.toml")
@@ -250,7 +250,7 @@ def main() -> None:
     for d in SKILLS:
         node = f"graft:chain_{d}" if d != "lang" else None
         if node is not None:
-            from graftbuild.steps.pack import PACK_FILE  # noqa: F401
+            from graftbuild.skillpack.format import PACK_FILE  # noqa: F401
 
             chain_single[d] = losses(Store(work / "cache").object_path(res.node(node).output_hash))[
                 d

@@ -80,11 +80,11 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=256, help="weights per model folder, in MB")
     args = ap.parse_args()
 
-    from graftbuild.commands.fsck import run_fsck
-    from graftbuild.graph import build_graph
+    from graftbuild.build.engine import Engine
+    from graftbuild.build.graph import build_graph
+    from graftbuild.cache.fsck import run_fsck
+    from graftbuild.cache.store import Store
     from graftbuild.recipe import load_recipe
-    from graftbuild.scheduler import Scheduler
-    from graftbuild.store import Store
 
     root = Path(tempfile.mkdtemp(prefix="integrity-bench."))
     try:
@@ -93,7 +93,7 @@ def main() -> None:
 
         def make():  # type: ignore[no-untyped-def]
             recipe = load_recipe(root / "graftbuild.toml")
-            return Scheduler(recipe, Store(root / "cache")).make()
+            return Engine(recipe, Store(root / "cache")).make()
 
         t_build, _ = timed(make)
         objects = sum(
@@ -109,7 +109,8 @@ def main() -> None:
         def fsck():  # type: ignore[no-untyped-def]
             store = Store(root / "cache")
             with store.lock():
-                return run_fsck(store, build_graph(load_recipe(root / "graftbuild.toml")))
+                graph = build_graph(load_recipe(root / "graftbuild.toml"))
+                return run_fsck(store, [(n.id, n.output) for n in graph.order() if n.output])
 
         t_fsck, report = timed(fsck)
         assert not report.problems  # type: ignore[attr-defined]

@@ -77,7 +77,7 @@ def tensor(name: str, index: int, shape: tuple[int, ...], model: int):
 
 
 def write_model(folder: Path, size: dict[str, int], model: int) -> None:
-    from graftbuild.tensors import TensorInfo, write_model_weights
+    from graftbuild.weights.tensors import TensorInfo, write_model_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config(size), indent=2) + "\n")

@@ -50,8 +50,9 @@ def make(recipe: Path, cache: Path) -> float:
 
 def exact_match(model_dir: Path, heldout: Path) -> float:
     """Greedy answers to the held-out prompts, compared with the references."""
-    from graftbuild.generation import generate
-    from graftbuild.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.generation import generate
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
 
     pairs = []
     for line in heldout.read_text().splitlines():
@@ -67,7 +68,7 @@ def exact_match(model_dir: Path, heldout: Path) -> float:
         "seed": 0,
         "batch_size": 50,
     }
-    answers = generate(model, tok, [p for p, _ in pairs], gen, "cpu", lambda n: None)
+    answers = generate(model, tok, [p for p, _ in pairs], gen, Placement(), lambda n: None)
     hits = sum(
         a[0].split("\n")[0].rstrip() == ref for a, (_, ref) in zip(answers, pairs, strict=True)
     )

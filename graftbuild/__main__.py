@@ -1,3 +1,3 @@
-from graftbuild.entry import main
+from graftbuild.cli.entry import main
 
 main()

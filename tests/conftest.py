@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from graftbuild.weights.determinism import pin_environment
+
 # The suite must be deterministic: property tests draw the same examples on every run (a new
 # counterexample is found by running with --hypothesis-seed=random, not by CI at random).
 settings.register_profile("graftbuild", derandomize=True)
 settings.load_profile("graftbuild")
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see graftbuild/cli.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see graftbuild/cli/app.py
+# The numerical code paths a build pins (graftbuild/weights/determinism.py), before torch loads:
+# builds in this process then give the bytes the command line gives.
+pin_environment()
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "recipes" / "quickstart" / "tokenizer"

@@ -71,7 +71,7 @@ class ForkServer:
 
 
 def _child(req: dict[str, Any]) -> None:
-    from graftbuild.cli import main
+    from graftbuild.cli.app import main
 
     os.chdir(req["cwd"])
     fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -114,15 +114,15 @@ def serve() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import graftbuild.cli
-    import graftbuild.commands.make
+    import graftbuild.build.engine
+    import graftbuild.build.runners.local
+    import graftbuild.cli.app
+    import graftbuild.cli.make
     import graftbuild.compress.codecs
-    import graftbuild.executors.local
     import graftbuild.fusion
-    import graftbuild.modeling
-    import graftbuild.scheduler
     import graftbuild.skillpack
-    import graftbuild.steps  # noqa: F401
+    import graftbuild.steps
+    import graftbuild.weights.modeling  # noqa: F401
 
     for line in sys.stdin:
         req = json.loads(line)

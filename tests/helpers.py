@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graftbuild.build.engine import Engine, MakeResult, NodeResult, cache_dir
+from graftbuild.cache.store import Store
 from graftbuild.recipe import load_recipe
-from graftbuild.scheduler import MakeResult, NodeResult, Scheduler, cache_dir
-from graftbuild.store import Store
 
 
-def scheduler(recipe: Path, cache: Path | None = None) -> Scheduler:
+def engine(recipe: Path, cache: Path | None = None) -> Engine:
     r = load_recipe(recipe)
-    return Scheduler(r, Store(cache_dir(r, cache)))
+    return Engine(r, Store(cache_dir(r, cache)))
 
 
 def make(recipe: Path, targets: list[str] | None = None, cache: Path | None = None) -> MakeResult:
-    return scheduler(recipe, cache).make(targets)
+    return engine(recipe, cache).make(targets)
 
 
 def plan(recipe: Path, cache: Path | None = None) -> dict[str, NodeResult]:
-    return {n.id: n for n in scheduler(recipe, cache).plan()}
+    return {n.id: n for n in engine(recipe, cache).plan()}
 
 
 def load_weights(folder: Path) -> dict:

@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from graftbuild.errors import BuildError  # noqa: E402
-from graftbuild.executors.ray_executor import RayExecutor  # noqa: E402
-from graftbuild.hashing import hash_file  # noqa: E402
+from graftbuild.build.engine import Engine, cache_dir  # noqa: E402
+from graftbuild.build.runners.ray import RayRunner  # noqa: E402
+from graftbuild.cache.hashing import hash_file  # noqa: E402
+from graftbuild.cache.store import Store  # noqa: E402
+from graftbuild.errors import GraftbuildError  # noqa: E402
 from graftbuild.recipe import load_recipe  # noqa: E402
-from graftbuild.scheduler import Scheduler, cache_dir  # noqa: E402
-from graftbuild.store import Store  # noqa: E402
 from tests.conftest import PATH_RECIPE, TINY_LLAMA, make_base, make_source  # noqa: E402
 
 FINETUNE = """
@@ -51,9 +51,9 @@ def project(root: Path, models: Path, extra: str = "", packs: str = '["x", "y"]'
     return root / "graftbuild.toml"
 
 
-def scheduler(recipe: Path) -> Scheduler:
+def engine(recipe: Path) -> Engine:
     r = load_recipe(recipe)
-    return Scheduler(r, Store(cache_dir(r)))
+    return Engine(r, Store(cache_dir(r)))
 
 
 def outputs(recipe: Path) -> dict[str, str]:
@@ -93,7 +93,10 @@ def main(work: Path) -> None:
     make_source(models / "y", models / "base", seed=2)
     make_base(models / "bad", seed=4, config={**TINY_LLAMA, "intermediate_size": 48})
 
+    from graftbuild.weights.determinism import pinned_env_vars
+
     ray.init(
+        runtime_env={"env_vars": pinned_env_vars()},
         _node_ip_address="127.0.0.1",
         num_cpus=2,
         include_dashboard=False,
@@ -103,16 +106,28 @@ def main(work: Path) -> None:
     try:
         # 1. Ray vs local: same outputs; the two packs run at the same time.
         local = project(work / "local", models)
-        scheduler(local).make()
+        engine(local).make()
         remote = project(work / "ray", models)
-        ex = RayExecutor()
-        res = scheduler(remote).make(executor=ex)
+        ex = RayRunner()
+        res = engine(remote).make(runner=ex)
         results["identical"] = {
             "local": outputs(local),
             "ray": outputs(remote),
             "built": res.built,
             "timings": ex.timings,
         }
+        # 1a. The engine's visit is the one plan and local make use: a rule changed there (the
+        # words of a restore) shows in a Ray build too.
+        import graftbuild.build.engine as engine_module
+
+        rule = engine_module.restore_reason
+        engine_module.restore_reason = lambda node, why: f"RULE {node.id} {why}"
+        try:
+            shutil.rmtree(remote.parent / "out" / "fused")
+            restored = engine(remote).make(runner=RayRunner()).node("fuse:release")
+        finally:
+            engine_module.restore_reason = rule
+        results["rule"] = {"action": restored.action, "reasons": restored.reasons}
         results["listening"] = subprocess.run(
             ["ss", "-ltnH"], capture_output=True, text=True, check=True
         ).stdout
@@ -120,10 +135,25 @@ def main(work: Path) -> None:
             ["ip", "-o", "addr"], capture_output=True, text=True, check=True
         ).stdout
 
+        # 1c. A quickstart-sized recipe (training, SVD-based packs): Ray workers build the same
+        # bytes as the local runner, and report the environment they built in.
+        from tests.test_reproducibility import RECIPE as REPRO
+
+        sizes = {}
+        for name in ("repro-local", "repro-ray"):
+            (work / name).mkdir()
+            (work / name / "graftbuild.toml").write_text(REPRO)
+            runner = RayRunner() if name == "repro-ray" else None
+            res = engine(work / name / "graftbuild.toml").make(runner=runner)
+            sizes[name] = {n.id: n.output_hash for n in res.nodes}
+            if runner is not None:
+                results["repro_env"] = {n.id: n.env for n in res.nodes if n.action == "built"}
+        results["repro"] = sizes
+
         # 1b. The CLI, with a remote cache: Ray workers upload, another machine pulls it all.
         from click.testing import CliRunner
 
-        from graftbuild.cli import main as cli
+        from graftbuild.cli.app import main as cli
 
         remote_url = (work / "remote").as_uri()
         c1 = project(work / "cli", models)
@@ -134,8 +164,8 @@ def main(work: Path) -> None:
             )
             c.write_text(text)
         run = CliRunner().invoke(cli, ["make", str(c1), "--executor", "ray", "--json"])
-        second = scheduler(c2)
-        from graftbuild.remote import Remote
+        second = engine(c2)
+        from graftbuild.cache.remote import Remote
 
         second.remote = Remote(remote_url)
         res2 = second.make()
@@ -155,21 +185,21 @@ def main(work: Path) -> None:
         )
         killer.start()
         kp = project(work / "kill", models, FINETUNE, packs='["x", "y", "z"]')
-        ex = RayExecutor()
-        res = scheduler(kp).make(executor=ex)
+        ex = RayRunner()
+        res = engine(kp).make(runner=ex)
         stop.set()
         results["kill"] = {"killed": killed, "built": res.built, "timings": ex.timings}
 
         # 3. A failing pack: without --keep-going the build stops; with it, the others finish.
         for keep_going in (False, True):
             gp = project(work / f"fail{int(keep_going)}", models, BAD, packs='["x", "bad"]')
-            ex = RayExecutor(keep_going=keep_going)
+            ex = RayRunner()
             try:
-                scheduler(gp).make(executor=ex)
+                engine(gp).make(runner=ex, keep_going=keep_going)
                 error = None
-            except BuildError as e:
+            except GraftbuildError as e:
                 error = str(e)
-            plan = {n.id: n.state for n in scheduler(gp).plan()}
+            plan = {n.id: n.state for n in engine(gp).plan()}
             results[f"fail_keep_going={keep_going}"] = {
                 "error": error,
                 "timings": ex.timings,

@@ -21,10 +21,10 @@ from conftest import PATH_RECIPE, TINY_LLAMA, make_base, save_model, write_recip
 from forkserver import ForkServer
 from helpers import make
 
-from graftbuild.cli import main
-from graftbuild.commands.fsck import run_fsck
-from graftbuild.hashing import hash_file
-from graftbuild.store import Store
+from graftbuild.cache.fsck import run_fsck
+from graftbuild.cache.hashing import hash_file
+from graftbuild.cache.store import Store
+from graftbuild.cli.app import main
 
 RECIPE = "graftbuild.toml"
 

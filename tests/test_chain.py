@@ -95,7 +95,7 @@ def test_chain_packs_against_parent_and_keeps_earlier_bytes(
     fused = load_weights(second.node("fuse:all").output)
     for n, v in c.items():
         torch.testing.assert_close(fused[n], v, rtol=1e-5, atol=1e-5)
-    from graftbuild.store import Store
+    from graftbuild.cache.store import Store
 
     graft_b = Store(tmp_path / "cache").object_path(second.node("graft:b").output_hash)
     b = load_weights(tmp_path / "models" / "b")
@@ -128,7 +128,7 @@ def test_chain_errors_are_user_errors(tmp_path: Path) -> None:
 
 
 def test_finetuned_child_trains_from_its_parents_graft(tmp_path: Path) -> None:
-    from graftbuild.graph import build_graph
+    from graftbuild.build.graph import build_graph
 
     recipe = tmp_path / "graftbuild.toml"
     recipe.write_text(

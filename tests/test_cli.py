@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from forkserver import ForkServer
 
-from graftbuild.hashing import hash_file
-from graftbuild.integrity import check_copy, check_object
+from graftbuild.cache.hashing import hash_file
+from graftbuild.cache.integrity import check_copy, check_object
 
 ARGS = ["make", "graftbuild.toml", "-j", "1", "--json"]
 

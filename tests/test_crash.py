@@ -23,8 +23,8 @@ import pytest
 from conftest import REPO, TINY_LLAMA, TOKENIZER, make_base
 from forkserver import ForkServer
 
-from graftbuild.hashing import hash_file
-from graftbuild.integrity import check_copy, check_object
+from graftbuild.cache.hashing import hash_file
+from graftbuild.cache.integrity import check_copy, check_object
 
 SEED = 20261129
 KILLS = 32

@@ -16,10 +16,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import make
 
-from graftbuild import durability, noop
-from graftbuild.cli import main
-from graftbuild.hashing import signature
-from graftbuild.store import Store
+from graftbuild.build import noop
+from graftbuild.cache import durability
+from graftbuild.cache.hashing import signature
+from graftbuild.cache.store import Store
+from graftbuild.cli.app import main
 
 BOOT = "11111111-boot-this"
 OTHER_BOOT = "22222222-boot-before"
@@ -266,7 +267,7 @@ def test_copied_outputs_are_fsynced_and_dated_now(
 def test_other_processes_stay_immediate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only ``make``'s own process selects deferred: a fresh interpreter (a Ray worker, a
     library user) fsyncs objects."""
-    code = "from graftbuild import durability; print(durability.mode())"
+    code = "from graftbuild.cache import durability; print(durability.mode())"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == durability.IMMEDIATE

@@ -10,7 +10,7 @@ from conftest import make_base
 
 from graftbuild.errors import UserError
 from graftbuild.steps.evaluate import heldout_loss, response_loss
-from graftbuild.textdata import read_pairs
+from graftbuild.weights.textdata import read_pairs
 
 PAIRS = [("12 + 7 =", " 19"), ("3 + 4 =", " 7"), ("the cat sat on the", " mat today")]
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from helpers import make
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 from graftbuild.skillpack import PackReader
 
 RECIPE = """

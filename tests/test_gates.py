@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graftbuild.gates import check
+from graftbuild.release.gates import check
 
 loss = st.floats(min_value=0.0, max_value=20.0, allow_nan=False)
 threshold = st.floats(min_value=-5.0, max_value=5.0, allow_nan=False)

@@ -132,8 +132,8 @@ def test_statistics_match_the_layer_inputs(model_folders: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from graftbuild.compress.calibration import collect_statistics
-    from graftbuild.modeling import load_tokenizer
-    from graftbuild.textdata import read_examples, token_chunks
+    from graftbuild.weights.modeling import load_tokenizer
+    from graftbuild.weights.textdata import read_examples, token_chunks
 
     base = model_folders / "base"
     stats = collect_statistics(base, CALIB, samples=4, seq_len=16)

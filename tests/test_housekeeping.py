@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import make
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 
 
 def run(*args: str) -> tuple[int, str, str]:

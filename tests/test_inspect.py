@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from conftest import PATH_RECIPE, write_recipe
 from helpers import make
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 from graftbuild.skillpack import PackReader
-from graftbuild.tensors import ModelWeights
+from graftbuild.weights.tensors import ModelWeights
 
 
 def run(*args: str) -> tuple[int, str, str]:

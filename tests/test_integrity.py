@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import make, plan
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -200,7 +200,7 @@ def test_replaced_output_loses_its_marker_before_its_files(
     path_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A build killed while deleting the replaced copy must not leave a marked, partial folder.
-    import graftbuild.store as store
+    import graftbuild.cache.store as store
 
     make(path_project)
     (path_project.parent / "out" / "fused" / "release" / "config.json").unlink()

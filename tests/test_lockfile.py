@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import REPO
-from helpers import make, scheduler
+from helpers import engine, make
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 from graftbuild.steps.pack import PackStep
 
 
@@ -48,7 +48,10 @@ def test_make_writes_a_stable_lock(path_project: Path) -> None:
     }
     (env,) = lock["environments"].values()
     assert env["torch"].startswith("2.") and env["transformers"] and env["graftbuild"]
-    assert env["device"] == "cpu" and "threads" in env and env["cpu_count"] == os.cpu_count()
+    assert env["device"] == "cpu" and env["threads"] == 1  # one intra-op thread, any machine
+    # the numerical paths in effect and the CPU's instruction set (weights/determinism.py)
+    assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "AVX2"
+    assert isinstance(env["cpu_flags"], list) and "avx2" in env["cpu_flags"]
     assert {e["env"] for e in lock["nodes"].values() if e["step"] != "input"} == set(
         lock["environments"]
     )
@@ -64,8 +67,8 @@ def test_lock_takes_built_objects_file_hashes_from_their_manifests(
     path_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Re-reading every built object to list its files' hashes cost a 3 GB fuse 9 GB of reads.
-    import graftbuild.lockfile as lockfile
-    from graftbuild.hashing import hash_file
+    import graftbuild.build.lockfile as lockfile
+    from graftbuild.cache.hashing import hash_file
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the lock re-read an object")
@@ -88,7 +91,7 @@ def test_no_op_make_writes_the_lock_without_importing_torch(path_project: Path) 
     make(path_project)
     path_project.with_suffix(".lock").unlink()
     code = (
-        "import sys; from graftbuild.cli import main\n"
+        "import sys; from graftbuild.cli.app import main\n"
         "try:\n    main(['make', sys.argv[1], '-q'])\nexcept SystemExit as e:\n"
         "    assert not e.code, e.code\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
@@ -138,7 +141,7 @@ def test_locked_without_a_usable_lock_is_a_user_error(path_project: Path) -> Non
 def _drop_object(recipe: Path, node: str) -> None:
     """Delete a node's object from the cache, so that the next make rebuilds it."""
     digest = lock_of(recipe)["nodes"][node]["output"]
-    obj = scheduler(recipe).store.object_path(digest)
+    obj = engine(recipe).store.object_path(digest)
     shutil.rmtree(obj)
 
 
@@ -159,9 +162,8 @@ def test_locked_refuses_to_rebuild_under_another_torch(path_project: Path) -> No
     lock_file = path_project.with_suffix(".lock")
     lock = json.loads(lock_file.read_text())
     for env in lock["environments"].values():
-        assert env["threads"] is None  # no -j: torch's default, which follows the CPU count
         env["torch"] = "1.0.0"
-        env["cpu_count"] = 999
+        env["cpu_capability"] = "DEFAULT"
     lock_file.write_text(json.dumps(lock))
     assert run("make", str(path_project), "--locked")[0] == 0  # all cached: nothing rebuilds
 
@@ -169,4 +171,4 @@ def test_locked_refuses_to_rebuild_under_another_torch(path_project: Path) -> No
     code, _, err = run("make", str(path_project), "--locked")
     assert code == 2
     assert "pack:x: must be rebuilt, but torch is" in err and "'1.0.0' in the lock" in err
-    assert f"cpu_count is {os.cpu_count()!r} here and 999 in the lock" in err
+    assert "cpu_capability is 'AVX2' here and 'DEFAULT' in the lock" in err

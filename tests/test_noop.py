@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import make_source
 
-from graftbuild.entry import main
+from graftbuild.cli.entry import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, sys
-from graftbuild.entry import fast_path
+from graftbuild.cli.entry import fast_path
 hit = fast_path(sys.argv[1:])
 heavy = sorted(m for m in ("torch", "transformers", "networkx", "pydantic", "click", "rich")
                if m in sys.modules)
@@ -61,7 +61,7 @@ def test_noop_plan_on_the_slow_path_imports_no_torch(built_project: Path) -> Non
     for record in (built_project.parent / "cache" / "noop").iterdir():
         record.unlink()
     code = (
-        "import sys; from graftbuild.entry import main\n"
+        "import sys; from graftbuild.cli.entry import main\n"
         "try:\n main(sys.argv[1:])\nexcept SystemExit:\n pass\n"
         "print('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)"
     )

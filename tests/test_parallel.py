@@ -11,20 +11,20 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graftbuild.cli import main
-from graftbuild.hashing import tree_hash_uncached
-from graftbuild.parallel import ordered_map
+from graftbuild.build.engine import Engine
+from graftbuild.cache.hashing import tree_hash_uncached
+from graftbuild.cache.store import Store
+from graftbuild.cli.app import main
 from graftbuild.recipe import load_recipe
-from graftbuild.scheduler import Scheduler
 from graftbuild.steps.base import BuildSettings
-from graftbuild.store import Store
+from graftbuild.weights.parallel import ordered_map
 
 
 def build(recipe: Path, cache: Path, jobs: int) -> dict[str, str]:
     """Content hash of every built node's output, built from scratch in ``cache``."""
     r = load_recipe(recipe)
     r.project.out = cache.with_name(cache.name + "-out")  # outputs may not lie in the cache
-    result = Scheduler(r, Store(cache), BuildSettings(jobs=jobs)).make()
+    result = Engine(r, Store(cache), BuildSettings(jobs=jobs)).make()
     return {n.id: n.output_hash for n in result.nodes if n.action == "built"}
 
 

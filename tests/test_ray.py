@@ -42,6 +42,24 @@ def test_ray_outputs_are_byte_identical_to_local(ray_run: dict) -> None:
     assert set(r["timings"]) == {"pack:x", "pack:y", "fuse:release"}  # each step ran as a task
 
 
+def test_ray_builds_go_through_the_engines_one_visit(ray_run: dict) -> None:
+    """A restore reason patched in graftbuild.build.engine shows in a Ray make (the same patch
+    shows in plan and local make: tests/test_engine.py)."""
+    assert ray_run["rule"] == {"action": "restored", "reasons": ["RULE fuse:release missing"]}
+
+
+def test_ray_builds_a_trained_and_packed_recipe_to_the_local_bytes(ray_run: dict) -> None:
+    """Ray workers run with the driver's pinned kernels and one intra-op thread, so even the
+    thread-sensitive SVD of a 128-hidden model's packs gives the local runner's bytes."""
+    r = ray_run["repro"]
+    assert r["repro-ray"] == r["repro-local"]
+    assert {"base", "source:arith", "pack:arith", "fuse:release"} <= set(r["repro-ray"])
+    envs = ray_run["repro_env"]
+    assert {"base", "source:arith", "pack:arith", "fuse:release"} <= set(envs)
+    for env in envs.values():  # measured on the worker, reported back
+        assert env["threads"] == 1 and env["cpu_capability"] == "AVX2"
+
+
 def test_independent_packs_run_concurrently(ray_run: dict) -> None:
     t = ray_run["identical"]["timings"]
     x, y, fuse = t["pack:x"], t["pack:y"], t["fuse:release"]

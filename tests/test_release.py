@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from conftest import TINY_LLAMA, TOKENIZER
 from helpers import make
 
-from graftbuild.card import read_front_matter
-from graftbuild.cli import main
+from graftbuild.cli.app import main
+from graftbuild.release.card import read_front_matter
 
 RECIPE = """
 [project]

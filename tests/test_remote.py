@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graftbuild.cli import main
+from graftbuild.build.engine import Engine, MakeResult, cache_dir
+from graftbuild.cache.remote import Remote
+from graftbuild.cache.store import Store
+from graftbuild.cli.app import main
 from graftbuild.recipe import load_recipe
-from graftbuild.remote import Remote
-from graftbuild.scheduler import MakeResult, Scheduler, cache_dir
-from graftbuild.store import Store
 
 BUILT = ["pack:x", "pack:y", "fuse:release"]
 INPUTS = {"base", "source:x", "source:y"}  # model folders: "built" means "seen for the first time"
@@ -42,7 +42,7 @@ def make(recipe: Path, **remote_opts: bool) -> tuple[MakeResult, Remote]:
     logs: list[str] = []
     remote = Remote(r.project.remote, logs.append, **remote_opts)
     remote.logs = logs  # type: ignore[attr-defined]
-    sched = Scheduler(r, Store(cache_dir(r)), remote=remote)
+    sched = Engine(r, Store(cache_dir(r)), remote=remote)
     return sched.make(), remote
 
 

@@ -10,11 +10,11 @@ import torch
 from conftest import REPO
 from helpers import make
 
+from graftbuild.build.engine import Engine, cache_dir
+from graftbuild.cache.store import Store
 from graftbuild.errors import UserError
 from graftbuild.recipe import load_recipe
 from graftbuild.runtime import GraftedModel
-from graftbuild.scheduler import Scheduler, cache_dir
-from graftbuild.store import Store
 
 DATA = REPO / "recipes" / "quickstart" / "data"
 
@@ -156,7 +156,7 @@ def test_router_prompts_are_in_the_key(built: dict, tmp_path: Path) -> None:
     other.write_text("\n".join((DATA / "code.train.txt").read_text().splitlines()[:40]) + "\n")
     recipe.write_text(RECIPE.replace("PROMPTS_Y", str(other)))
     r = load_recipe(recipe)
-    stale = [n.id for n in Scheduler(r, Store(cache_dir(r))).plan() if n.state == "stale"]
+    stale = [n.id for n in Engine(r, Store(cache_dir(r))).plan() if n.state == "stale"]
     assert stale == ["fuse:bundle"]
     recipe.write_text(RECIPE.replace("PROMPTS_Y", str(DATA / "code.train.txt")))
 
@@ -168,11 +168,11 @@ def test_routed_needs_prompts_for_path_sources(path_project: Path) -> None:
         )
     )
     with pytest.raises(UserError, match=r"not in `packs`: \['q'\]"):
-        Scheduler(load_recipe(path_project), Store(path_project.parent / "c"))
+        Engine(load_recipe(path_project), Store(path_project.parent / "c"))
     path_project.write_text(
         RECIPE.replace(f'x = "{DATA}/arith.train.txt", ', "").replace(
             "PROMPTS_Y", str(DATA / "code.train.txt")
         )
     )
     with pytest.raises(UserError, match="pack 'x' has no prompts"):
-        Scheduler(load_recipe(path_project), Store(path_project.parent / "c"))
+        Engine(load_recipe(path_project), Store(path_project.parent / "c"))

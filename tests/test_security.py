@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graftbuild.cli import main
+from graftbuild.cli.app import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "graftbuild"
 

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from conftest import TINY_LLAMA, TOKENIZER
 from helpers import make, plan
 
-from graftbuild.cli import main
-from graftbuild.scheduler import MakeResult
+from graftbuild.build.engine import MakeResult
+from graftbuild.cli.app import main
 
 TINY_GPT2 = {
     "model_type": "gpt2",

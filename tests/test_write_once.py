@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import graftbuild.hashing as hashing
-from graftbuild.hashing import hash_file, hash_written
-from graftbuild.memory import HUGE_MIN, empty, empty_like
+import graftbuild.cache.hashing as hashing
+from graftbuild.cache.hashing import hash_file, hash_written
+from graftbuild.cache.store import Store
+from graftbuild.cache.writing import HashedWriter
 from graftbuild.skillpack import PackReader, PackWriter, TensorLayout, encode_tensor, plan_layout
-from graftbuild.store import Store
-from graftbuild.tensors import TensorInfo, all_finite, write_model_weights
-from graftbuild.writing import HashedWriter
+from graftbuild.weights.memory import HUGE_MIN, empty, empty_like
+from graftbuild.weights.tensors import TensorInfo, all_finite, write_model_weights
 
 HEADER = {"base": "xxh3:0123"}
 

@@ -19,6 +19,8 @@ from graftbuild.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from graftbuild.weights.placement import Placement
+
 
 def collect_statistics(
     model_dir: Path,
@@ -26,14 +28,15 @@ def collect_statistics(
     samples: int,
     seq_len: int,
     field: str = "text",
-    device: str = "cpu",
+    where: Placement | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{weight tensor name: statistics}`` for the model in ``model_dir``: ``H`` (n × n) of
     every linear layer, and each embedding's token frequencies (1-D, summing to 1)."""
     import torch
 
-    from graftbuild.modeling import load_causal_lm, load_tokenizer
-    from graftbuild.textdata import read_examples, token_chunks
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
+    from graftbuild.weights.textdata import read_examples, token_chunks
 
     tok = load_tokenizer(model_dir)
     chunks = token_chunks(tok, read_examples(data, field), seq_len, data)
@@ -43,7 +46,8 @@ def collect_statistics(
             f"{len(chunks)}; lower `samples` or `seq_len`"
         )
     chunks = chunks[:samples]
-    model = load_causal_lm(model_dir, device)
+    placement = Placement.of(where)
+    model = load_causal_lm(model_dir, placement)
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -88,7 +92,7 @@ def collect_statistics(
         with torch.no_grad():
             for i in range(0, len(chunks), 8):
                 owners.clear()
-                model(input_ids=chunks[i : i + 8].to(device))
+                model(input_ids=placement.put(chunks[i : i + 8]))
     finally:
         owners.clear()
         for handle in handles:

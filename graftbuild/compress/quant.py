@@ -106,8 +106,12 @@ def quantize_rtn(x: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
 
 def dequantize(q: QuantizedMatrix) -> torch.Tensor:
     """float32 ``zero + code * scale`` of every entry, in the original shape."""
+    import torch
+
     rows, cols = q.shape
-    codes = unpack_bits(q.codes, q.bits, rows * cols).view(rows, cols).float()
+    # codes unpack on the CPU; the arithmetic runs where the scales are (a decode on a GPU)
+    codes = unpack_bits(q.codes, q.bits, rows * cols).view(rows, cols)
+    codes = codes.to(device=q.scale.device, dtype=torch.float32)
     if rows == 0 or cols == 0:
         return codes
     return _expand(q.zero, q.group_size, cols) + codes * _expand(q.scale, q.group_size, cols)

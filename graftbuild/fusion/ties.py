@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from graftbuild.fusion.base import StrategyParams
-from graftbuild.memory import empty_like
+from graftbuild.weights.memory import empty_like
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,8 @@
-"""Steps by name: the pure function that builds each kind of node.
+"""Node kinds by step name: each module holds one Step, its ``nodes(recipe, out)`` factory and its
+pure ``run(ctx)`` (the contract: ``steps/base.py``).
 
-Add a node kind: a module here with a class like ``PackStep`` (``name``, ``version``, ``run``),
-one line in ``STEPS``, and its node in ``graftbuild/graph.py``.
+Add a node kind: a module here with a Step class, and one line in ``STEPS``. Planning asks every
+step for its nodes; the engine runs a node's step by name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from graftbuild.steps.dpo import DpoStep
 from graftbuild.steps.evaluate import EvalStep
 from graftbuild.steps.fuse import FuseStep
 from graftbuild.steps.init import InitStep
+from graftbuild.steps.input import InputStep
 from graftbuild.steps.pack import PackStep
 from graftbuild.steps.release import ReleaseStep
 from graftbuild.steps.sft import SftStep
@@ -20,14 +22,15 @@ from graftbuild.steps.teach import TeachStep
 STEPS: dict[str, Step] = {
     s.name: s
     for s in (
+        InputStep(),
         InitStep(),
         SftStep(),
         TeachStep(),
         DpoStep(),
         PackStep(),
         FuseStep(),
-        EvalStep(),
         BundleStep(),
+        EvalStep(),
         ReleaseStep(),
     )
 }

@@ -1,11 +1,5 @@
-"""``fuse`` with ``strategy = "routed"``: a bundle folder, the base model, the packs and a router.
-
-Layout (``bundle.json`` describes it; ``graftbuild.runtime.GraftedModel`` loads it)::
-
-    bundle.json            {"format": "graftbuild.bundle", "version": 1, "packs": [...], "router"}
-    base/                  the base model folder (config, tokenizer, safetensors weights)
-    packs/NAME.safetensors each pack's SkillPack file, unchanged
-    router.safetensors     the router's centroids (graftbuild/router.py)
+"""``fuse`` with ``strategy = "routed"``: a bundle folder, the base model, the packs and a router
+(layout: graftbuild/runtime/bundle.py; ``graftbuild.runtime.GraftedModel`` loads it).
 
 The router is fitted here, on the base model, from each pack's prompts (declared files of this
 node, so they are in its key): the source's finetune data unless ``options.prompts`` names other
@@ -14,27 +8,22 @@ files, plus ``options.base_prompts`` for inputs that should go to no pack.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from graftbuild.errors import BuildError, UserError
-from graftbuild.steps.base import StepContext
-from graftbuild.steps.pack import PACK_FILE
+from graftbuild.recipe import ids
+from graftbuild.skillpack.format import PACK_FILE
+from graftbuild.steps.base import Node, StepContext
+from graftbuild.steps.fuse import strategy_components
 
 if TYPE_CHECKING:
-    from graftbuild.graph import Node
     from graftbuild.recipe import FuseSpec, Recipe
-
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = "graftbuild.bundle"
 
 
 def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
-    """The planner's node for a routed fuse: deps as a plain fuse, plus the router's prompts."""
-    from graftbuild.graph import Node
-
+    """The node of a routed fuse: deps as a plain fuse, plus the router's prompts."""
     opts = f.options
     where = f"{recipe.path}: fuse {f.name!r}: options.prompts"
     unknown = sorted(set(opts["prompts"]) - set(f.packs))
@@ -52,7 +41,7 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
         files["prompts.base"] = (recipe.root / opts["base_prompts"]).resolve()
     options = {k: v for k, v in opts.items() if k not in ("prompts", "base_prompts")}
     return Node(
-        f"fuse:{f.name}",
+        ids.fuse(f.name),
         "bundle",
         config={
             "packs": f.packs,
@@ -61,7 +50,7 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
             "options": options,
             "base_class": opts["base_prompts"] is not None,
         },
-        deps={"base": "base"} | {f"pack.{i}": f"pack:{p}" for i, p in enumerate(f.packs)},
+        deps={"base": ids.BASE} | {f"pack.{i}": ids.pack(p) for i, p in enumerate(f.packs)},
         files=files,
         labels={
             "config.packs": "fusion order changed",
@@ -74,19 +63,25 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
         | {f"file:prompts.{i}": f"router prompts of '{p}' changed" for i, p in enumerate(f.packs)}
         | {"file:prompts.base": "router base prompts changed"},
         output=f.output or out / "fused" / f.name,
+        components=strategy_components("routed"),
     )
 
 
 class BundleStep:
     name: ClassVar[str] = "bundle"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        return [bundle_node(recipe, f, out) for f in recipe.fuse if f.strategy == "routed"]
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.modeling import load_causal_lm, load_tokenizer, set_threads
-        from graftbuild.router import BASE, Router
+        from graftbuild.runtime.bundle import write_bundle
+        from graftbuild.runtime.router import BASE, Router
         from graftbuild.skillpack import PackReader
-        from graftbuild.tensors import copy_non_weight_files, weight_files
-        from graftbuild.textdata import read_examples
+        from graftbuild.weights.modeling import load_causal_lm, load_tokenizer, set_threads
+        from graftbuild.weights.tensors import copy_non_weight_files, weight_files
+        from graftbuild.weights.textdata import read_examples
 
         set_threads(ctx.settings.threads)
         cfg = ctx.config
@@ -123,15 +118,8 @@ class BundleStep:
             prompts[BASE] = read_examples(ctx.files["prompts.base"], opts["field"])
         prompts = {c: texts[: opts["samples"]] for c, texts in prompts.items()}
         tok = load_tokenizer(base_in)
-        model = load_causal_lm(base_in, ctx.settings.device).eval()
+        model = load_causal_lm(base_in, ctx.placement).eval()
         with ctx.progress.task(f"router {ctx.node_id}", 1) as advance:
             router = Router.fit(model, tok, prompts, opts["seq_len"])
             advance(1)
-        doc = {
-            "format": BUNDLE_FORMAT,
-            "version": 1,
-            "base": "base",
-            "packs": packs,
-            "router": router.save(ctx.out),
-        }
-        (ctx.out / BUNDLE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        write_bundle(ctx.out, packs, router.save(ctx.out))

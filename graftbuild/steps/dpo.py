@@ -9,25 +9,61 @@ only one model is in memory.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from graftbuild.errors import BuildError
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.steps.base import Node, StepContext
+from graftbuild.steps.sft import train_config
+
+if TYPE_CHECKING:
+    from graftbuild.recipe import Recipe
 
 
 class DpoStep:
     name: ClassVar[str] = "dpo"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        """``dpo:NAME`` of every transfer that declares ``dpo``: θ*."""
+        nodes = []
+        for name, src in recipe.sources.items():
+            t = src.transfer
+            if t is None or t.dpo is None:
+                continue
+            nodes.append(
+                Node(
+                    ids.dpo(name),
+                    "dpo",
+                    config={
+                        "train": train_config(t.dpo),
+                        "sft": {"max_len": t.sft.max_len, "chat_template": t.sft.chat_template},
+                        "generation": t.generation.model_dump(mode="json"),
+                    },
+                    deps={"model": ids.sft(name), "data": ids.teach(name)},
+                    labels={
+                        "config.train": f"DPO settings of '{name}' changed",
+                        "config.sft": f"SFT data settings of '{name}' changed",
+                        "config.generation": f"generation settings of '{name}' changed",
+                        "dep:model": f"{ids.sft(name)} changed",
+                        "dep:data": f"teacher answers for '{name}' changed",
+                    },
+                    output=out / "sources" / name / "dpo",
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.generation import generate, read_generations, render_prompt
-        from graftbuild.modeling import load_causal_lm, load_tokenizer
-        from graftbuild.training import fit, quiet_training, require_trl, save_like_base
+        from graftbuild.weights.generation import generate, read_generations, render_prompt
+        from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+        from graftbuild.weights.training import fit, quiet_training, require_trl, save_like_base
 
         require_trl()  # before any work: a missing extra is the user's to fix
 
         train, sft, gen = ctx.config["train"], ctx.config["sft"], ctx.config["generation"]
-        model_dir, device = ctx.inputs["model"], ctx.settings.device
+        model_dir = ctx.inputs["model"]
         source = ctx.node_id.split(":", 1)[1]
         where = f"sources.{source}.transfer.sft"
         with quiet_training():
@@ -35,10 +71,11 @@ class DpoStep:
             taught = read_generations(ctx.inputs["data"])
             prompts = list(dict.fromkeys(g["prompt"] for g in taught))
             texts = {p: render_prompt(tok, p, sft["chat_template"], where) for p in prompts}
-            model = load_causal_lm(model_dir, device)
+            model = load_causal_lm(model_dir, ctx.placement)
             own_gen = gen | {"samples": 1, "temperature": train["temperature"]}
             with ctx.progress.task(f"answer {ctx.node_id}", len(prompts)) as advance:
-                own = generate(model, tok, [texts[p] for p in prompts], own_gen, device, advance)
+                asked = [texts[p] for p in prompts]
+                own = generate(model, tok, asked, own_gen, ctx.placement, advance)
             rejected = {p: r[0] for p, r in zip(prompts, own, strict=True)}
             rows = [
                 {

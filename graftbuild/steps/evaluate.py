@@ -10,21 +10,51 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.release.gates import METRICS_FILE
+from graftbuild.steps.base import Node, StepContext
 
-METRICS_FILE = "metrics.json"
+if TYPE_CHECKING:
+    from graftbuild.recipe import Recipe
+    from graftbuild.weights.placement import Placement
 
 
 class EvalStep:
     name: ClassVar[str] = "eval"
     version: ClassVar[int] = 2
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        nodes = []
+        for e in recipe.eval:
+            datasets = sorted(e.data)
+            nodes.append(
+                Node(
+                    ids.eval_(e.name),
+                    "eval",
+                    config={
+                        "models": e.models,
+                        "datasets": datasets,
+                        "field": e.field,
+                        "seq_len": e.seq_len,
+                        "batch_size": e.batch_size,
+                    },
+                    deps={f"model.{i}": m for i, m in enumerate(e.models)},
+                    files={f"data.{d}": e.data[d] for d in datasets},
+                    labels={f"dep:model.{i}": f"model {m} changed" for i, m in enumerate(e.models)}
+                    | {f"file:data.{d}": f"eval data '{d}' changed" for d in datasets}
+                    | {"config.models": "evaluated models changed"},
+                    output=out / "evals" / e.name,
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.textdata import read_examples, read_pairs
+        from graftbuild.weights.textdata import read_examples, read_pairs
 
-        cfg, device = ctx.config, ctx.settings.device
+        cfg, placement = ctx.config, ctx.placement
         pairs: dict[str, list[tuple[str, str]]] = {}
         texts: dict[str, list[str]] = {}
         for d in cfg["datasets"]:
@@ -42,7 +72,7 @@ class EvalStep:
                 results[model_id] = {}
                 for d in cfg["datasets"]:
                     if d in pairs:
-                        loss, tokens = response_loss(folder, pairs[d], cfg["batch_size"], device)
+                        loss, tokens = response_loss(folder, pairs[d], cfg["batch_size"], placement)
                     else:
                         loss, tokens = heldout_loss(
                             folder,
@@ -50,7 +80,7 @@ class EvalStep:
                             cfg["seq_len"],
                             cfg["batch_size"],
                             ctx.files[f"data.{d}"],
-                            device,
+                            placement,
                         )
                     results[model_id][d] = {
                         "loss": round(loss, 6),
@@ -67,21 +97,23 @@ def heldout_loss(
     seq_len: int,
     batch_size: int,
     source: Path,
-    device: str = "cpu",
+    where: Placement | str | None = None,
 ) -> tuple[float, int]:
     """Mean next-token loss over every chunk of the data, in a fixed order."""
     import torch
 
-    from graftbuild.modeling import load_causal_lm, load_tokenizer
-    from graftbuild.textdata import token_chunks
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
+    from graftbuild.weights.textdata import token_chunks
 
     tok = load_tokenizer(folder)
-    model = load_causal_lm(folder, device).eval()
+    placement = Placement.of(where)
+    model = load_causal_lm(folder, placement).eval()
     chunks = token_chunks(tok, examples, seq_len, source)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(chunks), batch_size):
-            batch = chunks[start : start + batch_size].to(device)
+            batch = placement.put(chunks[start : start + batch_size])
             logits = model(input_ids=batch).logits[:, :-1].float()
             target = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
@@ -93,16 +125,21 @@ def heldout_loss(
 
 
 def response_loss(
-    folder: Path, pairs: list[tuple[str, str]], batch_size: int, device: str = "cpu"
+    folder: Path,
+    pairs: list[tuple[str, str]],
+    batch_size: int,
+    where: Placement | str | None = None,
 ) -> tuple[float, int]:
     """Mean next-token loss over the response tokens (and the eos after them), given the prompt.
     The response starts where tokenizing prompt and prompt + response diverge, as in training."""
     import torch
 
-    from graftbuild.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
 
     tok = load_tokenizer(folder)
-    model = load_causal_lm(folder, device).eval()
+    placement = Placement.of(where)
+    model = load_causal_lm(folder, placement).eval()
     rows = []
     for prompt, response in pairs:
         head = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -122,8 +159,8 @@ def response_loss(
                 ids[j, : len(row)] = torch.tensor(row)
                 labels[j, cut : len(row)] = torch.tensor(row[cut:])
                 mask[j, : len(row)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
+            logits = model(input_ids=placement.put(ids), attention_mask=placement.put(mask)).logits
+            logits, target = logits[:, :-1].float(), placement.put(labels[:, 1:])
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
             )

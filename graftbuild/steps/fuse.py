@@ -3,32 +3,76 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from graftbuild.errors import BuildError
-from graftbuild.steps.base import StepContext
-from graftbuild.steps.pack import PACK_FILE
+from graftbuild.recipe import ids
+from graftbuild.skillpack.format import PACK_FILE
+from graftbuild.steps.base import Node, StepContext
 
 if TYPE_CHECKING:
     import torch
+
+    from graftbuild.recipe import Recipe
 
 
 class FuseStep:
     name: ClassVar[str] = "fuse"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        """``fuse:NAME`` of every static fusion, and ``graft:NAME`` (base ⊕ NAME's chain, a plain
+        sum) of every source another one names as its parent."""
+        nodes = [graft_node(recipe, name) for name in recipe.parents()]
+        for f in recipe.fuse:
+            if f.strategy == "routed":
+                continue  # a bundle: steps/bundle.py
+            packs = {f"pack.{i}": ids.pack(p) for i, p in enumerate(f.packs)}
+            nodes.append(
+                Node(
+                    ids.fuse(f.name),
+                    "fuse",
+                    config={
+                        "packs": f.packs,
+                        "weights": f.weight_list(),
+                        "strategy": f.strategy,
+                        "options": f.options,
+                        "shard_size": f.shard_size,
+                    },
+                    deps={"base": ids.BASE} | packs,
+                    labels={
+                        "config.packs": "fusion order changed",
+                        "config.weights": "fusion weights changed",
+                        "config.strategy": "fusion strategy changed",
+                        "config.options": "fusion options changed",
+                        "config.shard_size": "shard size changed",
+                        "dep:base": "base model changed",
+                    }
+                    | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)},
+                    output=f.output or out / "fused" / f.name,
+                    components=strategy_components(f.strategy),
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
         from contextlib import ExitStack
 
         from graftbuild.fusion import get_strategy
-        from graftbuild.memory import empty_like, release_freed_tensors
-        from graftbuild.parallel import ordered_map
         from graftbuild.skillpack import PackReader
-        from graftbuild.tensors import ModelWeights, copy_non_weight_files, write_model_weights
+        from graftbuild.weights.memory import release_freed_tensors
+        from graftbuild.weights.parallel import ordered_map
+        from graftbuild.weights.tensors import (
+            ModelWeights,
+            copy_non_weight_files,
+            write_model_weights,
+        )
 
         release_freed_tensors()
         cfg = ctx.config
-        device = ctx.settings.device
+        placement = ctx.placement
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
@@ -53,25 +97,25 @@ class FuseStep:
                 import torch
 
                 b = base.map(name)  # read, never written: no copy of the stored bytes
-                out = empty_like(b, dtype=torch.float32, device=device)
+                out = placement.empty_like(b, torch.float32)
                 if fold is not None:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
                     weighted = zip(readers, cfg["weights"], strict=True)
                     packs = [(r, w) for r, w in weighted if name in r.entries]
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         r, w = packs.pop(0)  # added straight from the base into ``out``
-                        delta = r.decode(name).to(device)
-                        acc = fold_first(b.to(device), delta, w, params, name, out)
+                        delta = r.decode(name, placement)  # decoded on the device
+                        acc = fold_first(placement.put(b), delta, w, params, name, out)
                         del delta
                     else:
                         acc = out.copy_(b)
                     for r, w in packs:
-                        acc = fold(acc, r.decode(name).to(device), w, params, name)
-                    return name, acc.to(device="cpu", dtype=b.dtype)
+                        acc = fold(acc, r.decode(name, placement), w, params, name)
+                    return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
-                deltas = [r.decode(name).to(device) if name in r.entries else None for r in readers]
+                deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]
                 out = strategy.combine(acc, deltas, cfg["weights"], params, name)
-                return name, out.to(device="cpu", dtype=b.dtype)
+                return name, placement.host(out, b.dtype)
 
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
@@ -87,3 +131,32 @@ class FuseStep:
             infos = [base.infos[n] for n in names]
             copy_non_weight_files(ctx.inputs["base"], ctx.out)
             write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
+
+
+def strategy_components(strategy: str) -> dict[str, int]:
+    """``strategy:NAME`` -> its version: a fuse's key changes when its strategy's code does."""
+    from graftbuild.fusion import get_strategy
+
+    return {f"strategy:{strategy}": get_strategy(strategy).version}
+
+
+def graft_node(recipe: Recipe, name: str) -> Node:
+    """``graft:NAME``: base ⊕ every pack of NAME's chain (a plain sum), the model a child source
+    was fine-tuned from and is packed against. Cache only; eval can name it."""
+    chain = recipe.chain(name)
+    return Node(
+        ids.graft(name),
+        "fuse",
+        config={
+            "packs": chain,
+            "weights": [1.0] * len(chain),
+            "strategy": "sum",
+            "options": {},
+            "shard_size": 2**62,
+        },
+        deps={"base": ids.BASE} | {f"pack.{i}": ids.pack(p) for i, p in enumerate(chain)},
+        labels={"dep:base": "base model changed"}
+        | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(chain)},
+        output=None,
+        components=strategy_components("sum"),
+    )

@@ -8,22 +8,54 @@ from __future__ import annotations
 
 import json
 import shutil
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
+from graftbuild.cache.hashing import iter_files
 from graftbuild.errors import UserError
-from graftbuild.hashing import iter_files
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.steps.base import Node, StepContext, declared_models
+
+if TYPE_CHECKING:
+    from graftbuild.recipe import Recipe
 
 
 class InitStep:
     name: ClassVar[str] = "init"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        """A seeded init per model declared with ``config``: the model itself, or, when it is
+        trained on text first, its ``…-init`` node."""
+        nodes = []
+        for node, spec, folder, what in declared_models(recipe, out):
+            if spec.path is not None:
+                continue
+            trained = spec.finetune is not None
+            first = ids.init_of(node) if trained else node
+            nodes.append(
+                Node(
+                    first,
+                    "init",
+                    config={"seed": spec.seed, "dtype": spec.dtype},
+                    files={"config": spec.config, "tokenizer": spec.tokenizer},
+                    labels={
+                        "file:config": f"{what} config changed",
+                        "file:tokenizer": f"{what} tokenizer changed",
+                        "config.seed": f"{what} init seed changed",
+                        "config.dtype": f"{what} dtype changed",
+                    },
+                    output=folder.parent / first.replace(":", "-") if trained else folder,
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from graftbuild.modeling import load_tokenizer, quiet_transformers, torch_dtype
+        from graftbuild.weights.modeling import load_tokenizer, quiet_transformers, torch_dtype
 
         quiet_transformers()
 

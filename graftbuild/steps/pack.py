@@ -7,15 +7,18 @@ parts are written in name order whatever order the workers finish in.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from graftbuild.errors import UserError
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.skillpack.format import PACK_FILE
+from graftbuild.steps.base import Node, StepContext
 
 if TYPE_CHECKING:
     import torch
 
-PACK_FILE = "skillpack.safetensors"
+    from graftbuild.recipe import Recipe
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -25,20 +28,50 @@ class PackStep:
     # 2: lowrank encodes small rank budgets with a randomized SVD
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
     version: ClassVar[int] = 3
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        """``pack:NAME`` of every source: its delta against the base (or its parent's graft),
+        compressed by its profile; the profile's codecs' versions are part of the key."""
+        nodes = []
+        for name, src in recipe.sources.items():
+            profile = recipe.profile(src.compression)
+            normalised = profile.normalised()
+            calib = {"calibration": profile.calibration.data} if profile.calibration else {}
+            parent = {"parent": ids.start(src.parent)} if src.parent else {}
+            nodes.append(
+                Node(
+                    ids.pack(name),
+                    "pack",
+                    config={"profile": normalised},
+                    deps={"base": ids.BASE, "source": recipe.source_model(name)} | parent,
+                    files=calib,
+                    labels={
+                        "config.profile": f"compression profile '{src.compression}' changed",
+                        "file:calibration": f"calibration data of '{src.compression}' changed",
+                        "dep:source": f"source '{name}' weights changed",
+                        "dep:base": "base model changed",
+                        "dep:parent": f"parent model {ids.graft(src.parent or '')} changed",
+                    },
+                    output=out / "packs" / name,
+                    components=codec_components(normalised),
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
         import torch
 
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
-        from graftbuild.memory import empty_like, release_freed_tensors
-        from graftbuild.parallel import ordered_map
-        from graftbuild.skillpack import PackWriter, encode_tensor, plan_layout
-        from graftbuild.tensors import ModelWeights, all_finite
+        from graftbuild.skillpack.writer import PackWriter, encode_with, parse, plan_layout
+        from graftbuild.weights.memory import empty_like, release_freed_tensors
+        from graftbuild.weights.parallel import ordered_map
+        from graftbuild.weights.tensors import ModelWeights, all_finite
 
         release_freed_tensors()
         profile = ctx.config["profile"]
-        device = ctx.settings.device
+        placement = ctx.placement
         # A chained source's delta is taken against its parent's grafted model (``parent``); the
         # header still names the root base (what fusing adds it to) and records the parent.
         reference = "parent" if "parent" in ctx.inputs else "base"
@@ -54,7 +87,7 @@ class PackStep:
                 cal["samples"],
                 cal["seq_len"],
                 cal["field"],
-                device,
+                placement,
             )
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
@@ -75,34 +108,31 @@ class PackStep:
                         f"{base.folder}: tensor {name!r} has non-float dtype "
                         f"{base.infos[name].dtype}"
                     )
-            specs = {
-                name: profile[classify(name, len(base.infos[name].shape), profile["roles"])]
-                for name in names
-            }
+            # each tensor's role and codec, decided (and its spec validated) once
+            roles = {n: classify(n, len(base.infos[n].shape), profile["roles"]) for n in names}
+            specs = {name: profile[roles[name]] for name in names}
             if profile.get("budget") is not None:
                 specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
                 header["budget"] = profile["budget"]
+            parsed = {name: parse(spec) for name, spec in specs.items()}
 
             def encode(name: str) -> tuple:
                 """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
                 # both read through copy-on-write maps (no copy of the stored bytes), the delta
                 # into a fresh buffer
-                b = base.map(name).to(device=device, dtype=torch.float32)
-                x = src.map(name).to(device=device, dtype=torch.float32)
+                b = placement.put(base.map(name), torch.float32)
+                x = placement.put(src.map(name), torch.float32)
                 delta = torch.sub(x, b, out=empty_like(x))
                 del b, x
                 if not all_finite(delta):
                     raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
-                role = classify(name, delta.ndim, profile["roles"])
+                codec, params = parsed[name]
                 calibration = None
                 h = hessians.get(name)
-                if h is not None and h.ndim == 2 and specs[name]["method"] == "mixed":
+                if h is not None and h.ndim == 2 and codec.uses_calibration:
                     calibration = Calibration(h, cal["damp"], cal["act_order"])
-                # finiteness was checked just above, naming the tensor
-                codec, params, encoded = encode_tensor(
-                    delta, specs[name], calibration, check_finite=False
-                )
-                return name, role, codec, params, tuple(delta.shape), encoded
+                encoded = encode_with(codec, params, delta, calibration)
+                return name, codec.name, params, tuple(delta.shape), encoded
 
             # When every tensor's entry is known before encoding (exact codec), the pack's header
             # is written first and each tensor goes straight to its place, in the file's order.
@@ -110,10 +140,7 @@ class PackStep:
             for name in names:
                 info = base.infos[name]
                 planned = plan_layout(
-                    specs[name],
-                    classify(name, len(info.shape), profile["roles"]),
-                    info.shape,
-                    _DTYPE_NAMES[info.dtype],
+                    parsed[name], roles[name], info.shape, _DTYPE_NAMES[info.dtype]
                 )
                 if planned is None:
                     layout = None
@@ -128,9 +155,9 @@ class PackStep:
                 work = ordered_map(
                     encode, order, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                 )
-                for name, role, codec, params, shape, encoded in work:
+                for name, codec, params, shape, encoded in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
-                    writer.add(name, role, codec, params, shape, dtype, encoded)
+                    writer.add(name, roles[name], codec, params, shape, dtype, encoded)
                     del encoded  # not alive while the next one is computed
                     advance(1)
 
@@ -139,7 +166,7 @@ def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(name, original dtype name, float32 delta) of every tensor, one at a time."""
     import torch
 
-    from graftbuild.tensors import all_finite
+    from graftbuild.weights.tensors import all_finite
 
     for name in base.names():
         info = base.infos[name]
@@ -169,7 +196,7 @@ def allocate_budget(
     with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
         for name, _dtype, delta in iter_deltas(base, src):
             profiles.append(
-                rate_profile(name, delta.to(ctx.settings.device), specs[name], statistics.get(name))
+                rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
             )
             advance(1)
     target = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
@@ -178,7 +205,7 @@ def allocate_budget(
 
 def check_same_layout(base: object, src: object) -> None:
     """A source must have exactly the base's tensor names and shapes (else: a transfer step)."""
-    from graftbuild.tensors import ModelWeights
+    from graftbuild.weights.tensors import ModelWeights
 
     assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
     only_base = sorted(set(base.infos) - set(src.infos))
@@ -206,7 +233,7 @@ def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
     """A source may store its weights in another float dtype than the base (a bf16 fine-tune of
     an fp32 base): the delta is taken in float32 and the pack records the base's dtype, and the
     build says so. A non-float source tensor is refused."""
-    from graftbuild.tensors import ModelWeights
+    from graftbuild.weights.tensors import ModelWeights
 
     assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
     differ = sorted(n for n in base.infos if src.infos[n].dtype != base.infos[n].dtype)
@@ -224,3 +251,12 @@ def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
         f"{', '.join(f'{a} where the base has {b}' for a, b in pairs)} (e.g. {differ[0]}); "
         "deltas are taken in float32 and fused back into the base's dtype"
     )
+
+
+def codec_components(profile: dict[str, Any]) -> dict[str, int]:
+    """``codec:NAME`` -> version of every codec a (normalised) profile's roles name."""
+    from graftbuild.compress.codecs import get_codec
+    from graftbuild.compress.roles import ROLES
+
+    methods = {profile[role]["method"] for role in ROLES if role in profile}
+    return {f"codec:{m}": get_codec(m).version for m in sorted(methods)}

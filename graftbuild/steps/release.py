@@ -13,13 +13,17 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import xxhash
 
+from graftbuild.cache.hashing import CHUNK, iter_files
 from graftbuild.errors import BuildError
-from graftbuild.hashing import CHUNK, iter_files
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.steps.base import Node, StepContext
+
+if TYPE_CHECKING:
+    from graftbuild.recipe import Recipe, ReleaseSpec
 
 MANIFEST_FILE = "graftbuild-manifest.json"
 CARD_FILE = "README.md"
@@ -34,9 +38,13 @@ BASE_DESC = {
 class ReleaseStep:
     name: ClassVar[str] = "release"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = False
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        return [release_node(recipe, r, out) for r in recipe.release]
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.card import read_front_matter, render
+        from graftbuild.release.card import read_front_matter, render
 
         cfg = ctx.config
         evals = self._evals(ctx)
@@ -83,8 +91,7 @@ class ReleaseStep:
 
     @staticmethod
     def _evals(ctx: StepContext) -> list[dict[str, Any]]:
-        from graftbuild.gates import check
-        from graftbuild.steps.evaluate import METRICS_FILE
+        from graftbuild.release.gates import METRICS_FILE, check
 
         out = []
         for j, ev in enumerate(ctx.config["evals"]):
@@ -113,10 +120,10 @@ def _hub_id(base: Path) -> str | None:
 
 def _pack_info(folder: Path, digest: str) -> dict[str, Any]:
     """Size, fp16-delta size and codecs by role of a pack, from its header alone (no torch)."""
-    from graftbuild.card import codec_label
+    from graftbuild.release.card import codec_label
     from graftbuild.skillpack import METADATA_KEY
-    from graftbuild.steps.pack import PACK_FILE
-    from graftbuild.tensors import read_header
+    from graftbuild.skillpack.format import PACK_FILE
+    from graftbuild.weights.tensors import read_header
 
     path = folder / PACK_FILE
     doc = json.loads(read_header(path)["__metadata__"][METADATA_KEY])
@@ -167,3 +174,50 @@ def write_manifest(folder: Path) -> None:
     }
     doc = {"format": "graftbuild-manifest/1", "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def base_step(recipe: Recipe) -> str:
+    """How the base is made, for the card: a folder, a seeded init, or an init trained here."""
+    if recipe.base.path is not None:
+        return "input"
+    return "sft" if recipe.base.finetune is not None else "init"
+
+
+def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
+    """``release:NAME``: the fused model, its model card and manifest. Everything the card shows
+    is an input: the fused model, base, packs and evals by hash, the rest in its config."""
+    from graftbuild.release.gates import gate_config
+
+    fuse = next(f for f in recipe.fuse if f.name == (r.fuse or r.name))
+    evals = recipe.release_evals(r)
+    deps = {"model": ids.fuse(fuse.name), "base": ids.BASE}
+    deps |= {f"pack.{i}": ids.pack(p) for i, p in enumerate(fuse.packs)}
+    deps |= {f"eval.{j}": ids.eval_(e.name) for j, e in enumerate(evals)}
+    files = {}
+    if recipe.base.path is not None and (recipe.base.path / "README.md").is_file():
+        files["base_card"] = recipe.base.path / "README.md"  # license etc. (not in the base hash)
+    config = {
+        "project": {"name": recipe.project.name, "version": recipe.project.version},
+        "card": {"license": r.license, "base_model": r.base_model, "tags": r.tags},
+        "fuse": {
+            "name": fuse.name,
+            "packs": fuse.packs,
+            "weights": fuse.weight_list(),
+            "strategy": fuse.strategy,
+            "options": fuse.options,
+        },
+        "compression": {p: recipe.sources[p].compression for p in fuse.packs},
+        "base": base_step(recipe),
+        "evals": [{"name": e.name, "models": e.models} | gate_config(e) for e in evals],
+    }
+    return Node(
+        ids.release(r.name),
+        "release",
+        config=config,
+        deps=deps,
+        files=files,
+        labels={"dep:model": f"fused model '{fuse.name}' changed", "config.card": "card changed"}
+        | {f"dep:eval.{j}": f"eval '{e.name}' changed" for j, e in enumerate(evals)}
+        | {"config.evals": "release gates changed", "file:base_card": "base model card changed"},
+        output=r.output or out / "release" / r.name,
+    )

@@ -7,25 +7,57 @@ here and nowhere else, and released before the step returns (training starts aft
 from __future__ import annotations
 
 import gc
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from graftbuild.errors import UserError
-from graftbuild.steps.base import StepContext
+from graftbuild.recipe import ids
+from graftbuild.steps.base import Node, StepContext
+
+if TYPE_CHECKING:
+    from graftbuild.recipe import Recipe
 
 
 class TeachStep:
     name: ClassVar[str] = "teach"
     version: ClassVar[int] = 1
+    uses_accelerator: ClassVar[bool] = True
+
+    def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
+        """``teach:NAME`` of every transfer: the teacher's answers to its prompts."""
+        nodes = []
+        for name, src in recipe.sources.items():
+            t = src.transfer
+            if t is None:
+                continue
+            teacher = recipe.teacher_node(name)
+            nodes.append(
+                Node(
+                    ids.teach(name),
+                    "teach",
+                    config={"generation": t.generation.model_dump(mode="json"), "field": t.field},
+                    deps={"teacher": teacher},
+                    files={"prompts": t.prompts},
+                    labels={
+                        "file:prompts": f"prompts of '{name}' changed",
+                        "config.generation": f"generation settings of '{name}' changed",
+                        "config.field": f"prompt field of '{name}' changed",
+                        "dep:teacher": f"teacher {teacher} changed",
+                    },
+                    output=out / "teach" / name,
+                )
+            )
+        return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.generation import (
+        from graftbuild.weights.generation import (
             GENERATIONS_FILE,
             generate,
             render_prompt,
             write_generations,
         )
-        from graftbuild.modeling import load_causal_lm, load_tokenizer
-        from graftbuild.textdata import read_examples
+        from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+        from graftbuild.weights.textdata import read_examples
 
         source = ctx.node_id.split(":", 1)[1]
         where = f"sources.{source}.transfer"
@@ -37,9 +69,9 @@ class TeachStep:
             raise UserError(f"{where}.teacher: the teacher needs its own tokenizer: {e}") from None
         here = f"{where}.generation"
         texts = [render_prompt(tok, p, gen["chat_template"], here) for p in prompts]
-        model = load_causal_lm(teacher_dir, ctx.settings.device)
+        model = load_causal_lm(teacher_dir, ctx.placement)
         with ctx.progress.task(f"teach {ctx.node_id}", len(texts)) as advance:
-            answers = generate(model, tok, texts, gen, ctx.settings.device, advance)
+            answers = generate(model, tok, texts, gen, ctx.placement, advance)
         del model
         gc.collect()
         rows = [

@@ -28,7 +28,7 @@ QUICKSTART = HERE.parent / "quickstart"
 
 
 def chunks(tok, lines: list[str], seq_len: int):
-    """Lines tokenized, joined by eos, cut into [n, seq_len] (graftbuild.textdata.token_chunks)."""
+    """Lines tokenized, joined by eos, cut into [n, seq_len] (as weights.textdata.token_chunks)."""
     import torch
 
     ids: list[int] = []

@@ -113,3 +113,29 @@ def expect_params(params: CodecParams, cls: type[P]) -> P:
     if not isinstance(params, cls):
         raise TypeError(f"expected {cls.__name__}, got {type(params).__name__}")
     return params
+
+
+def relative(energy: torch.Tensor, total: float) -> torch.Tensor:
+    """Errors as shares of the tensor's own (weighted) energy: every tensor counts alike."""
+    return energy / total if total > 0 else energy
+
+
+def weighted_spectrum(
+    delta: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` (on the CPU) of a 2-D delta and each component's share of the delta's
+    energy: ``σ_i²``, or with calibration statistics ``σ_i² v_iᵀ H v_i`` (``weight`` = H, the
+    module's input second moment) or ``σ_i² Σ_j w_j u_ij²`` (per-row weights), as a share of
+    the total (float64). Used by the budget rate models of ``lowrank`` and ``mixed``."""
+    u, s, vh = (t.cpu() for t in svd(delta))
+    energy = s.double() ** 2
+    if weight is not None and weight.ndim == 2:
+        energy = energy * ((vh.double() @ weight.double()) * vh.double()).sum(dim=1)
+    elif weight is not None:
+        energy = energy * (u.double() ** 2 * weight.double()[:, None]).sum(dim=0)
+    return u, s, vh, relative(energy, float(energy.sum()))
+
+
+def not_low_rank(codec: str) -> str:
+    """Why an entry stored by ``codec`` has no LoRA factors."""
+    return f"stored with {codec} (not low-rank): LoRA cannot express it at low rank"

@@ -43,6 +43,8 @@ class Codec(Protocol):
     name: ClassVar[str]
     version: ClassVar[int]
     Params: ClassVar[type[CodecParams]]
+    uses_calibration: ClassVar[bool]
+    """``encode`` takes ``calibration=`` (statistics of the module's input, for GPTQ)."""
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
         """Encode a float32 delta (any shape). Parts may share memory with ``delta`` (``exact``
@@ -59,12 +61,96 @@ class Codec(Protocol):
         """Payload size computed from the encoding's ranks, bits and kept entries alone."""
         ...
 
+    def rate(
+        self, name: str, delta: torch.Tensor, spec: dict[str, Any], weight: torch.Tensor | None
+    ) -> RateProfile:
+        """The budget allocator's view of one float32 delta under ``spec``
+        (compress/budget.py). ``weight``: the module's input second moment (n × n), per-row
+        weights (m), or None for plain Frobenius error."""
+        ...
 
-# Optional: a codec whose encoding's metadata and part shapes follow from the tensor's shape alone
-# (``exact``) may also define
-#
-#     def layout(self, params, shape) -> tuple[dict, dict[str, tuple[str, list[int]]]] | None
-#
-# returning (meta, part name -> (safetensors dtype code, shape)). When every tensor of a pack has
-# one, the pack writer writes the file's header first and each tensor's parts straight into place
-# (graftbuild/skillpack.py), instead of spilling them and copying at the end.
+    def describe(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """``rank``, ``bands``, ``keep`` (and ``quantizer``) of one pack entry, for ``inspect``
+        (``describe_entry`` handles the exact fallback every codec shares)."""
+        ...
+
+    def label(self, params: dict[str, Any]) -> str:
+        """The codec with its parameters in a few characters, for model cards."""
+        ...
+
+    def lora_factors(
+        self, reader: Any, name: str, entry: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """``(lora_A [k, n], lora_B [m, k])`` of a 2-D entry such that B·A is its delta, or why
+        it has none (``graftbuild export peft``). ``reader`` is the pack's reader."""
+        ...
+
+    def layout(
+        self, params: CodecParams, shape: tuple[int, ...]
+    ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]] | None:
+        """(meta, part -> (safetensors dtype, shape)) of any delta of ``shape`` when they follow
+        from the shape alone, so the pack writer can write the header first; else None."""
+        ...
+
+
+class RateProfile:
+    """What the budget allocator knows of one tensor under its codec (no copy of the tensor).
+
+    ``choose(lam)`` gives (bytes, codec spec) minimising ``error + lam · bytes``, errors being
+    shares of the tensor's own (weighted) energy."""
+
+    def __init__(self, name: str, spec: dict[str, Any], shape: tuple[int, ...]) -> None:
+        self.name, self.spec, self.shape = name, spec, shape
+
+    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+        raise TypeError(f"{type(self).__name__} does not define choose()")
+
+
+class FixedRate(RateProfile):
+    """A tensor whose size the allocator cannot change (stored exactly)."""
+
+    def __init__(self, name: str, spec: dict[str, Any], shape: tuple[int, ...], nbytes: int):
+        super().__init__(name, spec, shape)
+        self.nbytes = nbytes
+
+    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+        return self.nbytes, self.spec
+
+
+class DiscreteRate(RateProfile):
+    """A tensor offering a list of candidate encodings, candidate i costing ``cost[i]`` bytes and
+    leaving ``err[i]`` error (``at(i)``: its bytes and spec). Besides the λ choice, the
+    allocator spends what λ leaves unspent on the candidate steps that remove the most error
+    per byte (compress/budget.py)."""
+
+    cost: torch.Tensor
+    err: torch.Tensor
+
+    def index(self, lam: float) -> int:
+        import torch
+
+        return int(torch.argmin(self.err + lam * self.cost))
+
+    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+        return self.at(self.index(lam))
+
+    def at(self, index: int) -> tuple[int, dict[str, Any]]:
+        raise TypeError(f"{type(self).__name__} does not define at()")
+
+
+def label_params(codec: str, params: dict[str, Any]) -> str:
+    """``codec(k=v, ...)`` of the scalar parameters that are set, sorted by name."""
+    shown = {
+        k: v for k, v in sorted(params.items()) if v is not None and not isinstance(v, dict | list)
+    }
+    inner = ", ".join(f"{k}={v}" for k, v in shown.items())
+    return f"{codec}({inner})" if inner else codec
+
+
+def describe_entry(codec: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """What ``inspect`` shows of one pack entry: the codec's own description, or, for a tensor
+    its codec stored exactly (``meta["fallback"]``), ``codec→exact``."""
+    out: dict[str, Any] = {"rank": None, "bands": None, "keep": None}
+    if entry.get("meta", {}).get("fallback") == "exact":
+        return out | {"codec": f"{entry['codec']}→exact"}
+    return out | {"codec": entry["codec"]} | codec.describe(entry)

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from graftbuild.compress.codecs._common import as_float32, numel
-from graftbuild.compress.codecs.base import CodecParams, Encoded
+from graftbuild.compress.codecs._common import as_float32, not_low_rank, numel
+from graftbuild.compress.codecs.base import (
+    CodecParams,
+    Encoded,
+    FixedRate,
+    RateProfile,
+    label_params,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +29,7 @@ class ExactParams(CodecParams):
 def encode_exact(delta: torch.Tensor, meta: dict[str, Any] | None = None) -> Encoded:
     import torch
 
-    from graftbuild.memory import empty
+    from graftbuild.weights.memory import empty
 
     x = as_float32(delta)
     if x.device.type == "cpu" and x.is_contiguous():
@@ -45,6 +51,7 @@ class ExactCodec:
     name: ClassVar[str] = "exact"
     version: ClassVar[int] = 1
     Params: ClassVar[type[CodecParams]] = ExactParams
+    uses_calibration: ClassVar[bool] = False
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
         return encode_exact(delta)
@@ -56,6 +63,20 @@ class ExactCodec:
 
     def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
         return 4 * numel(shape)
+
+    def rate(
+        self, name: str, delta: torch.Tensor, spec: dict[str, Any], weight: torch.Tensor | None
+    ) -> RateProfile:
+        return FixedRate(name, spec, tuple(delta.shape), 4 * delta.numel())
+
+    def describe(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def label(self, params: dict[str, Any]) -> str:
+        return label_params(self.name, params)
+
+    def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
+        return not_low_rank(self.name)
 
     def layout(
         self, params: CodecParams, shape: tuple[int, ...]

@@ -32,8 +32,15 @@ from graftbuild.compress.codecs._common import (
     svd,
     torch_dtype,
     use_randomized,
+    weighted_spectrum,
 )
-from graftbuild.compress.codecs.base import CodecParams, Encoded
+from graftbuild.compress.codecs.base import (
+    CodecParams,
+    Encoded,
+    FixedRate,
+    RateProfile,
+    label_params,
+)
 from graftbuild.compress.codecs.exact import FALLBACK, decode_exact, encode_exact
 
 if TYPE_CHECKING:
@@ -87,11 +94,29 @@ def energy_fraction(s: torch.Tensor, k: int, total: float | None = None) -> floa
     return 1.0 if total <= 0.0 else round(min(1.0, float(e[:k].sum()) / total), 6)
 
 
+class LowRankRate(RateProfile):
+    """Component i costs ``(m + n)`` values and removes its share of the energy."""
+
+    def __init__(self, name: str, spec: dict[str, Any], shape: tuple[int, ...], energy: Any):
+        super().__init__(name, spec, shape)
+        self.energy = energy  # shares of the (weighted) energy, descending σ
+        m, n = shape
+        self.unit = (m + n) * DTYPE_NBYTES[spec.get("dtype") or "float16"]
+
+    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+        m, n = self.shape
+        cap = max(1, 4 * m * n // self.unit)  # beyond this the codec would store it exactly
+        k = min(cap, max(1, int((self.energy > lam * self.unit).sum())))
+        spec = {k_: v for k_, v in self.spec.items() if k_ not in ("energy", "max_rank")}
+        return k * self.unit, {**spec, "rank": k, "energy": None, "max_rank": None}
+
+
 class LowRankCodec:
     name: ClassVar[str] = "lowrank"
     version: ClassVar[int] = 1
     """Of the format (parts, decode); the randomized encoder changed neither (pack step v2)."""
     Params: ClassVar[type[CodecParams]] = LowRankParams
+    uses_calibration: ClassVar[bool] = False
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
         import torch
@@ -130,7 +155,7 @@ class LowRankCodec:
 
         if meta.get("fallback") == FALLBACK:
             return decode_exact(parts, shape)
-        from graftbuild.memory import empty
+        from graftbuild.weights.memory import empty
 
         a, b = parts["a"].to(torch.float32), parts["b"].to(torch.float32)
         if a.device.type != "cpu":
@@ -144,3 +169,31 @@ class LowRankCodec:
             return 4 * numel(shape)
         m, n = shape
         return int(meta["rank"]) * (m + n) * DTYPE_NBYTES[meta["dtype"]]
+
+    def rate(
+        self, name: str, delta: torch.Tensor, spec: dict[str, Any], weight: torch.Tensor | None
+    ) -> RateProfile:
+        shape = tuple(delta.shape)
+        if delta.ndim != 2 or min(shape) == 0:
+            return FixedRate(name, spec, shape, 4 * delta.numel())  # stored exactly anyway
+        _, _, _, energy = weighted_spectrum(delta, weight)
+        return LowRankRate(name, spec, shape, energy)
+
+    def describe(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {"rank": int(entry["meta"]["rank"])}
+
+    def label(self, params: dict[str, Any]) -> str:
+        return label_params(self.name, params)
+
+    def lora_factors(
+        self, reader: Any, name: str, entry: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """The stored factors themselves: lora_B = a (m × k), lora_A = b (k × n)."""
+        import torch
+
+        a = reader.part(name, "a").to(torch.float32)
+        b = reader.part(name, "b").to(torch.float32)
+        return b.contiguous(), a.contiguous()
+
+    def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
+        return None  # the rank depends on the delta

@@ -23,17 +23,31 @@ Both write the same layout (``meta["quantizer"]`` says which was used), so decod
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from graftbuild.compress.codecs._common import as_float32, expect_params, numel, svd
-from graftbuild.compress.codecs.base import CodecParams, Encoded
+from graftbuild.compress.codecs._common import (
+    as_float32,
+    expect_params,
+    numel,
+    svd,
+    weighted_spectrum,
+)
+from graftbuild.compress.codecs.base import (
+    CodecParams,
+    DiscreteRate,
+    Encoded,
+    FixedRate,
+    RateProfile,
+)
 from graftbuild.compress.codecs.exact import FALLBACK, decode_exact, encode_exact
 from graftbuild.compress.quant import (
     QuantizedMatrix,
     dequantize,
     effective_group_size,
+    n_groups,
     quantize_rtn,
     quantized_nbytes,
 )
@@ -95,10 +109,55 @@ def _coded_nbytes(ranks: list[tuple[int, int]], m: int, n: int, group_size: int)
     return total
 
 
+MIXED_BITS = (2, 3, 4, 8)
+"""The bit widths the budget's rate model measures."""
+
+
+def _component_costs(m: int, n: int, group_size: int) -> list[int]:
+    """Bytes of one component at each of MIXED_BITS: its float32 σ, two vectors, their scales."""
+    groups = n_groups(m, group_size) + n_groups(n, group_size)
+    return [4 + math.ceil((m + n) * b / 8) + 4 * groups for b in MIXED_BITS]
+
+
+class MixedRate(DiscreteRate):
+    """The role's bands give the *shape* (their relative ranks and bits: by default 1 %, 5 % and
+    30 % of the spectrum at 8, 4 and 2 bits); candidate i is total rank K = i + 1 split in those
+    proportions. Component i at b bits costs its σ, its two b-bit vectors and their group
+    scales / zeros, and leaves ``share_i · ε_b`` of error, ``ε_b`` the measured round-to-nearest
+    error of this tensor's leading singular vectors at b bits (a dropped component leaves its
+    whole share). (Letting every component pick its own bits by this error model favours fewer
+    3-4-bit components, which kept less of the skills in benchmarks/compression.py than the
+    paper's mostly-2-bit shape.)"""
+
+    def __init__(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        shape: tuple[int, ...],
+        cumshape: list[float],
+        bits: list[int],
+        cost: torch.Tensor,
+        err: torch.Tensor,
+    ) -> None:
+        super().__init__(name, spec, shape)
+        self.cumshape, self.bits, self.cost, self.err = cumshape, bits, cost, err
+
+    def at(self, index: int) -> tuple[int, dict[str, Any]]:
+        k = index + 1
+        cuts = [0, *(min(k, round(k * c)) for c in self.cumshape[:-1]), k]
+        bands = [
+            {"rank": b - a, "bits": bits}
+            for a, b, bits in zip(cuts[:-1], cuts[1:], self.bits, strict=True)
+            if b > a
+        ]
+        return int(self.cost[index]), {**self.spec, "bands": bands}
+
+
 class MixedCodec:
     name: ClassVar[str] = "mixed"
     version: ClassVar[int] = 1
     Params: ClassVar[type[CodecParams]] = MixedParams
+    uses_calibration: ClassVar[bool] = True
 
     def encode(
         self, delta: torch.Tensor, params: CodecParams, calibration: Calibration | None = None
@@ -154,7 +213,7 @@ class MixedCodec:
         m, n = shape
         g = int(meta["group_size"])
         sigma = parts["sigma"].to(torch.float32)
-        out = torch.zeros(m, n, dtype=torch.float32)
+        out = torch.zeros(m, n, dtype=torch.float32, device=sigma.device)
         start = 0
         for i, band in enumerate(meta["bands"]):
             r, bits = int(band["rank"]), int(band["bits"])
@@ -181,3 +240,69 @@ class MixedCodec:
         m, n = shape
         ranks = [(int(b["rank"]), int(b["bits"])) for b in meta["bands"]]
         return _coded_nbytes(ranks, m, n, int(meta["group_size"]))
+
+    def rate(
+        self, name: str, delta: torch.Tensor, spec: dict[str, Any], weight: torch.Tensor | None
+    ) -> RateProfile:
+        import torch
+
+        shape = tuple(delta.shape)
+        if delta.ndim != 2 or min(shape) == 0:
+            return FixedRate(name, spec, shape, 4 * delta.numel())  # stored exactly anyway
+        m, n = shape
+        u, s, vh, energy = weighted_spectrum(delta, weight)
+        g = int(spec.get("group_size") or 128)
+        top = min(64, s.numel())
+        eps = {}
+        for b in MIXED_BITS:
+            ue = dequantize(quantize_rtn(u[:, :top].T, b, g)) - u[:, :top].T
+            ve = dequantize(quantize_rtn(vh[:top], b, g)) - vh[:top]
+            eps[b] = float((ue.pow(2).sum() + ve.pow(2).sum()) / top)
+        full = s.numel()
+        shape_bands = spec.get("bands") or [b.model_dump() for b in _default_bands()]
+        shares = [b.get("rank") or b["fraction"] * full for b in shape_bands]
+        bits = [int(b["bits"]) for b in shape_bands]
+        cum = torch.tensor(shares, dtype=torch.float64).cumsum(0) / sum(shares)
+        ks = torch.arange(1, full + 1, dtype=torch.float64)
+        cuts = torch.round(ks[:, None] * cum[None, :]).clamp_(max=ks[:, None])
+        cuts[:, -1] = ks
+        cuts = torch.cat([torch.zeros(full, 1, dtype=torch.float64), cuts], 1).long()
+        cum_e = torch.cat([torch.zeros(1, dtype=torch.float64), energy.cumsum(0)])
+        unit = dict(zip(MIXED_BITS, _component_costs(m, n, g), strict=True))
+        err = cum_e[-1] - cum_e[cuts[:, -1]]
+        cost = torch.zeros(full, dtype=torch.float64)
+        for j, b in enumerate(bits):
+            err += eps[b] * (cum_e[cuts[:, j + 1]] - cum_e[cuts[:, j]])
+            cost += unit[b] * (cuts[:, j + 1] - cuts[:, j])
+        err[cost > 4 * m * n] = math.inf  # the codec would store those exactly
+        return MixedRate(name, spec, shape, cum.tolist(), bits, cost, err)
+
+    def describe(self, entry: dict[str, Any]) -> dict[str, Any]:
+        meta = entry["meta"]
+        bands = [{"rank": int(b["rank"]), "bits": int(b["bits"])} for b in meta["bands"]]
+        return {
+            "bands": bands,
+            "rank": sum(b["rank"] for b in bands),
+            "quantizer": meta.get("quantizer"),
+        }
+
+    def label(self, params: dict[str, Any]) -> str:
+        bands = params.get("bands") or []
+        inner = ", ".join(f"{b.get('fraction')}@{b.get('bits')}b" for b in bands)
+        return f"mixed({inner})"
+
+    def lora_factors(
+        self, reader: Any, name: str, entry: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """The decoded (dequantised) delta re-factored by SVD at its stored rank: exact up to
+        float rounding, since the decoded delta has that rank."""
+        import torch
+
+        rank = sum(int(band["rank"]) for band in entry["meta"]["bands"])
+        delta = reader.decode(name).to(torch.float64)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        lora_b = (u[:, :rank] * s[:rank]).to(torch.float32).contiguous()
+        return vh[:rank].to(torch.float32).contiguous(), lora_b
+
+    def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
+        return None  # the bands' ranks are known, but sigma and codes follow the delta

@@ -17,15 +17,24 @@ from graftbuild.compress.codecs._common import (
     ValueDType,
     as_float32,
     expect_params,
+    not_low_rank,
     numel,
+    relative,
     torch_dtype,
 )
-from graftbuild.compress.codecs.base import CodecParams, Encoded
+from graftbuild.compress.codecs.base import (
+    CodecParams,
+    Encoded,
+    FixedRate,
+    RateProfile,
+    label_params,
+)
 
 if TYPE_CHECKING:
     import torch
 
 _INT32_MAX = 2**31 - 1
+_SKETCH = 1 << 16  # the budget's rate model keeps at most this many sorted magnitudes
 
 
 class PruneParams(CodecParams):
@@ -55,10 +64,30 @@ def top_magnitude_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
+class PruneRate(RateProfile):
+    """Entry j costs a value and an index and removes its share ``Δ_j²`` of the energy; a
+    strided sketch of the sorted shares stands in for all of them."""
+
+    def __init__(
+        self, name: str, spec: dict[str, Any], shape: tuple[int, ...], energy: Any, stride: int
+    ) -> None:
+        super().__init__(name, spec, shape)
+        self.energy, self.stride, self.numel = energy, stride, numel(shape)
+        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (
+            4 if self.numel < 2**31 else 8
+        )
+
+    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+        k = int((self.energy > lam * self.unit).sum()) * self.stride
+        k = max(1, min(self.numel, k))
+        return k * self.unit, {**self.spec, "keep": k / self.numel}
+
+
 class PruneCodec:
     name: ClassVar[str] = "prune"
     version: ClassVar[int] = 1
     Params: ClassVar[type[CodecParams]] = PruneParams
+    uses_calibration: ClassVar[bool] = False
 
     def encode(self, delta: torch.Tensor, params: CodecParams) -> Encoded:
         import torch
@@ -81,7 +110,7 @@ class PruneCodec:
     ) -> torch.Tensor:
         import torch
 
-        from graftbuild.memory import empty
+        from graftbuild.weights.memory import empty
 
         # into memory that is cheap to fill (memory.empty): decoding ran ~2x faster
         out = empty(4 * numel(shape)).view(torch.float32).zero_().to(parts["values"].device)
@@ -91,3 +120,38 @@ class PruneCodec:
     def expected_nbytes(self, meta: dict[str, Any], shape: tuple[int, ...]) -> int:
         k = int(meta["kept"])
         return k * (DTYPE_NBYTES[meta["index_dtype"]] + DTYPE_NBYTES[meta["dtype"]])
+
+    def rate(
+        self, name: str, delta: torch.Tensor, spec: dict[str, Any], weight: torch.Tensor | None
+    ) -> RateProfile:
+        """With calibration statistics, entry (j, k) weighs ``Δ_jk² H_kk`` (an embedding's rows
+        weigh by how often their token occurs)."""
+        import math
+
+        import torch
+
+        shape = tuple(delta.shape)
+        count = delta.numel()
+        if count == 0:
+            return FixedRate(name, spec, shape, 0)
+        sq = delta.double().pow(2)
+        if weight is not None and weight.ndim == 2:
+            sq = sq * torch.diagonal(weight).double()[None, :]
+        elif weight is not None:
+            sq = sq * weight.double()[:, None]
+        sq = relative(sq.reshape(-1).sort(descending=True).values.cpu(), float(sq.sum()))
+        stride = max(1, math.ceil(count / _SKETCH))
+        return PruneRate(name, spec, shape, sq[::stride].clone(), stride)
+
+    def describe(self, entry: dict[str, Any]) -> dict[str, Any]:
+        count = numel(tuple(entry["shape"]))
+        return {"keep": int(entry["meta"]["kept"]) / count if count else 0.0}
+
+    def label(self, params: dict[str, Any]) -> str:
+        return label_params(self.name, params)
+
+    def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
+        return not_low_rank(self.name)
+
+    def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
+        return None  # which entries are kept depends on the delta

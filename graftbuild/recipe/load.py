@@ -1,0 +1,106 @@
+"""Loading a recipe: TOML, validated by the schema, every error located by file and dotted key
+(unknown keys get a suggestion)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from graftbuild.errors import UserError
+from graftbuild.recipe.schema import (
+    BaseSpec,
+    CalibrationSpec,
+    CompressionProfile,
+    DpoSpec,
+    EvalSpec,
+    FinetuneSpec,
+    FuseSpec,
+    GateSpec,
+    GenerationSpec,
+    LoraSpec,
+    ProjectSpec,
+    Recipe,
+    ReleaseSpec,
+    SftSpec,
+    SourceSpec,
+    TransferSpec,
+    suggest,
+)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the table at ``loc`` (for suggesting a fix to an unknown key)."""
+    children: dict[tuple[type, str], tuple[type, bool]] = {
+        # (parent, key) -> (child model, whether a name or index comes between)
+        (Recipe, "project"): (ProjectSpec, False),
+        (Recipe, "base"): (BaseSpec, False),
+        (Recipe, "compression"): (CompressionProfile, True),
+        (CompressionProfile, "calibration"): (CalibrationSpec, False),
+        (Recipe, "sources"): (SourceSpec, True),
+        (Recipe, "fuse"): (FuseSpec, True),
+        (Recipe, "eval"): (EvalSpec, True),
+        (Recipe, "release"): (ReleaseSpec, True),
+        (EvalSpec, "gates"): (GateSpec, True),
+        (SourceSpec, "finetune"): (FinetuneSpec, False),
+        (SourceSpec, "transfer"): (TransferSpec, False),
+        (TransferSpec, "generation"): (GenerationSpec, False),
+        (TransferSpec, "sft"): (SftSpec, False),
+        (TransferSpec, "dpo"): (DpoSpec, False),
+        (FinetuneSpec, "lora"): (LoraSpec, False),
+        (SftSpec, "lora"): (LoraSpec, False),
+        (DpoSpec, "lora"): (LoraSpec, False),
+        (Recipe, "teachers"): (BaseSpec, True),
+        (BaseSpec, "finetune"): (FinetuneSpec, False),
+    }
+    cls: type = Recipe
+    parts = iter(loc)
+    for part in parts:
+        if (cls, part) not in children:
+            return []
+        cls, keyed = children[(cls, part)]
+        if keyed:
+            next(parts, None)
+    return [f for f in cls.model_fields if not (cls is Recipe and f == "path")]
+
+
+def _format_errors(file: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            msg = f"unknown key {key!r}{suggest(key, _fields_at(loc[:-1]))}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if (
+                "input" in e
+                and e["type"] not in ("missing",)
+                and not isinstance(e["input"], dict | list)
+            ):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{file}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path).resolve()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; give the recipe's .toml file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+    try:
+        recipe = Recipe.model_validate(data, context={"root": path.parent})
+    except ValidationError as e:
+        raise UserError(_format_errors(path, e)) from None
+    recipe.path = path
+    return recipe

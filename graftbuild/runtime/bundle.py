@@ -1,0 +1,50 @@
+"""The routed bundle folder: what a ``strategy = "routed"`` fuse writes and ``GraftedModel`` loads.
+
+Layout (``bundle.json`` describes it)::
+
+    bundle.json            {"format": "graftbuild.bundle", "version": 1, "base", "packs", "router"}
+    base/                  the base model folder (config, tokenizer, safetensors weights)
+    packs/NAME.safetensors each pack's SkillPack file, unchanged
+    router.safetensors     the router's tensors (graftbuild/runtime/router.py)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from graftbuild.errors import UserError
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "graftbuild.bundle"
+BUNDLE_VERSION = 1
+
+
+def write_bundle(folder: Path, packs: list[dict[str, Any]], router: dict[str, Any]) -> None:
+    """``bundle.json`` for a folder holding ``base/``, the pack files and the router's files."""
+    doc = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "base": "base",
+        "packs": packs,
+        "router": router,
+    }
+    (folder / BUNDLE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def read_bundle(folder: Path) -> dict[str, Any]:
+    """The bundle description of ``folder`` (a UserError when it is not a bundle we can read)."""
+    try:
+        doc = json.loads((folder / BUNDLE_FILE).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: not a graftbuild bundle (no {BUNDLE_FILE})") from None
+    except ValueError as e:
+        raise UserError(f"{folder / BUNDLE_FILE}: not valid JSON ({e})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != BUNDLE_FORMAT
+        or doc.get("version") != BUNDLE_VERSION
+    ):
+        raise UserError(f"{folder / BUNDLE_FILE}: unsupported bundle format or version")
+    return doc

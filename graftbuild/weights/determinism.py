@@ -1,0 +1,122 @@
+"""Deterministic math: the settings under which a node's bytes do not depend on the machine.
+
+Measured on the quickstart (docs/REPRODUCIBILITY.md): the bytes of trained models depend on
+ATen's CPU kernels (AVX2 against AVX-512 reduce in another order) and on MKL's code path; the
+bytes of packs depend, besides, on the number of threads LAPACK's SVD runs on. So every step
+runs with
+
+- ATen's kernels pinned to AVX2 (``ATEN_CPU_CAPABILITY``), which every x86-64 CPU of the last
+  decade has, and MKL's and oneDNN's code paths pinned to their AVX2 branch (``MKL_CBWR``,
+  conditional numerical reproducibility; ``ONEDNN_MAX_CPU_ISA``). These are read when torch
+  loads, so :func:`pin_environment` runs before anything imports torch (the console entry, the
+  test suite's conftest, Ray workers' runtime environment);
+- one intra-op thread (:func:`deterministic_math`, around every step's ``run``): parallelism
+  comes from ``-j`` across tensors, which never changes bytes;
+- torch's deterministic algorithms on a GPU, where torch has them (``--device cuda`` is then
+  compared within a tolerance, not by bytes: docs/REPRODUCIBILITY.md).
+
+A value the user set in the environment wins over the pin, and the lock records what each node
+actually ran with (:func:`environment`), measured where it ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from collections.abc import Iterator, MutableMapping
+from importlib import metadata
+from typing import Any
+
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS (read when CUDA starts)
+}
+"""Environment variables that select numerical code paths; read once, when torch loads."""
+
+STEP_THREADS = 1
+"""Intra-op threads of every step's math (``-j`` parallelises across tensors instead)."""
+
+PACKAGES = ("graftbuild", "torch", "transformers", "safetensors", "numpy")
+TRAINING = ("trl", "datasets", "accelerate", "peft")
+"""Recorded too: the training stack of the sft and dpo steps (None where not installed)."""
+
+_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def pin_environment(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set the pinned variables that are not set already. Returns False when torch was loaded
+    before (the pins then come too late for this process; :func:`environment` says what ran)."""
+    env = os.environ if environ is None else environ
+    for key, value in PINNED_ENV.items():
+        env.setdefault(key, value)
+    return "torch" not in sys.modules
+
+
+def pinned_env_vars() -> dict[str, str]:
+    """The pinned variables as this process has them (for Ray workers' runtime environment)."""
+    return {k: os.environ.get(k, v) for k, v in PINNED_ENV.items()}
+
+
+@contextlib.contextmanager
+def deterministic_math(device: str = "cpu") -> Iterator[None]:
+    """One intra-op thread (and deterministic GPU algorithms) while a step runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(STEP_THREADS)
+    gpu = device.startswith("cuda")
+    if gpu:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if gpu:
+            torch.use_deterministic_algorithms(deterministic)
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set extensions of this CPU that change which kernels can run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _CPU_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What may change a step's bytes without changing its key, as this process has it: package
+    versions, the numerical settings in effect, the CPU's instruction set, the device. Does not
+    import torch (a no-op build writes its lock without it): the kernels and threads in use are
+    read from torch only when it is loaded."""
+    env: dict[str, Any] = {}
+    for pkg in (*PACKAGES, *TRAINING):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = None
+    torch = sys.modules.get("torch")
+    capability = None
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            capability = torch.backends.cpu.get_cpu_capability()
+    env |= {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "device": device,
+        "threads": STEP_THREADS,
+        "cpu_capability": capability or os.environ.get("ATEN_CPU_CAPABILITY", "").upper() or None,
+        "cpu_flags": cpu_flags(),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+    return env

@@ -1,0 +1,105 @@
+"""The same bytes for any thread count, -j and executor; the lock says what each node ran with.
+
+A quickstart-sized recipe (the quickstart's 128-hidden Llama, trained in the build, packed with
+the default profile, fused), built by the command line in separate caches: with torch's default
+thread count, with one OpenMP thread and ``-j 2``. The Ray executor's builds are compared in
+tests/test_ray.py. Without the pinned kernels (``ATEN_CPU_CAPABILITY=default``, the scalar
+ones) the trained models' bytes change: the pins are what makes the bytes the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from graftbuild.weights.determinism import PINNED_ENV
+
+QS = REPO / "recipes" / "quickstart"
+RECIPE = f"""
+[project]
+name = "repro"
+cache = "cache"
+
+[base]
+config = "{QS / "base_config.json"}"
+tokenizer = "{QS / "tokenizer"}"
+
+[base.finetune]
+data = "{QS / "data" / "general.train.txt"}"
+steps = 12
+batch_size = 8
+seq_len = 32
+
+[sources.arith.finetune]
+data = "{QS / "data" / "arith.train.txt"}"
+steps = 12
+batch_size = 8
+seq_len = 32
+seed = 1
+
+[[fuse]]
+name = "release"
+packs = ["arith"]
+"""
+
+
+def build(root: Path, *args: str, **env: str) -> dict[str, dict]:
+    root.mkdir()
+    (root / "graftbuild.toml").write_text(RECIPE)
+    unset = {*PINNED_ENV, "OMP_NUM_THREADS"}  # as a user's shell has it: the build pins them
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    run = subprocess.run(
+        [sys.executable, "-m", "graftbuild", "make", "graftbuild.toml", "-q", *args],
+        cwd=root,
+        env=environ | {"PYTHONPATH": str(REPO)} | env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads((root / "graftbuild.lock").read_text())
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    return build(tmp_path_factory.mktemp("repro") / "default")
+
+
+def outputs(lock: dict[str, dict]) -> dict[str, str]:
+    return {k: v["output"] for k, v in lock["nodes"].items()}
+
+
+def test_one_thread_and_j2_give_the_bytes_of_the_default_build(
+    default_build: dict, tmp_path: Path
+) -> None:
+    other = build(tmp_path / "one", "-j", "2", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    assert outputs(other) == outputs(default_build)
+    assert {"base", "source:arith", "pack:arith", "fuse:release"} <= set(outputs(other))
+
+
+def test_the_kernel_pins_are_what_keeps_the_bytes(default_build: dict, tmp_path: Path) -> None:
+    other = build(tmp_path / "scalar", ATEN_CPU_CAPABILITY="default")
+    differ = {k for k, v in outputs(other).items() if outputs(default_build)[k] != v}
+    assert {"base", "source:arith"} <= differ  # training reduces in another order
+    envs = other["environments"]
+    assert {envs[e["env"]]["cpu_capability"] for e in other["nodes"].values() if "env" in e} == {
+        "DEFAULT"
+    }  # and the lock says so
+
+
+def test_the_lock_names_each_nodes_threads_kernels_and_instruction_set(
+    default_build: dict,
+) -> None:
+    envs = default_build["environments"]
+    for node, entry in default_build["nodes"].items():
+        if entry["step"] == "input":
+            continue
+        env = envs[entry["env"]]
+        assert env["threads"] == 1, node
+        assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "AVX2", node
+        assert "avx2" in env["cpu_flags"], node
