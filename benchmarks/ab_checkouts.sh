@@ -26,7 +26,8 @@
 # cache is dropped (as root) and the machine left SETTLE seconds (see settle below).
 # Environment: ROOT (default /tmp/graftbuild-ab, must not exist), PY, KINDS (which of
 # "cold fuse noop" to run; all), ORDER (abba; ab: A always first), JOBS (2), NOOP_BATCH (10),
-# NOOP_REPS (3), SETTLE (20), DROP_CACHES (1 where allowed), RESULTS.
+# NOOP_REPS (3), SETTLE (20), DROP_CACHES (1 where allowed), PROFILE (the packs' compression
+# profile: exact; e.g. default for the lossy SVD codecs), RESULTS.
 set -eu
 [ $# -ge 2 ] || { echo "usage: $0 OLD_CHECKOUT NEW_CHECKOUT [SIZE] [ROUNDS]" >&2; exit 2; }
 A=$(cd "$1" && pwd); B=$(cd "$2" && pwd); SIZE=${3:-0.7gb}; ROUNDS=${4:-3}
@@ -35,7 +36,9 @@ NOOP_BATCH=${NOOP_BATCH:-10}; NOOP_REPS=${NOOP_REPS:-3}; SETTLE=${SETTLE:-20}
 cd "$(dirname "$0")"; BENCH=$(pwd); HERE=$(cd .. && pwd)
 PY=${PY:-/work/main/.venv/bin/python}
 ROOT=${ROOT:-/tmp/graftbuild-ab}; M=$ROOT/models; RAW=$ROOT/raw.tsv
-RESULTS=${RESULTS:-$BENCH/results/ab_$SIZE.json}
+PROFILE=${PROFILE:-exact}
+if [ "$PROFILE" = exact ]; then RESULTS=${RESULTS:-$BENCH/results/ab_$SIZE.json}
+else RESULTS=${RESULTS:-$BENCH/results/ab_${SIZE}_$PROFILE.json}; fi
 export OMP_WAIT_POLICY=PASSIVE
 [ ! -e "$ROOT" ] || { echo "$ROOT exists: remove it or set ROOT" >&2; exit 2; }
 mkdir -p "$ROOT"
@@ -54,7 +57,7 @@ PYTHONPATH=$HERE $PY make_models.py "$M" --size "$SIZE" > /dev/null
 PYTHONPATH=$HERE $PY -c "
 from pathlib import Path
 from bench_fuse import write_recipe
-write_recipe(Path('$ROOT/recipe'), Path('$M'), 'exact')"
+write_recipe(Path('$ROOT/recipe'), Path('$M'), '$PROFILE')"
 : > "$RAW"
 
 # measure KIND SIDE ROUND CALLS EXPECT ARGS...: time CALLS runs of `graftbuild ARGS` in the
@@ -156,11 +159,11 @@ A_REV=$(git -C "$A" rev-parse HEAD 2>/dev/null || echo '?')
 B_REV=$(git -C "$B" rev-parse HEAD 2>/dev/null || echo '?')
 LOAD=$(cat /proc/loadavg)
 $PY - "$RAW" "$RESULTS" "$A" "$A_REV" "$B" "$B_REV" "$SIZE" "$ROUNDS" "$JOBS" "$LOAD" \
-  "$M" "$SETTLE" "$NOOP_BATCH" "$ORDER" "$DROP_CACHES" <<'EOF'
+  "$M" "$SETTLE" "$NOOP_BATCH" "$ORDER" "$DROP_CACHES" "$PROFILE" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
-raw, out, a, a_rev, b, b_rev, size, rounds, jobs, load, models, settle, batch, order, drop = \
-    sys.argv[1:]
+(raw, out, a, a_rev, b, b_rev, size, rounds, jobs, load, models, settle, batch, order, drop,
+ profile) = sys.argv[1:]
 model_bytes = sum(f.stat().st_size for f in Path(models, "base").glob("*.safetensors"))
 runs = {}
 for line in open(raw):
@@ -188,7 +191,7 @@ for kind, sides in runs.items():
         row[metric] = {"A": sa, "B": sb, "ratio_B_over_A": ratio, "beyond_spread": beyond}
     summary[kind] = row
 res = {
-    "size": size, "model_bytes": int(model_bytes), "rounds": int(rounds), "jobs": int(jobs),
+    "size": size, "profile": profile, "model_bytes": int(model_bytes), "rounds": int(rounds), "jobs": int(jobs),
     "settle_s": float(settle), "noop_calls_per_figure": int(batch), "order": order,
     "drop_caches": drop == "1",
     "A": {"path": a, "commit": a_rev}, "B": {"path": b, "commit": b_rev},
@@ -196,7 +199,8 @@ res = {
 }
 with open(out, "w") as f:
     f.write(json.dumps(res, indent=1) + "\n")
-print(f"\nA = {a} ({a_rev[:7]}), B = {b} ({b_rev[:7]}), {size}, {rounds} rounds, -j {jobs}")
+print(f"\nA = {a} ({a_rev[:7]}), B = {b} ({b_rev[:7]}), {size}, {profile} packs, {rounds} rounds, "
+      f"-j {jobs}")
 print("medians [min-max]; no-op rows are per call; beyond = B's whole range outside A's")
 print(f"{'benchmark':<10} {'metric':<8} {'A':>24} {'B':>24} {'B/A':>7}  beyond")
 for kind, row in summary.items():
