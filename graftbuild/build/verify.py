@@ -9,7 +9,7 @@ too, so a cached artifact that was altered after it was built is reported as wel
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,7 @@ class NodeCheck:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "lock": self.lock,
-            "rebuilt": self.rebuilt,
-            "cached": self.cached,
-            "ok": self.ok,
-            "problems": self.problems,
-        }
+        return {**asdict(self), "ok": self.ok}
 
 
 def _file_diff(now: dict[str, str], lock: dict[str, str]) -> str:
@@ -131,15 +124,7 @@ class Agreement:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "key": self.key,
-            "here": self.here,
-            "there": self.there,
-            "difference": self.difference,
-            "ok": self.ok,
-            "problems": self.problems,
-        }
+        return {**asdict(self), "ok": self.ok}
 
 
 def verify_against(
