@@ -137,14 +137,12 @@ def main(work: Path) -> None:
 
         # 1c. A quickstart-sized recipe (training, SVD-based packs): Ray workers build the same
         # bytes as the local runner, and report the environment they built in.
-        from tests.test_reproducibility import RECIPE as REPRO
+        from tests.test_reproducibility import write_project
 
         sizes = {}
         for name in ("repro-local", "repro-ray"):
-            (work / name).mkdir()
-            (work / name / "graftbuild.toml").write_text(REPRO)
             runner = RayRunner() if name == "repro-ray" else None
-            res = engine(work / name / "graftbuild.toml").make(runner=runner)
+            res = engine(write_project(work / name)).make(runner=runner)
             sizes[name] = {n.id: n.output_hash for n in res.nodes}
             if runner is not None:
                 results["repro_env"] = {n.id: n.env for n in res.nodes if n.action == "built"}

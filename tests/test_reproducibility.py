@@ -1,10 +1,13 @@
 """The same bytes for any thread count, -j and executor; the lock says what each node ran with.
 
-A quickstart-sized recipe (the quickstart's 128-hidden Llama, trained in the build, packed with
-the default profile, fused), built by the command line in separate caches: with torch's default
-thread count, with one OpenMP thread and ``-j 2``. The Ray executor's builds are compared in
-tests/test_ray.py. Without the pinned kernels (``ATEN_CPU_CAPABILITY=default``, the scalar
-ones) the trained models' bytes change: the pins are what makes the bytes the same.
+A quickstart-sized recipe with every kind of computing node: the quickstart's 128-hidden Llama
+trained in the build, a GPT-2 teacher of another tokenizer trained in the build, its answers
+(teach), SFT and DPO on them, packs with the default profile, a static fuse, a routed bundle
+(router fitted in the build) and an eval. It is built by the command line in separate caches:
+with torch's default thread count, with one OpenMP thread and ``-j 2``. The Ray executor's
+builds are compared in tests/test_ray.py. Without the pinned kernels
+(``ATEN_CPU_CAPABILITY=default``, the scalar ones) the trained models' bytes change: the pins
+are what makes the bytes the same.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from conftest import REPO
 from graftbuild.weights.determinism import PINNED_ENV
 
 QS = REPO / "recipes" / "quickstart"
+TR = REPO / "recipes" / "transfer"
 RECIPE = f"""
 [project]
 name = "repro"
@@ -43,15 +47,64 @@ batch_size = 8
 seq_len = 32
 seed = 1
 
+[teachers.t]
+config = "{TR / "teacher_config.json"}"
+tokenizer = "{TR / "teacher_tokenizer"}"
+
+[teachers.t.finetune]
+data = "{TR / "data" / "teacher.train.txt"}"
+steps = 8
+batch_size = 8
+seq_len = 32
+
+[sources.dates.transfer]
+teacher = "t"
+prompts = "prompts.jsonl"
+generation = {{ max_new_tokens = 6, chat_template = true, batch_size = 8 }}
+sft = {{ steps = 4, batch_size = 4, max_len = 32, seed = 1 }}
+dpo = {{ steps = 2, batch_size = 4, seed = 1 }}
+
 [[fuse]]
 name = "release"
+packs = ["arith", "dates"]
+
+[[fuse]]
+name = "routed"
 packs = ["arith"]
+strategy = "routed"
+options = {{ base_prompts = "{QS / "data" / "general.heldout.txt"}" }}
+
+[[eval]]
+name = "e"
+models = ["base", "fuse:release"]
+data = {{ general = "{QS / "data" / "general.heldout.txt"}" }}
+seq_len = 32
 """
+# The teacher answers a few of the transfer example's prompts (all 400 would take minutes).
+PROMPTS = "".join(
+    (TR / "data" / "prompts.jsonl").read_text().splitlines(keepends=True)[:12]
+)
+
+
+# One node of each computing kind: init, sft (finetune and transfer), teach, dpo, pack, fuse,
+# routed bundle, eval.
+EVERY_KIND = {
+    "base", "source:arith", "teacher:t", "teach:dates", "sft:dates", "dpo:dates",
+    "pack:arith", "pack:dates", "fuse:release", "fuse:routed", "eval:e",
+}
+
+
+def write_project(root: Path) -> Path:
+    """The recipe and its prompts in ``root``; returns the recipe's path."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.jsonl").write_text(PROMPTS)
+    recipe = root / "graftbuild.toml"
+    recipe.write_text(RECIPE)
+    return recipe
 
 
 def build(root: Path, *args: str, **env: str) -> dict[str, dict]:
-    root.mkdir()
-    (root / "graftbuild.toml").write_text(RECIPE)
+    write_project(root)
     unset = {*PINNED_ENV, "OMP_NUM_THREADS"}  # as a user's shell has it: the build pins them
     environ = {k: v for k, v in os.environ.items() if k not in unset}
     run = subprocess.run(
@@ -79,7 +132,7 @@ def test_one_thread_and_j2_give_the_bytes_of_the_default_build(
 ) -> None:
     other = build(tmp_path / "one", "-j", "2", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     assert outputs(other) == outputs(default_build)
-    assert {"base", "source:arith", "pack:arith", "fuse:release"} <= set(outputs(other))
+    assert EVERY_KIND <= set(outputs(other))
 
 
 def test_the_kernel_pins_are_what_keeps_the_bytes(default_build: dict, tmp_path: Path) -> None:
