@@ -2,8 +2,10 @@
 # The quickstart built from scratch by two checkouts of graftbuild side by side (e.g. the commit
 # before a change, then this one): the same interpreter, each checkout's own recipes/ copied to
 # $ROOT, each build into an empty cache of its own, in interleaved rounds (A B, then B A, ...), a
-# `sync` after every build. Wall seconds and peak RSS come from /usr/bin/time; medians, min-max
-# and the ratio B/A are printed and written to results/ab_quickstart.json.
+# `sync` after every build. Wall seconds, CPU seconds (user + sys) and peak RSS come from
+# /usr/bin/time; medians, min-max and the ratios B/A are printed and written to
+# results/ab_quickstart.json. On a machine shared with other work, wall time follows the load
+# (recorded per build); CPU seconds measure the work itself.
 #
 #   sh benchmarks/ab_quickstart.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS]
 #   e.g.  git worktree add /work/wt-prev 84ab8a4
@@ -44,13 +46,15 @@ while [ "$r" -lt "$ROUNDS" ]; do
     rm -rf "$ROOT/$side/cache" "$ROOT/$side/out"
     sync
     read -r load _ < /proc/loadavg
-    (cd "$ROOT/$side" && PYTHONPATH=$code /usr/bin/time -f "%e %M" -o "$ROOT/time" \
+    (cd "$ROOT/$side" && PYTHONPATH=$code /usr/bin/time -f "%e %M %U %S" -o "$ROOT/time" \
       "$PY" -m graftbuild make recipes/quickstart.toml --cache cache -q > "$ROOT/log" 2>&1) \
       || { cat "$ROOT/log" >&2; exit 1; }
     sync
-    read -r wall rss < "$ROOT/time"
-    printf '%s\t%s\t%s\t%s\t%s\n' "$side" "$r" "$wall" "$rss" "$load" >> "$RAW"
-    printf '  round %s %s  %7.1f s  %7d KB  (load %s)\n' "$r" "$side" "$wall" "$rss" "$load"
+    read -r wall rss user sys < "$ROOT/time"
+    cpu=$(echo "$user $sys" | awk '{print $1 + $2}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$side" "$r" "$wall" "$rss" "$load" "$cpu" >> "$RAW"
+    printf '  round %s %s  %7.1f s wall  %7.1f s cpu  %7d KB  (load %s)\n' "$r" "$side" \
+      "$wall" "$cpu" "$rss" "$load"
   done
 done
 
@@ -64,21 +68,26 @@ def rev(path):
                               capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         return "?"
-out = {"A": rev(a), "B": rev(b), "rounds": []}
+out = {"A": rev(a), "B": rev(b)}
+def spread(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 for side in "AB":
-    walls = [float(r[2]) for r in rows if r[0] == side]
-    rss = [int(r[3]) for r in rows if r[0] == side]
-    out[side + "_wall"] = {"median": statistics.median(walls), "min": min(walls), "max": max(walls)}
-    out[side + "_rss_kb"] = statistics.median(rss)
-pairs = {}
-for r in rows:
-    pairs.setdefault(r[1], {})[r[0]] = float(r[2])
-ratios = [p["B"] / p["A"] for p in pairs.values() if {"A", "B"} <= set(p)]
-out["ratio_B_over_A"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-out["rounds"] = [dict(zip(("side", "round", "wall_s", "rss_kb", "load"), r)) for r in rows]
+    mine = [r for r in rows if r[0] == side]
+    out[side + "_wall_s"] = spread([float(r[2]) for r in mine])
+    out[side + "_cpu_s"] = spread([float(r[5]) for r in mine])
+    out[side + "_rss_kb"] = statistics.median(int(r[3]) for r in mine)
+for col, name in ((2, "wall"), (5, "cpu")):
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r[1], {})[r[0]] = float(r[col])
+    out[f"{name}_ratio_B_over_A"] = spread(
+        [p["B"] / p["A"] for p in pairs.values() if {"A", "B"} <= set(p)])
+out["rounds"] = [dict(zip(("side", "round", "wall_s", "rss_kb", "load", "cpu_s"), r))
+                 for r in rows]
 open(results, "w").write(json.dumps(out, indent=2) + "\n")
-print(f"A {out['A']}: median {out['A_wall']['median']:.1f} s  "
-      f"B {out['B']}: median {out['B_wall']['median']:.1f} s  "
-      f"B/A median {out['ratio_B_over_A']['median']:.2f} "
-      f"[{out['ratio_B_over_A']['min']:.2f}-{out['ratio_B_over_A']['max']:.2f}]")
+for name in ("wall", "cpu"):
+    ra = out[f"{name}_ratio_B_over_A"]
+    print(f"{name}: A {out['A']} median {out['A_' + name + '_s']['median']:.1f} s, "
+          f"B {out['B']} median {out['B_' + name + '_s']['median']:.1f} s, "
+          f"B/A median {ra['median']:.2f} [{ra['min']:.2f}-{ra['max']:.2f}]")
 EOF
