@@ -17,10 +17,13 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 if [ "${1:-}" = "--wheels" ]; then
   rm -rf .device-wheels && mkdir .device-wheels
-  python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    -d .device-wheels pydantic pydantic-core typing-inspection annotated-types \
-    "trl>=0.20" datasets dill multiprocess xxhash pyarrow fsspec
+  # --no-deps: each missing package is named (with dependencies pip would pull torch and CUDA
+  # wheels, 3 GB; the device's image has torch, transformers, accelerate, peft, pyarrow, fsspec)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_28_x86_64 -d .device-wheels \
+    pydantic pydantic-core typing-inspection annotated-types \
+    trl==1.16.0 datasets dill multiprocess
   ls .device-wheels | wc -l
   exit 0
 fi
