@@ -65,6 +65,8 @@ def export_peft(pack_file: Path, out: Path, base_model: str | None = None) -> Ex
     tensors: dict[str, torch.Tensor] = {}
     with PackReader(pack_file) as reader:
         for name in reader.names():
+            if reader.entries[name]["codec"] == "zero":
+                continue  # the fine-tune left it as it was: nothing to adapt
             got = lora_factors(reader, name)
             if isinstance(got, str):
                 report.left_out[name] = got

@@ -27,6 +27,8 @@ FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 METADATA_KEY = "graftbuild.skillpack"
 PART_SEP = "::"
+ADDED_ROWS = "added_rows"
+"""The part holding a tensor's rows beyond the base's (a source's new tokens), stored exactly."""
 
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)$")
 COPY_CHUNK = 16 << 20

@@ -1,0 +1,336 @@
+"""Checkpoints as users have them: buffers, added tokens, PEFT adapter folders, zero deltas and
+sentence-transformers subfolders (issue 16)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LLAMA, make_base, make_source
+from helpers import load_weights, make
+
+from graftbuild.errors import UserError
+from graftbuild.skillpack import PackReader
+
+LOSSLESS = """
+[compression.lossless]
+embed = "exact"
+head = "exact"
+attn = "exact"
+mlp = "exact"
+expert = "exact"
+router = "exact"
+"""
+
+
+def recipe(tmp: Path, sources: dict[str, tuple[str, str]], fuse: dict[str, list[str]]) -> Path:
+    """A recipe with base ``models/base``, sources name -> (folder, profile), fuses."""
+    body = f'[project]\nname = "t"\ncache = "cache"\n\n[base]\npath = "models/base"\n{LOSSLESS}'
+    for name, (folder, profile) in sources.items():
+        body += f'\n[sources.{name}]\npath = "{folder}"\ncompression = "{profile}"\n'
+    for name, packs in fuse.items():
+        body += f'\n[[fuse]]\nname = "{name}"\npacks = {json.dumps(packs)}\n'
+    path = tmp / "graftbuild.toml"
+    path.write_text(body)
+    return path
+
+
+TINY_BERT = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def _bert(folder: Path, seed: int) -> dict[str, torch.Tensor]:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**TINY_BERT))
+    model.save_pretrained(str(folder))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_buffers_are_carried_from_the_base_never_packed(tmp_path: Path) -> None:
+    """A BERT base saved with its int64 ``position_ids`` buffer (older transformers) and a
+    fine-tune saved without it: packed and fused; the buffer is the base's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    base = tmp_path / "models" / "base"
+    state = _bert(base, 0)
+    weights = load_file(str(base / "model.safetensors"))
+    position_ids = torch.arange(TINY_BERT["max_position_embeddings"]).unsqueeze(0)
+    weights["embeddings.position_ids"] = position_ids
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ft = tmp_path / "models" / "ft"
+    shutil.copytree(base, ft)
+    g = torch.Generator().manual_seed(1)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    save_file(tuned, str(ft / "model.safetensors"), metadata={"format": "pt"})  # no buffer
+
+    result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"out": ["ft"]}))
+    with PackReader(result.node("pack:ft").output / "skillpack.safetensors") as r:
+        assert "embeddings.position_ids" not in r.entries
+        assert set(r.entries) == set(tuned)
+    fused_dir = result.node("fuse:out").output
+    fused = load_weights(fused_dir)
+    assert torch.equal(fused["embeddings.position_ids"], position_ids)
+    for k, v in tuned.items():
+        torch.testing.assert_close(fused[k], v, rtol=0, atol=1e-6)
+    model = AutoModel.from_pretrained(str(fused_dir))
+    model(torch.tensor([[1, 2, 3]]))
+
+
+def test_identical_source_packs_to_a_few_header_bytes(tmp_path: Path) -> None:
+    """Every delta is zero: the pack holds entries and no data, under 64 KiB, and the fuse is
+    the base."""
+    cfg = dict(TINY_LLAMA, vocab_size=1024, hidden_size=64, intermediate_size=128)
+    base_state = make_base(tmp_path / "models" / "base", config=cfg)
+    shutil.copytree(tmp_path / "models" / "base", tmp_path / "models" / "same")
+    path = recipe(
+        tmp_path,
+        {"same": ("models/same", "default"), "same_exact": ("models/same", "lossless")},
+        {"out": ["same"]},
+    )
+    result = make(path)
+    dense = sum(v.numel() * 4 for v in base_state.values())
+    for node in ("pack:same", "pack:same_exact"):
+        pack = result.node(node).output / "skillpack.safetensors"
+        assert pack.stat().st_size < 64 * 1024 < dense
+        with PackReader(pack) as r:
+            assert {e["codec"] for e in r.entries.values()} == {"zero"}
+            assert r.payload_nbytes() == 0
+            assert set(r.entries) == set(base_state)
+    fused = load_weights(result.node("fuse:out").output)
+    for k, v in base_state.items():
+        assert torch.equal(fused[k], v)
+
+
+def test_zero_deltas_cost_nothing_beside_changed_tensors(tmp_path: Path) -> None:
+    """A fine-tune that changed one tensor: every other tensor is a zero entry."""
+    from safetensors.torch import save_file
+
+    state = make_base(tmp_path / "models" / "base")
+    ft = tmp_path / "models" / "ft"
+    shutil.copytree(tmp_path / "models" / "base", ft)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tuned = dict(state)
+    tuned[name] = state[name] + 0.01
+    save_file(tuned, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"out": ["ft"]}))
+    with PackReader(result.node("pack:ft").output / "skillpack.safetensors") as r:
+        codecs = {n: e["codec"] for n, e in r.entries.items()}
+        assert codecs.pop(name) == "exact" and set(codecs.values()) == {"zero"}
+        assert r.payload_nbytes() == state[name].numel() * 4
+    fused = load_weights(result.node("fuse:out").output)
+    torch.testing.assert_close(fused[name], tuned[name], rtol=0, atol=1e-6)
+
+
+def _peft_adapter(base: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA adapter made with peft on the base (B randomised, as after training); returns the
+    merged model's state dict (peft's merge_and_unload)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(out))
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def test_peft_adapter_folder_as_a_source(tmp_path: Path) -> None:
+    """An unmerged LoRA adapter folder is a source: its fuse equals peft's merged model, and
+    the default profile stores each LoRA delta low-rank at the adapter's rank."""
+    make_base(tmp_path / "models" / "base")
+    adapter = tmp_path / "models" / "adapter"
+    merged = _peft_adapter(tmp_path / "models" / "base", adapter, seed=3)
+    path = recipe(
+        tmp_path,
+        {"lora": ("models/adapter", "default"), "lora_exact": ("models/adapter", "lossless")},
+        {"out": ["lora"], "exact": ["lora_exact"]},
+    )
+    result = make(path)
+    with PackReader(result.node("pack:lora").output / "skillpack.safetensors") as r:
+        entries = r.entries
+    q = entries["model.layers.0.self_attn.q_proj.weight"]
+    down = entries["model.layers.1.mlp.down_proj.weight"]
+    assert (q["codec"], q["meta"]["rank"]) == ("lowrank", 4)
+    assert (down["codec"], down["meta"]["rank"]) == ("lowrank", 2)  # rank_pattern
+    assert entries["model.layers.0.mlp.up_proj.weight"]["codec"] == "zero"
+    for fuse, atol in (("fuse:exact", 1e-6), ("fuse:out", 2e-3)):
+        fused = load_weights(result.node(fuse).output)
+        assert set(fused) == set(merged)
+        for k, v in merged.items():
+            torch.testing.assert_close(fused[k], v, rtol=0, atol=atol, msg=f"{fuse} {k}")
+
+
+def _with_added_tokens(
+    base: Path, out: Path, tokens: list[str], seed: int
+) -> dict[str, torch.Tensor]:
+    """A fine-tune of ``base`` that added ``tokens`` (resize_token_embeddings) and trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    tok.add_tokens(tokens, special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    model.resize_token_embeddings(len(tok))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_added_tokens_extend_the_fused_vocabulary(tmp_path: Path) -> None:
+    """A fine-tune adds two tokens: the fused model loads, has the new vocabulary and the
+    tokenizer, and gives the source's rows exactly under a lossless profile. A second source's
+    tokens follow in fusion order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = tmp_path / "models"
+    make_base(models / "base")
+    base_len = len(AutoTokenizer.from_pretrained(str(models / "base")))
+    assert base_len == TINY_LLAMA["vocab_size"]
+    tools = _with_added_tokens(models / "base", models / "tools", ["<tool>", "</tool>"], 1)
+    chat = _with_added_tokens(models / "base", models / "chat", ["<|user|>"], 2)
+    path = recipe(
+        tmp_path,
+        {"tools": ("models/tools", "lossless"), "chat": ("models/chat", "lossless")},
+        {"one": ["tools"], "both": ["tools", "chat"]},
+    )
+    result = make(path)
+    one = result.node("fuse:one").output
+    tok = AutoTokenizer.from_pretrained(str(one))
+    assert tok.convert_tokens_to_ids(["<tool>", "</tool>"]) == [base_len, base_len + 1]
+    model = AutoModelForCausalLM.from_pretrained(str(one))
+    assert model.config.vocab_size == base_len + 2
+    fused = load_weights(one)
+    for k, v in tools.items():
+        torch.testing.assert_close(fused[k], v, rtol=0, atol=1e-6, msg=k)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(fused[name][base_len:], tools[name][base_len:])
+    ids = tok("<tool> hi </tool>", return_tensors="pt")["input_ids"]
+    assert base_len in ids[0].tolist()
+    model(ids)
+
+    both = result.node("fuse:both").output
+    tok2 = AutoTokenizer.from_pretrained(str(both))
+    assert tok2.convert_tokens_to_ids(["<tool>", "</tool>", "<|user|>"]) == [
+        base_len,
+        base_len + 1,
+        base_len + 2,
+    ]
+    fused2 = load_weights(both)
+    emb = "model.embed_tokens.weight"
+    assert fused2[emb].shape[0] == base_len + 3
+    assert torch.equal(fused2[emb][base_len + 2], chat[emb][base_len])  # moved to its fused id
+    assert torch.equal(fused2[emb][base_len], tools[emb][base_len])
+    AutoModelForCausalLM.from_pretrained(str(both))(ids)
+
+
+def test_conflicting_added_tokens_are_refused_naming_them(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    make_base(models / "base")
+    _with_added_tokens(models / "base", models / "a", ["<x>", "<y>"], 1)
+    _with_added_tokens(models / "base", models / "b", ["<y>"], 2)  # <y> at another id
+    path = recipe(
+        tmp_path, {"a": ("models/a", "lossless"), "b": ("models/b", "lossless")}, {"o": ["a", "b"]}
+    )
+    with pytest.raises(UserError, match=r"'<y>'.*different ids"):
+        make(path)
+
+
+def test_changed_base_vocabulary_is_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    make_base(models / "base")
+    ft = models / "ft"
+    shutil.copytree(models / "base", ft)
+    tj = json.loads((ft / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (ft / "tokenizer.json").write_text(json.dumps(tj))
+    path = recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"o": ["ft"]})
+    with pytest.raises(UserError, match="changes the base's vocabulary"):
+        make(path)
+
+
+def _sentence_transformer(folder: Path, bert: Path) -> None:
+    from sentence_transformers import SentenceTransformer, models
+
+    st = SentenceTransformer(
+        modules=[
+            models.Transformer(str(bert)),
+            models.Pooling(TINY_BERT["hidden_size"], pooling_mode="mean"),
+            models.Normalize(),
+        ],
+        device="cpu",
+    )
+    st.save(str(folder))
+
+
+def test_sentence_transformers_output_loads_with_its_subfolders(tmp_path: Path) -> None:
+    """A sentence-transformers base (modules.json, 1_Pooling/, 2_Normalize/): the fused output
+    loads with SentenceTransformer and gives the source's embeddings."""
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertTokenizerFast
+
+    bert = tmp_path / "bert"
+    _bert(bert, 0)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(80)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(str(bert))
+    models = tmp_path / "models"
+    _sentence_transformer(models / "base", bert)
+    assert (models / "base" / "1_Pooling" / "config.json").is_file()
+    ft = models / "ft"
+    shutil.copytree(models / "base", ft)
+    weights = load_file(str(ft / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
+    save_file(tuned, str(ft / "model.safetensors"), metadata={"format": "pt"})
+
+    result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"st": ["ft"]}))
+    out = result.node("fuse:st").output
+    for rel in ("modules.json", "1_Pooling/config.json", "config_sentence_transformers.json"):
+        assert (out / rel).is_file(), rel
+    texts = ["w1 w2 w3", "w40 w7"]
+    want = SentenceTransformer(str(ft), device="cpu").encode(texts, convert_to_tensor=True)
+    got = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    base = SentenceTransformer(str(models / "base"), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(base, want, atol=1e-3)
+
+
+def test_identical_source_with_tokenizer_copy_keeps_vocab(tmp_path: Path) -> None:
+    """A source whose tokenizer files equal the base's adds no tokens (the header has none)."""
+    make_base(tmp_path / "models" / "base")
+    make_source(tmp_path / "models" / "x", tmp_path / "models" / "base", seed=1)
+    result = make(recipe(tmp_path, {"x": ("models/x", "default")}, {"o": ["x"]}))
+    with PackReader(result.node("pack:x").output / "skillpack.safetensors") as r:
+        assert "vocab" not in r.header
