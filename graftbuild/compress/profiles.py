@@ -20,15 +20,6 @@ DEFAULT_PROFILE: dict[str, dict[str, Any]] = {
             {"fraction": 0.30, "bits": 2},
         ],
     },
-    # MoE experts start as dense MLPs do; a profile can give them their own codec
-    "expert": {
-        "method": "mixed",
-        "bands": [
-            {"fraction": 0.01, "bits": 8},
-            {"fraction": 0.05, "bits": 4},
-            {"fraction": 0.30, "bits": 2},
-        ],
-    },
     # a router gate is a few rows that decide where every token goes: stored exactly
     "router": {"method": "exact"},
     "norm": {"method": "exact"},

@@ -234,8 +234,8 @@ class CompressionProfile(Model):
     head: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["head"]))
     attn: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["attn"]))
     mlp: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["mlp"]))
-    expert: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["expert"]))
-    """Mixture-of-experts expert projections (dense MLPs are ``mlp``)."""
+    expert: dict[str, Any] | None = None
+    """Mixture-of-experts expert projections (dense MLPs are ``mlp``); unset: as ``mlp``."""
     router: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["router"]))
     """Mixture-of-experts router gates."""
     norm: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["norm"]))
@@ -256,8 +256,14 @@ class CompressionProfile(Model):
         "embed", "head", "attn", "mlp", "expert", "router", "norm", "other", mode="before"
     )
     @classmethod
-    def _codec(cls, v: Any) -> dict[str, Any]:
-        return normalise_codec(v)
+    def _codec(cls, v: Any) -> dict[str, Any] | None:
+        return None if v is None else normalise_codec(v)
+
+    @model_validator(mode="after")
+    def _experts_as_mlp(self) -> CompressionProfile:
+        if self.expert is None:
+            self.expert = dict(self.mlp)
+        return self
 
     @field_validator("roles")
     @classmethod
