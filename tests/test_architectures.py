@@ -123,7 +123,7 @@ def test_architecture_packs_and_fuses(tmp_path: Path, model_type: str, one_torch
 
     with PackReader(result.node("pack:default").output / "skillpack.safetensors") as r:
         roles: dict[str, set[str]] = {}
-        for name, e in r.entries.items():
+        for e in r.entries.values():
             roles.setdefault(e["role"], set()).add(e["codec"])
     assert {"embed", "attn", "norm"} <= set(roles), roles
     if model_type in ("mixtral", "qwen3_moe"):

@@ -88,6 +88,35 @@ def test_buffers_are_carried_from_the_base_never_packed(tmp_path: Path) -> None:
     model(torch.tensor([[1, 2, 3]]))
 
 
+def test_gpt2_causal_mask_buffers_missing_from_the_fine_tune_are_carried(tmp_path: Path) -> None:
+    """The hub's GPT-2 saves float causal-mask buffers (``h.N.attn.bias``); a fine-tune saved by
+    a newer transformers lacks them: they are carried from the base, not a layout error."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    base, ft = tmp_path / "models" / "base", tmp_path / "models" / "ft"
+    model.save_pretrained(str(base))
+    model.save_pretrained(str(ft))
+    weights = load_file(str(base / "model.safetensors"))
+    tuned = {k: v + 0.01 for k, v in weights.items()}
+    save_file(tuned, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    mask = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+    for i in range(2):
+        weights[f"h.{i}.attn.bias"] = mask.clone()
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+
+    result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"out": ["ft"]}))
+    fused = load_weights(result.node("fuse:out").output)
+    assert torch.equal(fused["h.0.attn.bias"], mask)
+    for k, v in tuned.items():
+        torch.testing.assert_close(fused[k], v, rtol=0, atol=1e-6, msg=k)
+
+
 def test_identical_source_packs_to_a_few_header_bytes(tmp_path: Path) -> None:
     """Every delta is zero: the pack holds entries and no data, under 64 KiB, and the fuse is
     the base."""
@@ -260,6 +289,28 @@ def test_conflicting_added_tokens_are_refused_naming_them(tmp_path: Path) -> Non
     )
     with pytest.raises(UserError, match=r"'<y>'.*different ids"):
         make(path)
+
+
+def test_packs_with_added_tokens_are_refused_by_bundles_and_peft_export(tmp_path: Path) -> None:
+    """A routed bundle keeps the base's vocabulary and a LoRA adapter cannot add rows: both say
+    so, naming the tokens, rather than dropping them."""
+    from graftbuild.release.peft import export_peft
+
+    models = tmp_path / "models"
+    make_base(models / "base")
+    _with_added_tokens(models / "base", models / "a", ["<x>"], 1)
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    path = recipe(tmp_path, {"a": ("models/a", "default")}, {})
+    path.write_text(
+        path.read_text()
+        + '\n[[fuse]]\nname = "r"\npacks = ["a"]\nstrategy = "routed"\n'
+        + '[fuse.options]\nprompts = { a = "p.txt" }\n'
+    )
+    with pytest.raises(UserError, match=r"pack 'a' adds tokens \('<x>'\); a routed bundle"):
+        make(path)
+    pack = make(path, ["pack:a"]).node("pack:a").output / "skillpack.safetensors"
+    with pytest.raises(UserError, match=r"adds tokens \('<x>'\); a LoRA adapter"):
+        export_peft(pack, tmp_path / "adapter")
 
 
 def test_changed_base_vocabulary_is_refused(tmp_path: Path) -> None:

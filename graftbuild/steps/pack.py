@@ -6,6 +6,7 @@ parts are written in name order whatever order the workers finish in.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from graftbuild.recipe import Recipe
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# Float buffers older transformers saved and newer ones omit (GPT-2's and GPT-NeoX's causal
+# masks, rotary inverse frequencies): when the source lacks one, the base's is carried.
+_FLOAT_BUFFER = re.compile(r"(^|\.)((attn|attention)\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 
 
 class PackStep:
@@ -103,8 +107,12 @@ class PackStep:
         ):
             # Non-float tensors (BERT's int64 position_ids, ...) are buffers, not weights: the
             # fused model carries the base's, and they are never delta'd.
-            names = [n for n in base.names() if base.infos[n].dtype in _DTYPE_NAMES]
-            note_buffers(base, ctx)
+            names = [
+                n
+                for n in base.names()
+                if base.infos[n].dtype in _DTYPE_NAMES and not src.carried(n)
+            ]
+            note_buffers(base, ctx, [n for n in base.names() if src.carried(n)])
             vocab = src.vocabulary(ctx.inputs[reference])
             if vocab is not None:
                 header["vocab"] = vocab
@@ -253,6 +261,10 @@ class _ModelSource:
     def added_rows(self, name: str) -> int:
         return self.rows.get(name, 0)
 
+    def carried(self, name: str) -> bool:
+        """A float buffer of the base the source did not save: carried, not packed."""
+        return name not in self.weights.infos
+
     def unchanged(self, name: str) -> bool:
         """The source stores ``name`` as the base does (equal values, same dtype and shape)."""
         import torch
@@ -313,6 +325,9 @@ class _AdapterSource:
     def added_rows(self, name: str) -> int:
         return 0
 
+    def carried(self, name: str) -> bool:
+        return False
+
     def unchanged(self, name: str) -> bool:
         return name not in self._touched
 
@@ -351,12 +366,15 @@ def low_rank_spec(spec: dict[str, Any], rank: int | None) -> dict[str, Any]:
     return {"method": "lowrank", "energy": None, "rank": rank, "max_rank": None, "dtype": dtype}
 
 
-def note_buffers(base: Any, ctx: StepContext) -> None:
-    """Say once that the base's non-float tensors are carried, not packed."""
-    buffers = sorted(n for n, i in base.infos.items() if i.dtype not in _DTYPE_NAMES)
+def note_buffers(base: Any, ctx: StepContext, carried: list[str]) -> None:
+    """Say once that the base's buffers (non-float tensors, and float buffers the source did
+    not save) are carried, not packed."""
+    buffers = sorted(
+        {n for n, i in base.infos.items() if i.dtype not in _DTYPE_NAMES} | set(carried)
+    )
     if buffers:
         ctx.progress.log(
-            f"note: {ctx.node_id}: {len(buffers)} non-float tensors are buffers, not weights "
+            f"note: {ctx.node_id}: {len(buffers)} tensors are buffers, not weights "
             f"(e.g. {buffers[0]}): the fused model carries the base's, they are not packed"
         )
 
@@ -370,7 +388,7 @@ def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
     cpu = Placement.of(None)
     for name in base.names():
         info = base.infos[name]
-        if info.dtype not in _DTYPE_NAMES:
+        if info.dtype not in _DTYPE_NAMES or src.carried(name):
             continue  # a buffer: carried from the base, never delta'd
         delta = src.delta(name, cpu)
         if not all_finite(delta):
@@ -415,8 +433,9 @@ def check_same_layout(base: object, src: object) -> dict[str, int]:
     assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
     floats = {n for n, i in base.infos.items() if i.dtype in _DTYPE_NAMES}
     src_floats = {n for n, i in src.infos.items() if i.dtype in _DTYPE_NAMES}
-    only_base = sorted(floats - set(src.infos))
-    only_src = sorted(src_floats - set(base.infos))
+    # float buffers (GPT-2's causal mask `attn.bias`, ...) that one side saved and the other not
+    only_base = sorted(n for n in floats - set(src.infos) if not _FLOAT_BUFFER.search(n))
+    only_src = sorted(n for n in src_floats - set(base.infos) if not _FLOAT_BUFFER.search(n))
     rows: dict[str, int] = {}
     shapes = []
     for n in sorted(floats & set(src.infos)):
