@@ -163,5 +163,6 @@ def test_overrides_come_first() -> None:
 
 
 def test_unknown_override_role_is_named() -> None:
-    with pytest.raises(ValueError, match=r"'attention'.*embed, head, attn, mlp, expert, router, norm, other"):
+    roles = "embed, head, attn, mlp, expert, router, norm, other"
+    with pytest.raises(ValueError, match=rf"'attention'.*{roles}"):
         classify("model.norm.weight", 1, {"nothing-matches": "attention"})

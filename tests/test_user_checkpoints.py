@@ -206,6 +206,16 @@ def test_peft_adapter_folder_as_a_source(tmp_path: Path) -> None:
     assert (q["codec"], q["meta"]["rank"]) == ("lowrank", 4)
     assert (down["codec"], down["meta"]["rank"]) == ("lowrank", 2)  # rank_pattern
     assert entries["model.layers.0.mlp.up_proj.weight"]["codec"] == "zero"
+    # inspect reads the adapter's own deltas for its errors
+    from graftbuild.skillpack.report import pack_report
+
+    report = pack_report(
+        result.node("pack:lora").output / "skillpack.safetensors",
+        tmp_path / "models" / "base",
+        adapter,
+    )
+    rows = {t["name"]: t for t in report["tensors"]}
+    assert rows["model.layers.0.self_attn.q_proj.weight"]["rel_error"] < 1e-3
     for fuse, atol in (("fuse:exact", 1e-6), ("fuse:out", 2e-3)):
         fused = load_weights(result.node(fuse).output)
         assert set(fused) == set(merged)
@@ -260,6 +270,12 @@ def test_added_tokens_extend_the_fused_vocabulary(tmp_path: Path) -> None:
         torch.testing.assert_close(fused[k], v, rtol=0, atol=1e-6, msg=k)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(fused[name][base_len:], tools[name][base_len:])
+    from graftbuild.skillpack.report import pack_report
+
+    pack = result.node("pack:tools").output / "skillpack.safetensors"
+    rows = {t["name"]: t for t in pack_report(pack, models / "base", models / "tools")["tensors"]}
+    assert rows["model.embed_tokens.weight"]["rel_error"] == 0.0
+    assert rows["model.embed_tokens.weight"]["shape"] == [base_len + 2, TINY_LLAMA["hidden_size"]]
     ids = tok("<tool> hi </tool>", return_tensors="pt")["input_ids"]
     assert base_len in ids[0].tolist()
     model(ids)

@@ -185,7 +185,9 @@ def fused_vocabulary(
     from transformers import AutoTokenizer
 
     base_rows = next(int(v["base_rows"]) for v in vocabs if v)
-    tok = AutoTokenizer.from_pretrained(str(ctx.inputs["base"]), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(
+        str(ctx.inputs["base"]), local_files_only=True, trust_remote_code=False
+    )
     tokens, maps = fuse_vocabularies(
         len(tok),
         base_rows,

@@ -44,7 +44,9 @@ def _load(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # transformers raises many kinds for a bad folder
         raise UserError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
