@@ -224,7 +224,7 @@ def test_peft_adapter_folder_as_a_source(tmp_path: Path) -> None:
 
 
 def _with_added_tokens(
-    base: Path, out: Path, tokens: list[str], seed: int
+    base: Path, out: Path, tokens: list[str], seed: int, resize: bool = True
 ) -> dict[str, torch.Tensor]:
     """A fine-tune of ``base`` that added ``tokens`` (resize_token_embeddings) and trained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,7 +232,8 @@ def _with_added_tokens(
     tok = AutoTokenizer.from_pretrained(str(base))
     tok.add_tokens(tokens, special_tokens=True)
     model = AutoModelForCausalLM.from_pretrained(str(base))
-    model.resize_token_embeddings(len(tok))
+    if resize:
+        model.resize_token_embeddings(len(tok))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -293,6 +294,30 @@ def test_added_tokens_extend_the_fused_vocabulary(tmp_path: Path) -> None:
     assert torch.equal(fused2[emb][base_len + 2], chat[emb][base_len])  # moved to its fused id
     assert torch.equal(fused2[emb][base_len], tools[emb][base_len])
     AutoModelForCausalLM.from_pretrained(str(both))(ids)
+
+
+def test_tokens_added_within_a_padded_vocabulary_keep_their_rows(tmp_path: Path) -> None:
+    """A base whose embeddings have spare rows (a padded vocabulary): a fine-tune adds tokens
+    without resizing; the fused tokenizer has them at the same ids and the shapes stay."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = tmp_path / "models"
+    make_base(models / "base", config=dict(TINY_LLAMA, vocab_size=520))
+    base_len = len(AutoTokenizer.from_pretrained(str(models / "base")))
+    assert base_len < 520
+    tuned = _with_added_tokens(models / "base", models / "ft", ["<a>", "<b>"], 1, resize=False)
+    assert tuned["model.embed_tokens.weight"].shape[0] == 520  # no resize needed
+    result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"o": ["ft"]}))
+    with PackReader(result.node("pack:ft").output / "skillpack.safetensors") as r:
+        assert [t["content"] for t in r.header["vocab"]["tokens"]] == ["<a>", "<b>"]
+    out = result.node("fuse:o").output
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids(["<a>", "<b>"]) == [base_len, base_len + 1]
+    fused = load_weights(out)
+    torch.testing.assert_close(
+        fused["model.embed_tokens.weight"], tuned["model.embed_tokens.weight"], rtol=0, atol=1e-6
+    )
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size == 520
 
 
 def test_conflicting_added_tokens_are_refused_naming_them(tmp_path: Path) -> None:
