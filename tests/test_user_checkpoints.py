@@ -419,10 +419,23 @@ def test_sentence_transformers_output_loads_with_its_subfolders(tmp_path: Path) 
     assert not torch.allclose(base, want, atol=1e-3)
 
 
-def test_identical_source_with_tokenizer_copy_keeps_vocab(tmp_path: Path) -> None:
-    """A source whose tokenizer files equal the base's adds no tokens (the header has none)."""
-    make_base(tmp_path / "models" / "base")
-    make_source(tmp_path / "models" / "x", tmp_path / "models" / "base", seed=1)
-    result = make(recipe(tmp_path, {"x": ("models/x", "default")}, {"o": ["x"]}))
-    with PackReader(result.node("pack:x").output / "skillpack.safetensors") as r:
-        assert "vocab" not in r.header
+def test_sources_that_add_no_tokens_record_no_vocabulary(tmp_path: Path) -> None:
+    """A source with the base's tokenizer files, and one saved without a tokenizer (a Trainer
+    checkpoint), add no tokens: no `vocab` in their packs, the output keeps the base's."""
+    models = tmp_path / "models"
+    make_base(models / "base")
+    make_source(models / "x", models / "base", seed=1)
+    make_source(models / "bare", models / "base", seed=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (models / "bare" / name).unlink()
+    path = recipe(
+        tmp_path, {"x": ("models/x", "default"), "bare": ("models/bare", "default")}, {"o": ["x"]}
+    )
+    result = make(path)
+    for node in ("pack:x", "pack:bare"):
+        with PackReader(result.node(node).output / "skillpack.safetensors") as r:
+            assert "vocab" not in r.header
+    out = result.node("fuse:o").output
+    assert (out / "tokenizer.json").read_bytes() == (
+        models / "base" / "tokenizer.json"
+    ).read_bytes()

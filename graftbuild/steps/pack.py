@@ -209,6 +209,7 @@ class _ModelSource:
 
         self.folder = Path(folder)
         self.base = base
+        self.ctx = ctx
         self.weights = ModelWeights(self.folder)
         try:
             self.rows = check_same_layout(base, self.weights)
@@ -227,8 +228,14 @@ class _ModelSource:
         """The pack header's ``vocab`` when the source adds tokens, else None."""
         from graftbuild.weights.vocab import added_tokens
 
-        tokens = added_tokens(base_folder, self.folder)
         extra = set(self.rows.values())
+        tokens = added_tokens(base_folder, self.folder, required=bool(extra))
+        if tokens is None:
+            self.ctx.progress.log(
+                f"note: {self.ctx.node_id}: the tokenizers of the base and {self.folder} differ "
+                "and one does not load; no tokens are carried from the source"
+            )
+            return None
         if not tokens:
             if extra:
                 raise UserError(

@@ -51,13 +51,27 @@ def _load(folder: Path) -> Any:
         raise UserError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
 
-def added_tokens(base: Path, source: Path) -> list[dict[str, Any]]:
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def added_tokens(base: Path, source: Path, required: bool) -> list[dict[str, Any]] | None:
     """The tokens ``source``'s tokenizer has beyond ``base``'s, by id: ``{"content", "id",
-    "special", "lstrip", ...}``. A UserError names the tokens when the source changes the base's
-    own vocabulary (a token removed or moved)."""
+    "special", "lstrip", ...}``; [] when the tokenizers are the same files or a folder has none
+    (a fine-tune saved without its tokenizer keeps the base's). A UserError names the tokens
+    when the source changes the base's own vocabulary (a token removed or moved). A tokenizer
+    that does not load is a UserError when ``required`` (the source added embedding rows), else
+    None: nothing is known of its tokens."""
+    if not (has_tokenizer(base) and has_tokenizer(source)):
+        return []
     if not tokenizers_differ(base, source):
         return []
-    bt, st = _load(base), _load(source)
+    try:
+        bt, st = _load(base), _load(source)
+    except UserError:
+        if required:
+            raise
+        return None
     bv, sv = bt.get_vocab(), st.get_vocab()
     changed = sorted((i, t) for t, i in bv.items() if sv.get(t) != i)
     if changed:
