@@ -223,6 +223,50 @@ def test_peft_adapter_folder_as_a_source(tmp_path: Path) -> None:
             torch.testing.assert_close(fused[k], v, rtol=0, atol=atol, msg=f"{fuse} {k}")
 
 
+def test_peft_adapter_with_embedding_lora_saved_modules_and_conv1d(tmp_path: Path) -> None:
+    """GPT-2 (Conv1D layers: fan_in_fan_out), an embedding LoRA, a trained bias and a module
+    saved whole (modules_to_save): the fuse still equals peft's merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 16}
+    cfg = AutoConfig.for_model("gpt2", bos_token_id=0, eos_token_id=0, **sizes)
+    base = tmp_path / "models" / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["c_attn", "wte"],
+        modules_to_save=["ln_f"],
+        bias="lora_only",
+        fan_in_fan_out=True,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if (
+                "lora_B" in n
+                or "lora_embedding_B" in n
+                or "modules_to_save" in n
+                or ("c_attn" in n and n.endswith(".bias"))
+            ):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(tmp_path / "models" / "adapter"))
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    path = recipe(tmp_path, {"lora": ("models/adapter", "lossless")}, {"out": ["lora"]})
+    fused = load_weights(make(path).node("fuse:out").output)
+    changed = 0
+    for k, v in fused.items():
+        torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-5, msg=k)
+        changed += not torch.equal(v, load_weights(base)[k])
+    assert changed >= 6  # c_attn weights and biases, wte, ln_f
+
+
 def _with_added_tokens(
     base: Path, out: Path, tokens: list[str], seed: int, resize: bool = True
 ) -> dict[str, torch.Tensor]:
