@@ -190,7 +190,7 @@ class PackStep:
                     writer.add(
                         name, roles[name], codec, params, shape, dtype, encoded, added_rows=rows
                     )
-                    unchanged += codec == "zero"
+                    unchanged += codec == "zero" and not rows
                     del encoded  # not alive while the next one is computed
                     advance(1)
             if unchanged:
@@ -255,12 +255,21 @@ class _ModelSource:
         return {"base_rows": base_rows, "added_rows": k, "tokens": tokens}
 
     def _base_rows(self) -> int:
+        """The base's embedding rows: those of a widened tensor, else the config's
+        ``vocab_size``, else the word embedding's rows."""
         if self.rows:
             return int(self.base.infos[sorted(self.rows)[0]].shape[0])
-        embeds = [
-            n for n in self.base.infos if classify_name(n, self.base.infos[n].shape) == "embed"
-        ]
-        shapes = [self.base.infos[n].shape[0] for n in embeds if len(self.base.infos[n].shape) == 2]
+        import json
+
+        try:
+            cfg = json.loads((self.base.folder / "config.json").read_text())
+            size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+            if isinstance(size, int) and size > 0:
+                return size
+        except (OSError, ValueError, AttributeError):
+            pass
+        words = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.")
+        shapes = [i.shape[0] for n, i in self.base.infos.items() if words.search(n)]
         if not shapes:
             raise UserError(f"{self.base.folder}: no embedding matrix found to hold added tokens")
         return int(max(shapes))
@@ -355,12 +364,6 @@ def open_source(folder: Path, base: Any, ctx: StepContext) -> _ModelSource | _Ad
     if is_adapter(folder):
         return _AdapterSource(folder, base, ctx)
     return _ModelSource(folder, base, ctx)
-
-
-def classify_name(name: str, shape: tuple[int, ...]) -> str:
-    from graftbuild.compress.roles import classify
-
-    return classify(name, len(shape))
 
 
 def low_rank_spec(spec: dict[str, Any], rank: int | None) -> dict[str, Any]:
