@@ -451,7 +451,13 @@ def test_sentence_transformers_output_loads_with_its_subfolders(tmp_path: Path) 
 
     result = make(recipe(tmp_path, {"ft": ("models/ft", "lossless")}, {"st": ["ft"]}))
     out = result.node("fuse:st").output
-    for rel in ("modules.json", "1_Pooling/config.json", "config_sentence_transformers.json"):
+    for rel in (
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Normalize/config.json",
+        "config_sentence_transformers.json",
+        "tokenizer.json",
+    ):
         assert (out / rel).is_file(), rel
     texts = ["w1 w2 w3", "w40 w7"]
     want = SentenceTransformer(str(ft), device="cpu").encode(texts, convert_to_tensor=True)
