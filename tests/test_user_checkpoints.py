@@ -489,3 +489,34 @@ def test_sources_that_add_no_tokens_record_no_vocabulary(tmp_path: Path) -> None
     assert (out / "tokenizer.json").read_bytes() == (
         models / "base" / "tokenizer.json"
     ).read_bytes()
+
+
+def test_outputs_copy_the_non_weight_tree_but_no_weights(tmp_path: Path) -> None:
+    """Subfolders (and a module's own weights in one) are copied; the top-level weights, other
+    runtimes' weights, hidden files and markdown are not."""
+    from graftbuild.weights.tensors import copy_non_weight_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    files = {
+        "config.json": True,
+        "modules.json": True,
+        "1_Pooling/config.json": True,
+        "2_Dense/model.safetensors": True,
+        "2_Dense/config.json": True,
+        "model.safetensors": False,
+        "model.safetensors.index.json": False,
+        "pytorch_model.bin": False,
+        "onnx/model.onnx": False,
+        "openvino/openvino_model.xml": False,
+        "tf_model.h5": False,
+        ".gitattributes": False,
+        "README.md": False,
+    }
+    for rel in files:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    dst.mkdir()
+    copy_non_weight_files(src, dst)
+    for rel, copied in files.items():
+        assert (dst / rel).is_file() == copied, rel
+    assert (dst / "1_Pooling" / "config.json").read_text() == "1_Pooling/config.json"
