@@ -328,7 +328,17 @@ LADDERS: dict[str, list[dict[str, Any]]] = {
 
 
 def test_every_codec_has_a_ladder() -> None:
-    assert set(LADDERS) == set(CODECS)
+    # `zero` has no ladder: it encodes an all-zero delta only (test_zero_codec below)
+    assert set(LADDERS) | {"zero"} == set(CODECS)
+
+
+def test_zero_codec_stores_no_data_and_refuses_a_nonzero_delta() -> None:
+    codec, params = parse_spec({"method": "zero"})
+    enc = codec.encode(torch.zeros(6, 4), params)
+    assert enc.parts == {} and enc.nbytes == 0 == codec.expected_nbytes(enc.meta, (6, 4))
+    assert torch.equal(codec.decode({}, enc.meta, (6, 4)), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="all-zero"):
+        codec.encode(torch.eye(3), params)
 
 
 @settings(max_examples=25, deadline=None)
@@ -380,7 +390,7 @@ def test_shapes_and_dtypes_are_preserved(
 
 
 def test_registry_and_defaults() -> None:
-    assert set(CODECS) == {"exact", "prune", "lowrank", "mixed"}
+    assert set(CODECS) == {"exact", "prune", "lowrank", "mixed", "zero"}
     assert get_codec("mixed").name == "mixed"
     _, p = parse_spec({"method": "lowrank"})
     assert p.model_dump() == {"energy": 0.9, "rank": None, "max_rank": None, "dtype": "float16"}

@@ -112,8 +112,12 @@ def test_the_lock_records_component_versions(path_project: Path) -> None:
         "codec:lowrank": CODECS["lowrank"].version,
         "codec:mixed": CODECS["mixed"].version,
         "codec:prune": CODECS["prune"].version,
+        "codec:zero": CODECS["zero"].version,  # any all-zero delta, whatever the profile
     }
-    assert lock["pack:y"]["components"] == {"codec:exact": CODECS["exact"].version}
+    assert lock["pack:y"]["components"] == {
+        "codec:exact": CODECS["exact"].version,
+        "codec:zero": CODECS["zero"].version,
+    }
     assert lock["fuse:release"]["components"] == {"strategy:sum": STRATEGIES["sum"].version}
     assert "components" not in lock["source:x"]
 

@@ -139,7 +139,13 @@ def test_every_weight_gets_a_sensible_role(family: tuple[str, dict[str, int]]) -
         ("bert.pooler.dense.weight", 2, "other"),
         ("gpt_neox.embed_in.weight", 2, "embed"),
         ("embed_out.weight", 2, "head"),
-        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 2, "mlp"),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 2, "expert"),
+        ("model.layers.0.block_sparse_moe.gate.weight", 2, "router"),
+        ("model.layers.1.mlp.experts.7.gate_proj.weight", 2, "expert"),
+        ("model.layers.1.mlp.experts.gate_up_proj", 3, "expert"),
+        ("model.layers.1.mlp.gate.weight", 2, "router"),
+        ("model.layers.1.mlp.shared_expert.up_proj.weight", 2, "mlp"),
+        ("model.layers.1.mlp.shared_expert_gate.weight", 2, "router"),
         ("model.decoder.layers.0.fc1.weight", 2, "mlp"),
         ("score.weight", 2, "other"),
     ],
@@ -157,5 +163,6 @@ def test_overrides_come_first() -> None:
 
 
 def test_unknown_override_role_is_named() -> None:
-    with pytest.raises(ValueError, match=r"'attention'.*embed, head, attn, mlp, norm, other"):
+    roles = "embed, head, attn, mlp, expert, router, norm, other"
+    with pytest.raises(ValueError, match=rf"'attention'.*{roles}"):
         classify("model.norm.weight", 1, {"nothing-matches": "attention"})

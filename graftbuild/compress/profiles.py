@@ -20,6 +20,8 @@ DEFAULT_PROFILE: dict[str, dict[str, Any]] = {
             {"fraction": 0.30, "bits": 2},
         ],
     },
+    # a router gate is a few rows that decide where every token goes: stored exactly
+    "router": {"method": "exact"},
     "norm": {"method": "exact"},
     "other": {"method": "exact"},
 }

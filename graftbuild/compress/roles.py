@@ -3,7 +3,10 @@
 GraftLLM compresses each module by role (embeddings and the head are pruned, attention goes
 low-rank, MLPs get mixed-precision SVD, norms and biases are stored exactly). The role comes from
 the tensor's name in the Hugging Face state dict; the patterns below cover the Llama / Mistral /
-Qwen2, GPT-2, BERT and GPT-NeoX families, and recipes can override them with regexes.
+Qwen2, GPT-2, BERT and GPT-NeoX families and the Mixtral / Qwen-MoE experts, and recipes can
+override them with regexes. A mixture-of-experts layer's experts (``expert``) and its router gate
+(``router``) have roles of their own, so a profile can compress experts differently from dense
+MLPs (each expert sees a fraction of the tokens) and keep the small, sensitive router exact.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-ROLES: tuple[str, ...] = ("embed", "head", "attn", "mlp", "norm", "other")
+ROLES: tuple[str, ...] = ("embed", "head", "attn", "mlp", "expert", "router", "norm", "other")
 
 # A name component is a dot-separated piece; (^|\.) ... (\.|$) anchors patterns to whole pieces.
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*)(\.|$)", re.IGNORECASE)
@@ -42,9 +45,19 @@ _MLP = (
     # block's `attention.output.dense` is matched as attn before we get here.
     re.compile(r"(^|\.)intermediate\.dense(\.|$)"),
     re.compile(r"(^|\.)layer\.\d+\.output\.dense(\.|$)"),
-    # OPT-style layers.N.fc1 / fc2 and Mixtral experts.
+    # OPT-style layers.N.fc1 / fc2.
     re.compile(r"(^|\.)(layers|layer|h)\.\d+\.(fc1|fc2)(\.|$)"),
-    re.compile(r"(^|\.)experts\.\d+\.(w1|w2|w3)(\.|$)"),
+    # Qwen2-MoE's shared expert runs on every token: a dense MLP.
+    re.compile(r"(^|\.)shared_experts?\.(gate_proj|up_proj|down_proj)(\.|$)"),
+)
+# Mixture-of-experts: one expert's projections (Mixtral `experts.N.w1`, Qwen-MoE
+# `experts.N.gate_proj`), or all experts stacked in one 3-D tensor (`experts.gate_up_proj`).
+_EXPERT = re.compile(
+    r"(^|\.)experts\.(\d+\.)?(w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)(\.|$)"
+)
+# The router: Mixtral's `block_sparse_moe.gate`, Qwen-MoE's `mlp.gate`, a shared expert's gate.
+_ROUTER = re.compile(
+    r"(^|\.)((block_sparse_moe|mlp|moe|feed_forward)\.(gate|router)|shared_expert_gate)(\.|$)"
 )
 
 
@@ -77,6 +90,10 @@ def classify(name: str, ndim: int, overrides: Mapping[str, str] | None = None) -
         return "head"
     if any(p.search(name) for p in _ATTN):
         return "attn"
+    if _EXPERT.search(name):
+        return "expert"
+    if _ROUTER.search(name):
+        return "router"
     if any(p.search(name) for p in _MLP):
         return "mlp"
     return "other"

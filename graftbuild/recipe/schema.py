@@ -24,7 +24,7 @@ from graftbuild.compress.profiles import DEFAULT_PROFILE
 from graftbuild.errors import UserError
 from graftbuild.recipe import ids
 
-ROLE_NAMES = ("embed", "head", "attn", "mlp", "norm", "other")
+ROLE_NAMES = ("embed", "head", "attn", "mlp", "expert", "router", "norm", "other")
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -234,9 +234,15 @@ class CompressionProfile(Model):
     head: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["head"]))
     attn: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["attn"]))
     mlp: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["mlp"]))
+    expert: dict[str, Any] | None = None
+    """Mixture-of-experts expert projections (dense MLPs are ``mlp``); unset: as ``mlp``."""
+    router: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["router"]))
+    """Mixture-of-experts router gates."""
     norm: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["norm"]))
     other: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["other"]))
-    roles: dict[str, Literal["embed", "head", "attn", "mlp", "norm", "other"]] = Field(
+    roles: dict[
+        str, Literal["embed", "head", "attn", "mlp", "expert", "router", "norm", "other"]
+    ] = Field(
         default_factory=dict
     )
     """Regex -> role overrides, tried before the built-in name patterns."""
@@ -246,10 +252,18 @@ class CompressionProfile(Model):
     """Pack size as a fraction of the fp16 delta; ranks, bands and keep fractions are then
     allocated across tensors (graftbuild/compress/budget.py), the roles' methods kept."""
 
-    @field_validator("embed", "head", "attn", "mlp", "norm", "other", mode="before")
+    @field_validator(
+        "embed", "head", "attn", "mlp", "expert", "router", "norm", "other", mode="before"
+    )
     @classmethod
-    def _codec(cls, v: Any) -> dict[str, Any]:
-        return normalise_codec(v)
+    def _codec(cls, v: Any) -> dict[str, Any] | None:
+        return None if v is None else normalise_codec(v)
+
+    @model_validator(mode="after")
+    def _experts_as_mlp(self) -> CompressionProfile:
+        if self.expert is None:
+            self.expert = dict(self.mlp)
+        return self
 
     @field_validator("roles")
     @classmethod

@@ -64,7 +64,16 @@ def export_peft(pack_file: Path, out: Path, base_model: str | None = None) -> Ex
     report = ExportReport()
     tensors: dict[str, torch.Tensor] = {}
     with PackReader(pack_file) as reader:
+        added = (reader.header.get("vocab") or {}).get("tokens") or []
+        if added:
+            raise UserError(
+                f"{pack_file}: the pack adds tokens "
+                f"({', '.join(repr(t['content']) for t in added[:5])}); a LoRA adapter cannot "
+                "add vocabulary rows: fuse the pack into a model instead"
+            )
         for name in reader.names():
+            if reader.entries[name]["codec"] == "zero":
+                continue  # the fine-tune left it as it was: nothing to adapt
             got = lora_factors(reader, name)
             if isinstance(got, str):
                 report.left_out[name] = got

@@ -23,10 +23,12 @@ from graftbuild.errors import UserError
 PACK_FILE = "skillpack.safetensors"
 """The file a pack node's object holds."""
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: the `zero` codec, `added_rows`, the header's `vocab`
 SUPPORTED_MAJOR = 1
 METADATA_KEY = "graftbuild.skillpack"
 PART_SEP = "::"
+ADDED_ROWS = "added_rows"
+"""The part holding a tensor's rows beyond the base's (a source's new tokens), stored exactly."""
 
 VERSION_RE = re.compile(r"^(\d+)\.(\d+)$")
 COPY_CHUNK = 16 << 20

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from graftbuild.compress.codecs import get_codec
 from graftbuild.errors import UserError
 from graftbuild.skillpack.format import (
+    ADDED_ROWS,
     FORMAT_VERSION,
     METADATA_KEY,
     SUPPORTED_MAJOR,
@@ -129,7 +130,15 @@ class PackReader:
         placement = Placement.of(device)
         if placement.on_accelerator:
             parts = {p: placement.put(t) for p, t in parts.items()}
-        out = codec.decode(parts, entry.get("meta", {}), shape)
+        rows = int(entry.get("added_rows", 0))
+        if rows:
+            # rows beyond the base's (a source's new tokens) are stored whole, after the
+            # codec's decoding of the base-shaped delta
+            added = parts.pop(ADDED_ROWS).to(torch.float32)
+            inner = codec.decode(parts, entry.get("meta", {}), (shape[0] - rows, *shape[1:]))
+            out = torch.cat([inner.to(torch.float32), added.to(inner.device)])
+        else:
+            out = codec.decode(parts, entry.get("meta", {}), shape)
         if tuple(out.shape) != shape:
             raise UserError(
                 f"{self.path}: tensor {name!r} decoded to {tuple(out.shape)}, not {shape}"
@@ -166,11 +175,17 @@ class PackReader:
         return total
 
     def expected_nbytes(self) -> int:
-        """Payload the codecs predict from ranks, bits and kept entries alone."""
-        return sum(
-            self._codec(name, e).expected_nbytes(e.get("meta", {}), tuple(e["shape"]))
-            for name, e in self._entries.items()
-        )
+        """Payload the codecs predict from ranks, bits and kept entries alone (plus added
+        token rows, stored whole as float32)."""
+        total = 0
+        for name, e in self._entries.items():
+            shape = tuple(e["shape"])
+            rows = int(e.get("added_rows", 0))
+            if rows:
+                total += 4 * rows * math.prod(shape[1:])
+                shape = (shape[0] - rows, *shape[1:])
+            total += self._codec(name, e).expected_nbytes(e.get("meta", {}), shape)
+        return total
 
     def close(self) -> None:
         if getattr(self, "_f", None) is not None:

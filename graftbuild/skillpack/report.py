@@ -36,9 +36,16 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
     weights: tuple[Any, Any] | None = None
     with PackReader(pack) as reader:
         if base is not None and source is not None:
+            from graftbuild.weights.adapter import AdapterDeltas, is_adapter
             from graftbuild.weights.tensors import ModelWeights
 
-            weights = (ModelWeights(base), ModelWeights(source))
+            bw = ModelWeights(base)
+            try:  # a LoRA adapter source: its deltas, read from its factors
+                sw = AdapterDeltas(source, bw) if is_adapter(source) else ModelWeights(source)
+            except BaseException:
+                bw.close()
+                raise
+            weights = (bw, sw)
         try:
             tensors = []
             for name in reader.names():
@@ -56,9 +63,7 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
                 }
                 if weights is not None:
                     b, s = weights
-                    if name not in b or name not in s:
-                        raise UserError(f"{pack}: tensor {name!r} is not in the base and source")
-                    delta = s.get(name).float() - b.get(name).float()
+                    delta = _delta(pack, name, b, s)
                     err = float((reader.decode(name) - delta).pow(2).sum())
                     sq = float(delta.pow(2).sum())
                     row |= {"sq_error": err, "sq_norm": sq, "rel_error": _rel(err, sq)}
@@ -66,7 +71,7 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
         finally:
             if weights is not None:
                 weights[0].close()
-                weights[1].close()
+                getattr(weights[1], "close", lambda: None)()
         total = sum(t["bytes"] for t in tensors)
         fp16 = sum(2 * math.prod(t["shape"]) for t in tensors)
         report = {
@@ -87,6 +92,25 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
         err = sum(t["sq_error"] for t in tensors)
         report["rel_error"] = _rel(err, sum(t["sq_norm"] for t in tensors))
     return report
+
+
+def _delta(pack: Path, name: str, b: Any, s: Any) -> Any:
+    """The true delta of one tensor: source − base (a new token's row against nothing), or a
+    LoRA adapter's B·A·scale."""
+    import torch
+
+    from graftbuild.weights.adapter import AdapterDeltas
+
+    if name not in b:
+        raise UserError(f"{pack}: tensor {name!r} is not in the base")
+    if isinstance(s, AdapterDeltas):
+        return s.delta(name, b)
+    if name not in s:
+        raise UserError(f"{pack}: tensor {name!r} is not in the source")
+    x, y = s.get(name).float(), b.get(name).float()
+    if x.shape[0] > y.shape[0]:
+        return torch.cat([x[: y.shape[0]] - y, x[y.shape[0] :]])
+    return x - y
 
 
 def _rel(err: float, sq: float) -> float:

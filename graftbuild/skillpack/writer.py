@@ -19,6 +19,7 @@ from graftbuild.cache.writing import HashedWriter
 from graftbuild.compress.codecs import Codec, CodecParams, Encoded, get_codec, parse_spec
 from graftbuild.compress.roles import ROLES
 from graftbuild.skillpack.format import (
+    ADDED_ROWS,
     COPY_CHUNK,
     FORMAT_VERSION,
     METADATA_KEY,
@@ -178,7 +179,8 @@ class PackWriter:
             raise
         self._planned = entries
         self._added: set[str] = set()
-        self.order = runs
+        # tensors without parts (a zero delta) have no place in the file: they come last
+        self.order = runs + sorted(n for n, t in layout.items() if not t.parts)
 
     def _entry(
         self,
@@ -190,8 +192,11 @@ class PackWriter:
         dtype: str,
         meta: dict[str, Any],
         part_names: list[str],
+        added_rows: int = 0,
     ) -> dict[str, Any]:
-        """The canonical metadata entry of one tensor (checked: name, role, codec, params)."""
+        """The canonical metadata entry of one tensor (checked: name, role, codec, params).
+        ``added_rows``: rows beyond the base's (new tokens), stored whole in part
+        ``added_rows``; ``shape`` then counts them."""
         if PART_SEP in name or not name:
             raise ValueError(f"tensor name {name!r} must be non-empty and not contain {PART_SEP!r}")
         if role not in ROLES:
@@ -210,6 +215,10 @@ class PackWriter:
             "meta": meta,
             "parts": sorted(part_names),
         }
+        if added_rows:
+            if ADDED_ROWS not in part_names or not shape or int(shape[0]) <= added_rows:
+                raise ValueError(f"tensor {name!r}: {added_rows} added rows need part {ADDED_ROWS}")
+            entry["added_rows"] = int(added_rows)
         try:
             return json.loads(canonical_json(entry))  # a private copy, as the reader will see it
         except (TypeError, ValueError) as exc:
@@ -224,8 +233,10 @@ class PackWriter:
         shape: tuple[int, ...] | list[int] | torch.Size,
         dtype: str,
         encoded: Encoded,
+        added_rows: int = 0,
     ) -> None:
-        """Append one tensor's encoding. ``dtype`` is the original weight dtype's name."""
+        """Append one tensor's encoding. ``dtype`` is the original weight dtype's name;
+        ``added_rows``: see ``_entry``."""
         import torch
 
         if self._closed:
@@ -234,7 +245,15 @@ class PackWriter:
         if name in added:
             raise ValueError(f"tensor {name!r} added twice to {self.path}")
         entry = self._entry(
-            name, role, codec_name, params, shape, dtype, encoded.meta, list(encoded.parts)
+            name,
+            role,
+            codec_name,
+            params,
+            shape,
+            dtype,
+            encoded.meta,
+            list(encoded.parts),
+            added_rows,
         )
         staged: dict[str, tuple[str, list[int], torch.Tensor, int]] = {}
         for part in entry["parts"]:

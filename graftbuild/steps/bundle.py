@@ -101,6 +101,15 @@ class BundleStep:
             with PackReader(src) as reader:
                 if reader.header.get("base") != ctx.input_hashes["base"]:
                     raise BuildError(f"{ctx.node_id}: {name} was packed against another base model")
+                added = (reader.header.get("vocab") or {}).get("tokens") or []
+                if added:
+                    # the bundle switches packs in place on the base's tensors, whose shapes
+                    # a pack cannot change
+                    raise UserError(
+                        f"{ctx.node_id}: pack '{name}' adds tokens "
+                        f"({', '.join(repr(t['content']) for t in added[:5])}); a routed bundle "
+                        "keeps the base's vocabulary: fuse it with sum, ties or dare instead"
+                    )
             shutil.copyfile(src, ctx.out / "packs" / f"{name}.safetensors")
             packs.append(
                 {

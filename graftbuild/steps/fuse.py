@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graftbuild.errors import BuildError
 from graftbuild.recipe import ids
@@ -15,11 +16,13 @@ if TYPE_CHECKING:
     import torch
 
     from graftbuild.recipe import Recipe
+    from graftbuild.skillpack import PackReader
 
 
 class FuseStep:
     name: ClassVar[str] = "fuse"
-    version: ClassVar[int] = 1
+    # 2: buffers carried as they are; added tokens widen the vocabulary; non-weight subfolders
+    version: ClassVar[int] = 2
     uses_accelerator: ClassVar[bool] = True
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
@@ -91,29 +94,56 @@ class FuseStep:
                 if extra:
                     raise BuildError(f"{ctx.node_id}: pack tensors not in the base: {extra[:5]}")
             names = base.names()
+            vocab = fused_vocabulary(ctx, base, readers, cfg["packs"])
+            rows = vocab["rows"] if vocab else {}  # tensor -> fused row count
+
+            def widen(r: PackReader, name: str, delta: torch.Tensor, i: int) -> torch.Tensor:
+                """A pack's delta over the fused rows: its added token rows moved to their
+                fused ids, zeros where it has none."""
+                n = rows[name]
+                if delta.shape[0] == n:
+                    return delta
+                base_rows = base.infos[name].shape[0]
+                out = delta.new_zeros((n, *delta.shape[1:]))
+                out[:base_rows] = delta[:base_rows]
+                for src_row, fused_row in vocab["maps"][i].items():  # type: ignore[index]
+                    if base_rows <= src_row < delta.shape[0]:
+                        out[fused_row] = delta[src_row]
+                return out
 
             def fuse_one(name: str) -> tuple[str, torch.Tensor]:
                 """One fused tensor (runs on a -j worker; reads only this tensor's inputs)."""
                 import torch
 
                 b = base.map(name)  # read, never written: no copy of the stored bytes
+                if not b.is_floating_point():
+                    return name, b.clone()  # a buffer (position_ids): the base's, as it is
+                if name in rows:
+                    b = torch.cat([b, b.new_zeros((rows[name] - b.shape[0], *b.shape[1:]))])
+
+                def decode(r: PackReader, i: int) -> torch.Tensor:
+                    d = r.decode(name, placement)  # decoded on the device
+                    return widen(r, name, d, i) if name in rows else d
+
                 out = placement.empty_like(b, torch.float32)
                 if fold is not None:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
-                    weighted = zip(readers, cfg["weights"], strict=True)
-                    packs = [(r, w) for r, w in weighted if name in r.entries]
+                    weighted = zip(range(len(readers)), readers, cfg["weights"], strict=True)
+                    packs = [(i, r, w) for i, r, w in weighted if name in r.entries]
                     if packs and fold_first is not None and b.dtype == torch.float32:
-                        r, w = packs.pop(0)  # added straight from the base into ``out``
-                        delta = r.decode(name, placement)  # decoded on the device
+                        i, r, w = packs.pop(0)  # added straight from the base into ``out``
+                        delta = decode(r, i)
                         acc = fold_first(placement.put(b), delta, w, params, name, out)
                         del delta
                     else:
                         acc = out.copy_(b)
-                    for r, w in packs:
-                        acc = fold(acc, r.decode(name, placement), w, params, name)
+                    for i, r, w in packs:
+                        acc = fold(acc, decode(r, i), w, params, name)
                     return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
-                deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]
+                deltas = [
+                    decode(r, i) if name in r.entries else None for i, r in enumerate(readers)
+                ]
                 out = strategy.combine(acc, deltas, cfg["weights"], params, name)
                 return name, placement.host(out, b.dtype)
 
@@ -128,9 +158,53 @@ class FuseStep:
                         del item  # not alive while the next one is computed
                         advance(1)
 
-            infos = [base.infos[n] for n in names]
+            infos = [
+                replace(i, shape=(rows[i.name], *i.shape[1:])) if i.name in rows else i
+                for i in (base.infos[n] for n in names)
+            ]
             copy_non_weight_files(ctx.inputs["base"], ctx.out)
+            if vocab:
+                from graftbuild.weights.vocab import set_vocab_size, write_fused_tokenizer
+
+                write_fused_tokenizer(ctx.inputs["base"], ctx.out, vocab["tokens"])
+                if (ctx.out / "config.json").is_file():
+                    set_vocab_size(ctx.out / "config.json", vocab["size"])
             write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
+
+
+def fused_vocabulary(
+    ctx: StepContext, base: Any, readers: list[Any], packs: list[str]
+) -> dict[str, Any] | None:
+    """The fused vocabulary when some pack adds tokens: the fused tokens, per pack its source
+    id -> fused id, each widened tensor's fused row count and the vocabulary size; else None."""
+    from graftbuild.weights.vocab import fuse_vocabularies
+
+    vocabs = [r.header.get("vocab") for r in readers]
+    if not any(vocabs):
+        return None
+    from transformers import AutoTokenizer
+
+    base_rows = next(int(v["base_rows"]) for v in vocabs if v)
+    tok = AutoTokenizer.from_pretrained(
+        str(ctx.inputs["base"]), local_files_only=True, trust_remote_code=False
+    )
+    tokens, maps = fuse_vocabularies(
+        len(tok),
+        base_rows,
+        [(p, (v or {}).get("tokens", [])) for p, v in zip(packs, vocabs, strict=True)],
+    )
+    size = max([base_rows] + [t["id"] + 1 for t in tokens])
+    widened = {
+        name: size
+        for r in readers
+        for name, e in r.entries.items()
+        if e.get("added_rows") and name in base.infos
+    }
+    ctx.progress.log(
+        f"note: {ctx.node_id}: the fused vocabulary adds {len(tokens)} tokens to the base's "
+        f"({', '.join(repr(t['content']) for t in tokens[:5])}{', ...' if len(tokens) > 5 else ''})"
+    )
+    return {"tokens": tokens, "maps": maps, "rows": widened, "size": size}
 
 
 def strategy_components(strategy: str) -> dict[str, int]:

@@ -6,6 +6,7 @@ parts are written in name order whatever order the workers finish in.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,13 +22,17 @@ if TYPE_CHECKING:
     from graftbuild.recipe import Recipe
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# Float buffers older transformers saved and newer ones omit (GPT-2's and GPT-NeoX's causal
+# masks, rotary inverse frequencies): when the source lacks one, the base's is carried.
+_FLOAT_BUFFER = re.compile(r"(^|\.)((attn|attention)\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 
 
 class PackStep:
     name: ClassVar[str] = "pack"
     # 2: lowrank encodes small rank budgets with a randomized SVD
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
-    version: ClassVar[int] = 3
+    # 4: zero deltas stored as `zero`; buffers skipped; added token rows; LoRA adapter sources
+    version: ClassVar[int] = 4
     uses_accelerator: ClassVar[bool] = True
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
@@ -60,12 +65,13 @@ class PackStep:
         return nodes
 
     def run(self, ctx: StepContext) -> None:
-        import torch
-
+        from graftbuild.compress.codecs import Encoded
+        from graftbuild.compress.codecs.zero import is_zero
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
+        from graftbuild.skillpack.format import ADDED_ROWS
         from graftbuild.skillpack.writer import PackWriter, encode_with, parse, plan_layout
-        from graftbuild.weights.memory import empty_like, release_freed_tensors
+        from graftbuild.weights.memory import release_freed_tensors
         from graftbuild.weights.parallel import ordered_map
         from graftbuild.weights.tensors import ModelWeights, all_finite
 
@@ -92,60 +98,83 @@ class PackStep:
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
-        header = {"base": ctx.input_hashes["base"]}
+        header: dict[str, Any] = {"base": ctx.input_hashes["base"]}
         if reference == "parent":
             header["parent"] = ctx.input_hashes["parent"]
         with (
             ModelWeights(ctx.inputs[reference]) as base,
-            ModelWeights(ctx.inputs["source"]) as src,
+            open_source(ctx.inputs["source"], base, ctx) as src,
         ):
-            check_same_layout(base, src)
-            note_dtype_differences(base, src, ctx)
-            names = base.names()
-            for name in names:
-                if base.infos[name].dtype not in _DTYPE_NAMES:
-                    raise UserError(
-                        f"{base.folder}: tensor {name!r} has non-float dtype "
-                        f"{base.infos[name].dtype}"
-                    )
+            # Non-float tensors (BERT's int64 position_ids, ...) are buffers, not weights: the
+            # fused model carries the base's, and they are never delta'd.
+            names = [
+                n
+                for n in base.names()
+                if base.infos[n].dtype in _DTYPE_NAMES and not src.carried(n)
+            ]
+            note_buffers(base, ctx, [n for n in base.names() if src.carried(n)])
+            vocab = src.vocabulary(ctx.inputs[reference])
+            if vocab is not None:
+                header["vocab"] = vocab
             # each tensor's role and codec, decided (and its spec validated) once
             roles = {n: classify(n, len(base.infos[n].shape), profile["roles"]) for n in names}
             specs = {name: profile[roles[name]] for name in names}
             if profile.get("budget") is not None:
                 specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
                 header["budget"] = profile["budget"]
+            else:
+                specs = {n: low_rank_spec(spec, src.rank(n)) for n, spec in specs.items()}
             parsed = {name: parse(spec) for name, spec in specs.items()}
-
-            def encode(name: str) -> tuple:
-                """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
-                # both read through copy-on-write maps (no copy of the stored bytes), the delta
-                # into a fresh buffer
-                b = placement.put(base.map(name), torch.float32)
-                x = placement.put(src.map(name), torch.float32)
-                delta = torch.sub(x, b, out=empty_like(x))
-                del b, x
-                if not all_finite(delta):
-                    raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
-                codec, params = parsed[name]
-                calibration = None
-                h = hessians.get(name)
-                if h is not None and h.ndim == 2 and codec.uses_calibration:
-                    calibration = Calibration(h, cal["damp"], cal["act_order"])
-                encoded = encode_with(codec, params, delta, calibration)
-                return name, codec.name, params, tuple(delta.shape), encoded
+            zero_codec = parse({"method": "zero"})
 
             # When every tensor's entry is known before encoding (exact codec), the pack's header
             # is written first and each tensor goes straight to its place, in the file's order.
+            # A zero delta's entry is known too once the tensor is compared with the base's.
             layout: dict[str, Any] | None = {}
+            zero: set[str] | None = None
             for name in names:
                 info = base.infos[name]
                 planned = plan_layout(
                     parsed[name], roles[name], info.shape, _DTYPE_NAMES[info.dtype]
                 )
-                if planned is None:
+                if planned is None or src.added_rows(name):
                     layout = None
                     break
                 layout[name] = planned  # type: ignore[index]
+            if layout is not None:
+                zero = {n for n in names if src.unchanged(n)}
+                for n in zero:
+                    info = base.infos[n]
+                    dtype = _DTYPE_NAMES[info.dtype]
+                    layout[n] = plan_layout(zero_codec, roles[n], info.shape, dtype)
+
+            def encode(name: str) -> tuple:
+                """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
+                shape = base.infos[name].shape
+                if zero is not None and name in zero:
+                    return name, "zero", zero_codec[1], shape, Encoded({}), 0
+                delta = src.delta(name, placement)
+                if not all_finite(delta):
+                    raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
+                added = src.added(name)
+                codec, params = parsed[name]
+                if zero is None and is_zero(delta):
+                    # the tensor is as the base has it: its entry and no data
+                    codec, params = zero_codec
+                calibration = None
+                h = hessians.get(name)
+                if h is not None and h.ndim == 2 and codec.uses_calibration:
+                    calibration = Calibration(h, cal["damp"], cal["act_order"])
+                encoded = encode_with(codec, params, delta, calibration)
+                del delta
+                rows = 0
+                if added is not None:
+                    # new token rows: their delta is against nothing, stored exactly
+                    encoded.parts[ADDED_ROWS] = added
+                    rows = int(added.shape[0])
+                    shape = (shape[0] + rows, *shape[1:])
+                return name, codec.name, params, tuple(shape), encoded, rows
+
             with (
                 PackWriter(ctx.out / PACK_FILE, header, layout) as writer,
                 ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance,
@@ -155,26 +184,223 @@ class PackStep:
                 work = ordered_map(
                     encode, order, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                 )
-                for name, codec, params, shape, encoded in work:
+                unchanged = 0
+                for name, codec, params, shape, encoded, rows in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
-                    writer.add(name, roles[name], codec, params, shape, dtype, encoded)
+                    writer.add(
+                        name, roles[name], codec, params, shape, dtype, encoded, added_rows=rows
+                    )
+                    unchanged += codec == "zero" and not rows
                     del encoded  # not alive while the next one is computed
                     advance(1)
+            if unchanged:
+                ctx.progress.log(
+                    f"note: {ctx.node_id}: {unchanged} of {len(names)} tensors are unchanged "
+                    "from the base (stored as zero deltas, no data)"
+                )
+
+
+class _ModelSource:
+    """A full fine-tuned checkpoint: Δ = source − base, tensor by tensor (added token rows
+    apart)."""
+
+    def __init__(self, folder: Path, base: Any, ctx: StepContext) -> None:
+        from graftbuild.weights.tensors import ModelWeights
+
+        self.folder = Path(folder)
+        self.base = base
+        self.ctx = ctx
+        self.weights = ModelWeights(self.folder)
+        try:
+            self.rows = check_same_layout(base, self.weights)
+            note_dtype_differences(base, self.weights, ctx)
+        except BaseException:
+            self.weights.close()
+            raise
+
+    def __enter__(self) -> _ModelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.weights.close()
+
+    def vocabulary(self, base_folder: Path) -> dict[str, Any] | None:
+        """The pack header's ``vocab`` when the source adds tokens, else None."""
+        from graftbuild.weights.vocab import added_tokens
+
+        extra = set(self.rows.values())
+        tokens = added_tokens(base_folder, self.folder, required=bool(extra))
+        if tokens is None:
+            self.ctx.progress.log(
+                f"note: {self.ctx.node_id}: the tokenizers of the base and {self.folder} differ "
+                "and one does not load; no tokens are carried from the source"
+            )
+            return None
+        if not tokens:
+            if extra:
+                raise UserError(
+                    f"{self.folder}: {sorted(self.rows)[0]!r} has {max(extra)} rows more than "
+                    "the base's, but the source's tokenizer adds no tokens; save the "
+                    "fine-tune's tokenizer with it"
+                )
+            return None
+        base_rows = self._base_rows()
+        k = max(extra) if extra else 0
+        beyond = [t for t in tokens if t["id"] >= base_rows + k]
+        if beyond:
+            raise UserError(
+                f"{self.folder}: token {beyond[0]['content']!r} has id {beyond[0]['id']} but "
+                f"the embeddings have {base_rows + k} rows"
+            )
+        return {"base_rows": base_rows, "added_rows": k, "tokens": tokens}
+
+    def _base_rows(self) -> int:
+        """The base's embedding rows: those of a widened tensor, else the config's
+        ``vocab_size``, else the word embedding's rows."""
+        if self.rows:
+            return int(self.base.infos[sorted(self.rows)[0]].shape[0])
+        import json
+
+        try:
+            cfg = json.loads((self.base.folder / "config.json").read_text())
+            size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+            if isinstance(size, int) and size > 0:
+                return size
+        except (OSError, ValueError, AttributeError):
+            pass
+        words = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.")
+        shapes = [i.shape[0] for n, i in self.base.infos.items() if words.search(n)]
+        if not shapes:
+            raise UserError(f"{self.base.folder}: no embedding matrix found to hold added tokens")
+        return int(max(shapes))
+
+    def added_rows(self, name: str) -> int:
+        return self.rows.get(name, 0)
+
+    def carried(self, name: str) -> bool:
+        """A float buffer of the base the source did not save: carried, not packed."""
+        return name not in self.weights.infos
+
+    def unchanged(self, name: str) -> bool:
+        """The source stores ``name`` as the base does (equal values, same dtype and shape)."""
+        import torch
+
+        a, b = self.base.infos[name], self.weights.infos[name]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return bool(torch.equal(self.base.map(name), self.weights.map(name)))
+
+    def delta(self, name: str, placement: Any) -> torch.Tensor:
+        import torch
+
+        from graftbuild.weights.memory import empty_like
+
+        # both read through copy-on-write maps (no copy of the stored bytes), the delta
+        # into a fresh buffer
+        b = placement.put(self.base.map(name), torch.float32)
+        x = placement.put(self.weights.map(name), torch.float32)
+        if name in self.rows:
+            x = x[: b.shape[0]]
+        delta = torch.sub(x, b, out=empty_like(x) if x.is_contiguous() else None)
+        return delta
+
+    def added(self, name: str) -> torch.Tensor | None:
+        """The rows beyond the base's (new tokens'), float32 on the CPU, or None."""
+        import torch
+
+        if name not in self.rows:
+            return None
+        n = self.base.infos[name].shape[0]
+        return self.weights.get(name)[n:].to(torch.float32).contiguous()
+
+    def rank(self, name: str) -> int | None:
+        return None
+
+
+class _AdapterSource:
+    """A PEFT LoRA adapter folder: Δ = B·A·scale, unmerged (weights/adapter.py)."""
+
+    def __init__(self, folder: Path, base: Any, ctx: StepContext) -> None:
+        from graftbuild.weights.adapter import AdapterDeltas
+
+        self.folder = Path(folder)
+        self.base = base
+        self.adapter = AdapterDeltas(self.folder, base)
+        self._touched = self.adapter.touched()
+        ctx.progress.log(f"note: {ctx.node_id}: source is a {self.adapter.describe()}")
+
+    def __enter__(self) -> _AdapterSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def vocabulary(self, base_folder: Path) -> dict[str, Any] | None:
+        return None
+
+    def added_rows(self, name: str) -> int:
+        return 0
+
+    def carried(self, name: str) -> bool:
+        return False
+
+    def unchanged(self, name: str) -> bool:
+        return name not in self._touched
+
+    def delta(self, name: str, placement: Any) -> torch.Tensor:
+        return placement.put(self.adapter.delta(name, self.base))
+
+    def added(self, name: str) -> torch.Tensor | None:
+        return None
+
+    def rank(self, name: str) -> int | None:
+        return self.adapter.rank(name)
+
+
+def open_source(folder: Path, base: Any, ctx: StepContext) -> _ModelSource | _AdapterSource:
+    """The source's deltas against ``base``: a model folder, or a PEFT LoRA adapter folder."""
+    from graftbuild.weights.adapter import is_adapter
+
+    if is_adapter(folder):
+        return _AdapterSource(folder, base, ctx)
+    return _ModelSource(folder, base, ctx)
+
+
+def low_rank_spec(spec: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """A LoRA delta is already low-rank: a role compressed by SVD (``lowrank``, ``mixed``)
+    stores it as ``lowrank`` at the adapter's rank (exact up to the factors' dtype) instead of
+    spending a band structure sized for a full-rank delta on it. Other codecs are kept."""
+    if rank is None or spec.get("method") not in ("lowrank", "mixed"):
+        return spec
+    dtype = spec.get("dtype", "float16") if spec.get("method") == "lowrank" else "float16"
+    return {"method": "lowrank", "energy": None, "rank": rank, "max_rank": None, "dtype": dtype}
+
+
+def note_buffers(base: Any, ctx: StepContext, carried: list[str]) -> None:
+    """Say once that the base's buffers (non-float tensors, and float buffers the source did
+    not save) are carried, not packed."""
+    buffers = sorted(
+        {n for n, i in base.infos.items() if i.dtype not in _DTYPE_NAMES} | set(carried)
+    )
+    if buffers:
+        ctx.progress.log(
+            f"note: {ctx.node_id}: {len(buffers)} tensors are buffers, not weights "
+            f"(e.g. {buffers[0]}): the fused model carries the base's, they are not packed"
+        )
 
 
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(name, original dtype name, float32 delta) of every tensor, one at a time."""
-    import torch
-
+    """(name, original dtype name, float32 delta) of every float tensor, one at a time (a
+    source's added token rows apart: they are stored exactly)."""
+    from graftbuild.weights.placement import Placement
     from graftbuild.weights.tensors import all_finite
 
+    cpu = Placement.of(None)
     for name in base.names():
         info = base.infos[name]
-        if info.dtype not in _DTYPE_NAMES:
-            raise UserError(f"{base.folder}: tensor {name!r} has non-float dtype {info.dtype}")
-        b = base.get(name)
-        delta = src.get(name).to(torch.float32) - b.to(torch.float32)
-        del b
+        if info.dtype not in _DTYPE_NAMES or src.carried(name):
+            continue  # a buffer: carried from the base, never delta'd
+        delta = src.delta(name, cpu)
         if not all_finite(delta):
             raise UserError(f"{src.folder}: tensor {name!r}: NaN or Inf in the delta")
         yield name, _DTYPE_NAMES[info.dtype], delta
@@ -191,30 +417,47 @@ def allocate_budget(
     """Per-tensor specs fitting ``budget`` × the fp16 delta (a first pass over the deltas);
     errors are weighted by the calibration ``statistics`` where there are some."""
     from graftbuild.compress.budget import allocate, fp16_delta_nbytes, rate_profile
+    from graftbuild.compress.codecs.base import FixedRate
+    from graftbuild.compress.codecs.zero import is_zero
 
     profiles = []
     with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
         for name, _dtype, delta in iter_deltas(base, src):
-            profiles.append(
-                rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
-            )
+            if is_zero(delta):  # stored as a zero delta whatever its spec: nothing to spend
+                profiles.append(FixedRate(name, specs[name], tuple(delta.shape), 0))
+            else:
+                profiles.append(
+                    rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
+                )
             advance(1)
     target = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
     return allocate(profiles, target)
 
 
-def check_same_layout(base: object, src: object) -> None:
-    """A source must have exactly the base's tensor names and shapes (else: a transfer step)."""
+def check_same_layout(base: object, src: object) -> dict[str, int]:
+    """A source must have the base's weights, names and shapes (else: a transfer step), except
+    for buffers (non-float tensors, carried from the base) and rows added after the base's
+    (new tokens' embedding and head rows). Returns tensor -> number of added rows."""
     from graftbuild.weights.tensors import ModelWeights
 
     assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
-    only_base = sorted(set(base.infos) - set(src.infos))
-    only_src = sorted(set(src.infos) - set(base.infos))
-    shapes = sorted(
-        f"{n} {list(base.infos[n].shape)} vs {list(src.infos[n].shape)}"
-        for n in set(base.infos) & set(src.infos)
-        if base.infos[n].shape != src.infos[n].shape
-    )
+    floats = {n for n, i in base.infos.items() if i.dtype in _DTYPE_NAMES}
+    src_floats = {n for n, i in src.infos.items() if i.dtype in _DTYPE_NAMES}
+    # float buffers (GPT-2's causal mask `attn.bias`, ...) that one side saved and the other not
+    only_base = sorted(n for n in floats - set(src.infos) if not _FLOAT_BUFFER.search(n))
+    only_src = sorted(n for n in src_floats - set(base.infos) if not _FLOAT_BUFFER.search(n))
+    rows: dict[str, int] = {}
+    shapes = []
+    for n in sorted(floats & set(src.infos)):
+        a, b = base.infos[n].shape, src.infos[n].shape
+        if a == b:
+            continue
+        if len(a) == len(b) and a and a[1:] == b[1:] and b[0] > a[0]:
+            rows[n] = b[0] - a[0]  # rows added after the base's: new tokens
+        else:
+            shapes.append(f"{n} {list(a)} vs {list(b)}")
+    if len(set(rows.values())) > 1:
+        shapes += [f"{n}: {k} rows added" for n, k in sorted(rows.items())]
     if only_base or only_src or shapes:
         parts = []
         if only_base:
@@ -227,6 +470,7 @@ def check_same_layout(base: object, src: object) -> None:
             f"{src.folder} does not have the base's architecture ({'; '.join(parts)}); a source "
             "of another architecture needs a transfer step, not a delta"
         )
+    return rows
 
 
 def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
@@ -236,7 +480,13 @@ def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
     from graftbuild.weights.tensors import ModelWeights
 
     assert isinstance(base, ModelWeights) and isinstance(src, ModelWeights)
-    differ = sorted(n for n in base.infos if src.infos[n].dtype != base.infos[n].dtype)
+    differ = sorted(
+        n
+        for n in base.infos
+        if n in src.infos
+        and base.infos[n].dtype in _DTYPE_NAMES
+        and src.infos[n].dtype != base.infos[n].dtype
+    )
     if not differ:
         return
     bad = [n for n in differ if src.infos[n].dtype not in _DTYPE_NAMES]
@@ -258,5 +508,6 @@ def codec_components(profile: dict[str, Any]) -> dict[str, int]:
     from graftbuild.compress.codecs import get_codec
     from graftbuild.compress.roles import ROLES
 
-    methods = {profile[role]["method"] for role in ROLES if role in profile}
+    # `zero` stores any all-zero delta, whatever the profile
+    methods = {profile[role]["method"] for role in ROLES if role in profile} | {"zero"}
     return {f"codec:{m}": get_codec(m).version for m in sorted(methods)}

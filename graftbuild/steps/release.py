@@ -131,6 +131,8 @@ def _pack_info(folder: Path, digest: str) -> dict[str, Any]:
     delta = 0
     for _, entry in sorted(doc["tensors"].items()):
         delta += 2 * math.prod(entry["shape"])
+        if entry["codec"] == "zero":
+            continue  # a tensor the fine-tune left as it was: no codec to show
         label = codec_label(entry["codec"], entry["params"])
         role = entry["role"]
         prev = codecs.get(role)

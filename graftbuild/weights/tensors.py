@@ -320,14 +320,30 @@ class ModelWeights:
         return self._handles[info.file].map(name)
 
 
+# Weights of other runtimes (ONNX, OpenVINO, TF, Flax, GGUF) would be the base's, not the
+# fused model's: never copied into an output.
+_OTHER_WEIGHTS = (".onnx", ".h5", ".msgpack", ".tflite", ".ot", ".gguf")
+_OTHER_WEIGHT_DIRS = ("onnx", "openvino")
+
+
 def copy_non_weight_files(src: Path, dst: Path) -> None:
-    """Copy config, tokenizer and other tracked files of a model folder, but not its weights."""
-    for p in sorted(src.iterdir()):
-        if not p.is_file() or not is_tracked(p.name):
+    """Copy a model folder's whole non-weight tree (config, tokenizer, and subfolders such as a
+    sentence-transformers model's ``modules.json``, ``1_Pooling/``, ``2_Normalize/``), but not
+    its weights: the top-level safetensors (and index, and pickles), nor other runtimes'."""
+    from graftbuild.cache.hashing import iter_files
+
+    for rel, p in iter_files(src, is_tracked):
+        top, _, rest = rel.partition("/")
+        if not rest:  # a top-level file
+            if p.suffix == ".safetensors" or p.name == INDEX_NAME or p.suffix in PICKLE_SUFFIXES:
+                continue
+        elif top in _OTHER_WEIGHT_DIRS:
             continue
-        if p.suffix == ".safetensors" or p.name == INDEX_NAME or p.suffix in PICKLE_SUFFIXES:
+        if p.suffix in _OTHER_WEIGHTS:
             continue
-        shutil.copyfile(p, dst / p.name)
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, target)
 
 
 def plan_shards(infos: list[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
