@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from graftbuild.release.peft import ExportReport, Layout
+    from graftbuild.release.adapter_base import ExportReport, Layout
     from graftbuild.release.targets import Target
 
 CARD = "README.md"
@@ -27,7 +27,7 @@ def write_card(
     base_model: str | None,
 ) -> None:
     from graftbuild.cache.hashing import hash_file
-    from graftbuild.release.peft import BASE_VARIANT
+    from graftbuild.release.adapter_base import BASE_VARIANT
     from graftbuild.skillpack import PackReader
 
     packs = provenance.get("packs") or [

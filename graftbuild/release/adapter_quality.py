@@ -20,7 +20,7 @@ from graftbuild.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from graftbuild.release.peft import Layout
+    from graftbuild.release.adapter_base import Layout
 
 SEQ_LEN = 64
 
@@ -29,7 +29,7 @@ def load_model(base: Path, layout: Layout) -> Any:
     """The base model as its own architecture (safetensors only, no remote code)."""
     from transformers import AutoConfig
 
-    from graftbuild.release.peft import model_class
+    from graftbuild.release.adapter_base import model_class
     from graftbuild.weights.modeling import load_causal_lm
 
     if layout.causal:
@@ -103,7 +103,7 @@ def measure(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from graftbuild.release.peft import BASE_VARIANT, apply_base_variant
+    from graftbuild.release.adapter_base import BASE_VARIANT, apply_base_variant
 
     texts = _texts(data, samples)
     tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
