@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 from conftest import save_model
@@ -205,7 +204,8 @@ def test_a_vllm_adapter_follows_vllms_rules(path_project: Path) -> None:
         assert m.rsplit(".", 1)[-1] in linears | {"embed_tokens", "lm_head"}, m
     tensors = load_file(str(out / "adapter_model.safetensors"))
     for k, t in tensors.items():
-        assert k.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"))
+        kinds = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+        assert k.endswith(kinds), k
         rank = t.shape[0] if "lora_A" in k or "embedding_A" in k else t.shape[1]
         assert rank <= 4, k
     report = json.loads((out / "graftbuild-export.json").read_text())
