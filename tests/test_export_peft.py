@@ -78,8 +78,11 @@ def test_every_quickstart_like_pack_exports_whole_for_peft(path_project: Path) -
         with PackReader(result.node(f"pack:{pack}").output / "skillpack.safetensors") as r:
             modules = {n.rsplit(".", 1)[0] for n in r.names()}
             codecs = {r.entries[n]["codec"] for n in r.names()}
-        assert modules == set(cfg["target_modules"]) | set(cfg["modules_to_save"])
-        assert {"model.embed_tokens", "lm_head"} <= set(cfg["target_modules"])
+        tokens = set(cfg["trainable_token_indices"] or {})
+        assert modules == set(cfg["target_modules"]) | set(cfg["modules_to_save"]) | tokens
+        # the pruned embedding: LoRA or its changed rows, whichever is smaller; the head: LoRA
+        assert "model.embed_tokens" in set(cfg["target_modules"]) | tokens
+        assert "lm_head" in cfg["target_modules"]
         assert {"model.norm", "model.layers.0.input_layernorm"} <= set(cfg["modules_to_save"])
 
         model = PeftModel.from_pretrained(
@@ -164,6 +167,12 @@ def test_an_encoder_exports_whole_with_its_task_type(tmp_path: Path) -> None:
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["task_type"] == "FEATURE_EXTRACTION"
     assert cfg["lora_bias"] is True  # BERT's bias deltas ride in lora_B.bias
+    # ... so the embeddings (PEFT has no lora_bias on them) are stored as their changed rows
+    assert set(cfg["trainable_token_indices"]) == {
+        "embeddings.word_embeddings",
+        "embeddings.position_embeddings",
+        "embeddings.token_type_embeddings",
+    }
     report = json.loads((out / "graftbuild-export.json").read_text())
     assert report["left_out"] == {} and report["base_variant"] == {}
 

@@ -32,6 +32,8 @@ class ExportReport:
     """Modules written whole (``modules_to_save``)."""
     biases: list[str] = field(default_factory=list)
     """Modules whose bias delta is in ``lora_B.bias``."""
+    tokens: dict[str, int] = field(default_factory=dict)
+    """Embeddings stored as their changed rows (PEFT's trainable tokens) -> how many rows."""
     base_variant: dict[str, str] = field(default_factory=dict)
     """Pack tensor -> why it is in the base-variant patch instead of the adapter."""
     left_out: dict[str, str] = field(default_factory=dict)
@@ -52,6 +54,7 @@ class ExportReport:
             },
             "modules_to_save": sorted(self.saved),
             "lora_bias": sorted(self.biases),
+            "trainable_tokens": dict(sorted(self.tokens.items())),
             "base_variant": dict(sorted(self.base_variant.items())),
             "left_out": dict(sorted(self.left_out.items())),
             "quality": self.quality,

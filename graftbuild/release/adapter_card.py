@@ -61,6 +61,8 @@ def write_card(
         f"- adapter weights: {report.adapter_bytes} bytes",
         f"- {len(ranks)} LoRA modules" + (f", rank {ranks[0]}–{ranks[-1]}" if ranks else ""),
         f"- modules_to_save: {len(report.saved)}",
+        f"- embeddings as their changed rows (trainable tokens): "
+        f"{', '.join(f'{m} ({n} rows)' for m, n in report.tokens.items()) or 'none'}",
         f"- bias deltas in lora_B.bias: {len(report.biases)}",
     ]
     if report.base_variant:

@@ -129,6 +129,8 @@ class _Plan:
     """Module -> pack tensors of it, written whole (modules_to_save)."""
     extras: dict[str, str] = field(default_factory=dict)
     """Pack tensor -> why the target cannot carry it."""
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    """Embedding -> the rows its delta changes, stored as trainable tokens (PEFT)."""
 
 
 def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> _Plan:
@@ -166,12 +168,15 @@ def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> 
             plan.lora[layout.head] = "tied"  # type: ignore[index]
         else:
             plan.extras[f"{layout.head}.weight"] = f"tied head; {target.name} takes no head LoRA"
-    # PEFT refuses lora_bias with LoRA on an embedding: such embeddings are saved whole.
+    # PEFT refuses lora_bias with LoRA on an embedding: such embeddings are stored as their
+    # changed rows (trainable tokens), or whole when the head is tied to them.
     if plan.biases:
         for module, kind in list(plan.lora.items()):
-            if kind == "embedding":
+            if kind == "embedding" and layout.tied_head:
                 del plan.lora[module]
                 plan.saved[module] = [f"{module}.weight"]
+            elif kind == "embedding":
+                plan.lora[module] = "tokens"
     # A saved module must not also be a LoRA module.
     for module in list(plan.saved):
         if module in plan.lora:
@@ -266,8 +271,21 @@ def export_adapter(
         report = ExportReport(target=target, task_type=layout.task_type, max_rank=cap)
         tensors: dict[str, torch.Tensor] = {}
         over: dict[str, float] = {}
+        tokens: dict[str, list[int]] = {}
         for module, kind in sorted(plan.lora.items()):
             weight = f"{layout.embedding}.weight" if kind == "tied" else f"{module}.weight"
+            if kind == "tokens" or (
+                kind == "embedding"
+                and spec.modules_to_save
+                and layout.known
+                and not layout.tied_head
+            ):
+                d = delta(weight)
+                rows = _token_rows(d, kind == "tokens", tolerance, cap)
+                if rows is not None:
+                    tensors |= _token_values(module, weight, rows, d, base)  # type: ignore[arg-type]
+                    tokens[module] = rows
+                    continue
             got = _module_factors(weight, layers, readers, delta, tolerance, cap)
             if got is None and module not in plan.biases:
                 continue  # a zero delta: nothing to add
@@ -302,6 +320,8 @@ def export_adapter(
                 f"--max-error {max_error} on {len(over)} modules: "
                 + ", ".join(f"{m} ({e:.3f})" for m, e in sorted(over.items()))
             )
+        report.tokens = {m: len(r) for m, r in tokens.items()}
+        plan.tokens = tokens
         if plan.saved:
             assert base is not None
             tensors |= _saved_modules(plan.saved, layout, base, delta)
@@ -338,6 +358,41 @@ def export_adapter(
     (out / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
     write_card(out, report, spec, layers, provenance or {}, layout, base_model)
     return report
+
+
+def _token_rows(
+    d: torch.Tensor | None, forced: bool, tolerance: float, cap: int | None
+) -> list[int] | None:
+    """The rows an embedding delta changes, when PEFT's trainable tokens (those rows' values,
+    exact) are forced or take fewer bytes than LoRA at the rank ``tolerance`` needs; else None."""
+    import torch
+
+    if d is None:
+        return None
+    rows = (d != 0).any(dim=1).nonzero().squeeze(1)
+    if len(rows) == 0:
+        return None
+    if not forced:
+        s = torch.linalg.svdvals(d.double())
+        k, _ = svd_rank(s, tolerance, cap)
+        if k == 0 or k * (d.shape[0] + d.shape[1]) < len(rows) * d.shape[1]:
+            return None
+    return [int(i) for i in rows]
+
+
+def _token_values(
+    module: str, weight: str, rows: list[int], d: torch.Tensor, base: Path
+) -> dict[str, torch.Tensor]:
+    """``trainable_tokens_delta``: the new values (base + delta) of the changed rows."""
+    import torch
+
+    from graftbuild.weights.tensors import ModelWeights
+
+    index = torch.tensor(rows, dtype=torch.long)
+    with ModelWeights(base) as weights:
+        w = weights.get(weight)
+        values = (w[index].float() + d[index]).to(w.dtype).contiguous()
+    return {f"{PREFIX}{module}.token_adapter.trainable_tokens_delta": values}
 
 
 def _in_features(module: str, readers: list[Any], bias: torch.Tensor) -> int:
@@ -422,6 +477,7 @@ def _write_config(
         bias="none",
         lora_bias=bool(report.biases),
         modules_to_save=sorted(plan.saved) or None,
+        trainable_token_indices=dict(sorted(plan.tokens.items())) or None,
         task_type=report.task_type,
         base_model_name_or_path=base_model,
     )
