@@ -21,8 +21,9 @@ The server rules, and where they come from:
   ``SupportsLoRA`` (vllm/lora/utils.py ``get_supported_lora_modules``); vLLM's BERT embedding
   models do not, so encoders are refused.
 - ``lorax``: LoRAX loads PEFT LoRA adapters for the attention and MLP projections and
-  ``lm_head`` of its decoder models; no embedding LoRA, no ``modules_to_save``. Its rule
-  table here follows LoRAX's documentation and has not been checked against a running server.
+  ``lm_head`` of its decoder models; no embedding LoRA, no ``modules_to_save``; no rank limit
+  is enforced beyond ``--max-rank`` (default 64). Its rule table here follows LoRAX's
+  documentation and has not been checked against a running server.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     "peft": Target("peft", True, True, True, True, None, None, None, None),
     "vllm": Target("vllm", False, False, True, True, 64, 512, VLLM_MODEL_TYPES, None),
-    "lorax": Target("lorax", False, False, False, True, 64, 128, LORAX_MODEL_TYPES, LORAX_LINEARS),
+    "lorax": Target("lorax", False, False, False, True, 64, None, LORAX_MODEL_TYPES, LORAX_LINEARS),
 }
 EXTRAS = ("patch", "refuse", "drop")
 """What to do with deltas the target cannot carry: a base-variant patch file, exit 2, or
