@@ -348,3 +348,46 @@ def test_a_pack_file_exports_without_a_base(path_project: Path, tmp_path: Path) 
     assert res.exit_code == 0, res.output
     # no base: norms cannot be saved as modules, so they go to the base variant, named
     assert "base variant" in res.output and "model.norm.weight" in res.output
+
+
+def test_a_tied_head_gets_the_embeddings_delta(tmp_path: Path) -> None:
+    """A tied checkpoint stores the shared weight once; the graft's head moves with the
+    embedding, and so must the adapter's (PEFT's embedding LoRA changes only the lookup)."""
+    from conftest import TINY_LLAMA, TOKENIZER
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_LLAMA, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    base_dir, x_dir = tmp_path / "models" / "base", tmp_path / "models" / "x"
+    model.save_pretrained(str(base_dir))
+    shutil.copytree(TOKENIZER, base_dir, dirs_exist_ok=True)
+    state = load_file(str(base_dir / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    g = torch.Generator().manual_seed(1)
+    shutil.copytree(base_dir, x_dir)
+    save_file(
+        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()},
+        str(x_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    recipe = tmp_path / "graftbuild.toml"
+    recipe.write_text(
+        '[project]\nname = "t"\n[base]\npath = "models/base"\n[sources.x]\npath = "models/x"\n'
+        '[[fuse]]\nname = "only_x"\npacks = ["x"]\n'
+    )
+    result = make(recipe)
+    out = tmp_path / "adapter"
+    res = run("export", "peft", "x", out, "--recipe", recipe)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "graftbuild-export.json").read_text())
+    assert report["modules"]["lm_head"]["from"].startswith("tied to model.embed_tokens")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)), str(out)
+    ).eval()
+    graft = fused_model(result.node("fuse:only_x").output, AutoModelForCausalLM)
+    ids = torch.arange(1, 30).unsqueeze(0)
+    with torch.no_grad():
+        close(peft_model(input_ids=ids).logits, graft(input_ids=ids).logits)

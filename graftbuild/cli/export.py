@@ -122,9 +122,13 @@ RECIPE = click.option(
 def _print_report(out: Path, report: Any) -> None:
     c = console()
     c.print(f"wrote {out}: {len(report.modules)} LoRA modules ({report.adapter_bytes} bytes)")
-    worst = max(report.errors.values(), default=0.0)
-    if worst > 0:
-        c.print(f"largest factoring error: {worst:.4f} (per module in graftbuild-export.json)")
+    costly = sorted(
+        ((e, m) for m, e in report.errors.items() if e > report.tolerance), reverse=True
+    )
+    if costly:
+        c.print(f"rank cap {report.max_rank}: relative error per module (above the tolerance):")
+        for err, module in costly:
+            c.print(f"  {module}: {err:.4f} at rank {report.modules[module]}")
     if report.saved:
         c.print(f"modules_to_save: {len(report.saved)}")
     if report.base_variant:

@@ -40,6 +40,7 @@ class ExportReport:
     """Pack tensor -> why it is not exported (only with ``extras="drop"``)."""
     adapter_bytes: int = 0
     max_rank: int | None = None
+    tolerance: float = 0.0
     quality: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -162,7 +162,9 @@ def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> 
     # A module with a bias delta but no weight delta still needs LoRA factors (rank 1, zero).
     for module in plan.biases:
         plan.lora.setdefault(module, "linear")
-    # A tied head: the embedding's delta is the head's too.
+    # A tied head with no tensor of its own in the pack (checkpoints store the tied weight
+    # once): the embedding's delta is the head's too. (A pack that has both unties them, as
+    # transformers does when a checkpoint holds two different values.)
     if layout.tied_head and layout.embedding in plan.lora and layout.head not in plan.lora:
         if target.head_lora:
             plan.lora[layout.head] = "tied"  # type: ignore[index]
@@ -268,7 +270,9 @@ def export_adapter(
                     total = d if total is None else total + d
             return total
 
-        report = ExportReport(target=target, task_type=layout.task_type, max_rank=cap)
+        report = ExportReport(
+            target=target, task_type=layout.task_type, max_rank=cap, tolerance=tolerance
+        )
         tensors: dict[str, torch.Tensor] = {}
         over: dict[str, float] = {}
         tokens: dict[str, list[int]] = {}
