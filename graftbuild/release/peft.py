@@ -44,6 +44,9 @@ from graftbuild.release.adapter_base import (
     guess_layout,
     read_layout,
 )
+from graftbuild.release.adapter_base import (
+    apply_base_variant as apply_base_variant,  # re-exported: the documented entry point
+)
 from graftbuild.release.targets import EXTRAS, Target, get_target
 
 if TYPE_CHECKING:

@@ -16,9 +16,13 @@ if TYPE_CHECKING:
 
 
 def export_node(recipe: Recipe, x: ExportSpec, out: Path) -> Node:
+    from graftbuild.errors import UserError
     from graftbuild.release.targets import get_target
 
-    get_target(x.target).cap(x.max_rank)  # a rank beyond the server's limit: exit 2 now
+    try:
+        get_target(x.target).cap(x.max_rank)  # a rank beyond the server's limit: exit 2 now
+    except UserError as e:
+        raise UserError(f"{recipe.path}: export {x.name!r}: max_rank: {e}") from None
     chain = recipe.chain(x.pack)
     data = x.data or next((e.data[x.pack] for e in recipe.eval if x.pack in e.data), None)
     config = x.model_dump(mode="json", exclude={"name", "data", "output"})
