@@ -29,9 +29,15 @@ def write_card(
     from graftbuild.cache.hashing import hash_file
     from graftbuild.release.adapter_base import BASE_VARIANT
     from graftbuild.skillpack import PackReader
+    from graftbuild.skillpack.format import PACK_FILE
 
     packs = provenance.get("packs") or [
-        {"name": p.name, "hash": hash_file(p), "weight": w} for p, w in layers
+        {
+            "name": p.parent.name if p.name == PACK_FILE else p.stem,
+            "hash": hash_file(p),
+            "weight": w,
+        }
+        for p, w in layers
     ]
     with PackReader(layers[-1][0]) as r:
         base_hash = provenance.get("base") or str(r.header.get("base", ""))

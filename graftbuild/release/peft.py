@@ -481,6 +481,7 @@ def _write_config(
         rank_pattern=patterns,
         alpha_pattern=dict(patterns),
         lora_dropout=0.0,
+        inference_mode=True,
         bias="none",
         lora_bias=bool(report.biases),
         modules_to_save=sorted(plan.saved) or None,
