@@ -226,6 +226,14 @@ def test_a_vllm_adapter_follows_vllms_rules(path_project: Path) -> None:
     # PEFT loads it too
     base_dir = path_project.parent / "models" / "base"
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(out))
+    # re-exported for PEFT into the same folder: no stale base variant is left beside it
+    assert run("export", "peft", "x", out, "--recipe", path_project).exit_code == 0
+    assert not (out / "base_variant.safetensors").exists()
+    # a folder that is not an export is never written into
+    (path_project.parent / "mine").mkdir()
+    (path_project.parent / "mine" / "notes.txt").write_text("keep")
+    res = run("export", "peft", "x", path_project.parent / "mine", "--recipe", path_project)
+    assert res.exit_code == 2 and "not a graftbuild export" in res.output
 
 
 def test_an_unmeetable_target_is_exit_2_naming_the_modules(path_project: Path) -> None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from graftbuild.errors import UserError
 from graftbuild.release.adapter_base import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     BASE_VARIANT,
     DEFAULT_TOLERANCE,
@@ -233,6 +234,7 @@ def export_adapter(
     from graftbuild.weights.modeling import torch_dtype
 
     spec = get_target(target)
+    _prepare_out(out)
     if extras not in EXTRAS:
         raise UserError(f"--extras {extras!r}: expected one of {', '.join(EXTRAS)}")
     if not 0 <= tolerance < 1:
@@ -337,6 +339,8 @@ def export_adapter(
             raise UserError(f"{where}: nothing to export: the pack's deltas are all zero")
 
         out.mkdir(parents=True, exist_ok=True)
+        for name in OWN_FILES:
+            (out / name).unlink(missing_ok=True)
         _write_config(out, report, plan, spec, base_model)
         meta = {"format": "pt", "graftbuild.base": next(iter(bases))}
         save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=meta)
@@ -365,6 +369,21 @@ def export_adapter(
     (out / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
     write_card(out, report, spec, layers, provenance or {}, layout, base_model)
     return report
+
+
+OWN_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_VARIANT, REPORT_FILE, "README.md")
+
+
+def _prepare_out(out: Path) -> None:
+    """An export folder must be new, empty, or an earlier export (whose files are replaced once
+    the new export is ready to be written, so no stale base variant survives a re-export)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    entries = {p.name for p in out.iterdir()}
+    if entries and REPORT_FILE not in entries:
+        raise UserError(f"{out}: not empty and not a graftbuild export; choose another folder")
 
 
 def _token_rows(
