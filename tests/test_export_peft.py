@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 from conftest import save_model
-from helpers import make, plan
+from helpers import engine, make, plan
 
 from graftbuild.cli.app import main
 from graftbuild.skillpack import PackReader
@@ -301,6 +301,14 @@ def test_a_routed_bundle_exported_for_peft_answers_like_grafted_model(
     res = run("export", "bundle", "skills", root / "b2", "--recipe", path_project, "--target",
               "vllm")  # fmt: skip
     assert res.exit_code == 2 and "input_layernorm" in res.output  # norms: refused by default
+    res = run("export", "bundle", "skills", root / "b3", "--recipe", path_project, "--target",
+              "vllm", "--extras", "drop", "--max-rank", "8")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for name in ("x", "y"):
+        cfg = json.loads((root / "b3" / "adapters" / name / "adapter_config.json").read_text())
+        assert cfg["modules_to_save"] is None and cfg["r"] <= 8
+        card = (root / "b3" / "adapters" / name / "README.md").read_text()
+        assert "left out on request" in card and "model.norm.weight" in card
 
 
 EXPORT_NODE = """
@@ -325,6 +333,7 @@ def test_export_is_a_cached_node_rebuilt_only_when_its_pack_changes(path_project
     lock = json.loads(path_project.with_suffix(".lock").read_text())
     assert "export:xv" in json.dumps(lock)
     assert make(path_project).node("export:xv").action == "reused"
+    assert engine(path_project).make(None, locked=True).node("export:xv").action == "reused"
 
     models = path_project.parent / "models"
     y = load_file(str(models / "y" / "model.safetensors"))
