@@ -408,3 +408,43 @@ def test_a_tied_head_gets_the_embeddings_delta(tmp_path: Path) -> None:
     ids = torch.arange(1, 30).unsqueeze(0)
     with torch.no_grad():
         close(peft_model(input_ids=ids).logits, graft(input_ids=ids).logits)
+
+
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "architectures": ["GPT2LMHeadModel"],
+    "vocab_size": 512,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 64,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def test_gpt2_conv1d_modules_export_transposed(tmp_path: Path) -> None:
+    """GPT-2 stores its projections as Conv1D ([in, out]); biases and the tied head too."""
+    from conftest import make_base, make_source
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    make_base(tmp_path / "models" / "base", config=TINY_GPT2)
+    make_source(tmp_path / "models" / "x", tmp_path / "models" / "base", seed=4)
+    recipe = tmp_path / "graftbuild.toml"
+    recipe.write_text(BERT_RECIPE)
+    result = make(recipe)
+    out = tmp_path / "adapter"
+    res = run("export", "peft", "x", out, "--recipe", recipe)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "graftbuild-export.json").read_text())
+    assert report["left_out"] == {} and report["base_variant"] == {}
+    assert "transformer.h.0.attn.c_attn" in report["modules"]
+    base_dir = tmp_path / "models" / "base"
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)), str(out)
+    ).eval()
+    graft = fused_model(result.node("fuse:only_x").output, AutoModelForCausalLM)
+    ids = torch.arange(1, 30).unsqueeze(0)
+    with torch.no_grad():
+        close(model(input_ids=ids).logits, graft(input_ids=ids).logits)

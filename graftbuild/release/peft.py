@@ -135,6 +135,8 @@ class _Plan:
     """Pack tensor -> why the target cannot carry it."""
     tokens: dict[str, list[int]] = field(default_factory=dict)
     """Embedding -> the rows its delta changes, stored as trainable tokens (PEFT)."""
+    transposed: set[str] = field(default_factory=set)
+    """Conv1D modules: their delta is [in, out]; PEFT's factors are those of its transpose."""
 
 
 def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> _Plan:
@@ -144,15 +146,15 @@ def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> 
         kind = layout.kinds.get(module)
         if kind is None and layout.known:
             plan.extras[name] = "not a module of the base model"
-        elif kind == "conv1d":
-            plan.extras[name] = "a Conv1D module (GPT-2 style); this export writes nn.Linear LoRA"
-        elif param == "weight" and ndim == 2 and kind in ("linear", "embedding"):
+        elif param == "weight" and ndim == 2 and kind in ("linear", "conv1d", "embedding"):
+            if kind == "conv1d":  # GPT-2's Conv1D stores the weight [in, out]
+                plan.transposed.add(module)
             why = _lora_refusal(module, kind, layout, target)
             if why is None:
                 plan.lora[module] = kind
             else:
                 plan.extras[name] = why
-        elif param == "bias" and kind == "linear":
+        elif param == "bias" and kind in ("linear", "conv1d"):
             if target.lora_bias:
                 plan.biases[module] = name
             else:
@@ -166,6 +168,8 @@ def _plan(names: dict[str, tuple[str, int]], layout: Layout, target: Target) -> 
     # A module with a bias delta but no weight delta still needs LoRA factors (rank 1, zero).
     for module in plan.biases:
         plan.lora.setdefault(module, "linear")
+        if layout.kinds.get(module) == "conv1d":
+            plan.transposed.add(module)
     # A tied head with no tensor of its own in the pack (checkpoints store the tied weight
     # once): the embedding's delta is the head's too. (A pack that has both unties them, as
     # transformers does when a checkpoint holds two different values.)
@@ -301,10 +305,13 @@ def export_adapter(
             if got is None:
                 bias = delta(plan.biases[module])
                 assert bias is not None
-                lora_a = torch.zeros(1, _in_features(module, readers, bias))
+                fan_in = _in_features(module, readers, bias, module in plan.transposed)
+                lora_a = torch.zeros(1, fan_in)
                 lora_b, err, how = torch.zeros(bias.numel(), 1), 0.0, "bias only"
             else:
                 lora_a, lora_b, err, how = got
+                if module in plan.transposed:  # Δ = B·A is [in, out]: PEFT wants Δᵀ = Aᵀ·Bᵀ
+                    lora_a, lora_b = lora_b.T.contiguous(), lora_a.T.contiguous()
             if kind == "tied":
                 how = f"tied to {layout.embedding}: {how}"
             if max_error is not None and err > max_error:
@@ -421,11 +428,13 @@ def _token_values(
     return {f"{PREFIX}{module}.token_adapter.trainable_tokens_delta": values}
 
 
-def _in_features(module: str, readers: list[Any], bias: torch.Tensor) -> int:
+def _in_features(
+    module: str, readers: list[Any], bias: torch.Tensor, transposed: bool = False
+) -> int:
     for r in readers:
         entry = r.entries.get(f"{module}.weight")
         if entry is not None:
-            return int(entry["shape"][1])
+            return int(entry["shape"][0 if transposed else 1])
     return int(bias.numel())  # unknown; PEFT checks the shape on load
 
 
@@ -500,6 +509,7 @@ def _write_config(
         rank_pattern=patterns,
         alpha_pattern=dict(patterns),
         lora_dropout=0.0,
+        fan_in_fan_out=bool(plan.transposed),
         inference_mode=True,
         bias="none",
         lora_bias=bool(report.biases),
