@@ -164,7 +164,13 @@ def _print_report(out: Path, report: Any) -> None:
     help="Held-out text for the quality card (default: the recipe eval's dataset named "
     "after the pack).",
 )
-@click.option("--samples", type=int, default=64, show_default=True, help="Held-out texts used.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Held-out texts used.",
+)
 @RECIPE
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder.")
 @click.option("--base-model", help="base_model_name_or_path to write into adapter_config.json.")

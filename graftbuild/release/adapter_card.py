@@ -123,10 +123,22 @@ def write_card(
         "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')",
         "```",
         "",
-        "vLLM: `vllm serve BASE --enable-lora --lora-modules NAME=THIS_FOLDER "
-        f"--max-lora-rank {max(ranks) if ranks else 16}`, "
-        'then a request with `"model": "NAME"`. '
-        'LoRAX: a request with `"adapter_id": "THIS_FOLDER", "adapter_source": "local"`.',
-        "",
     ]
+    if target.name == "vllm":
+        lines.append(
+            "vLLM: `vllm serve BASE --enable-lora --lora-modules NAME=THIS_FOLDER "
+            f"--max-lora-rank {max(ranks) if ranks else 16}`, "
+            'then a request with `"model": "NAME"`.'
+        )
+    elif target.name == "lorax":
+        lines.append(
+            'LoRAX: a request with `"adapter_id": "THIS_FOLDER", "adapter_source": "local"`.'
+        )
+    else:
+        lines.append(
+            "This adapter follows PEFT's rules (it may hold modules_to_save, trainable tokens "
+            "and lora_bias, which vLLM and LoRAX refuse); for those servers export with "
+            "`--target vllm` or `--target lorax`."
+        )
+    lines.append("")
     (out / CARD).write_text("\n".join(lines))
