@@ -80,15 +80,35 @@ def svd_rank(s: torch.Tensor, tolerance: float, cap: int | None) -> tuple[int, f
 def factor_dense(
     delta: torch.Tensor, tolerance: float, cap: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(lora_A [k, n], lora_B [m, k], error) of a dense delta by SVD; None if it is zero."""
-    import torch
+    """(lora_A [k, n], lora_B [m, k], error) of a dense delta by SVD; None if it is zero.
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    The SVD goes through the Gram matrix of the smaller side (n × n for a tall embedding or
+    head), so a 128k-row embedding needs its own float32 copy and an n × n float64 matrix, not
+    a float64 copy and its m × n left factor."""
+
+    tall = delta.shape[0] >= delta.shape[1]
+    x = delta.float() if tall else delta.float().T  # [big, small]
+    s, v = _gram_svd(x)
     k, err = svd_rank(s, tolerance, cap)
     if k == 0:
         return None
-    b = (u[:, :k] * s[:k]).float().contiguous()
-    return vh[:k].float().contiguous(), b, err
+    vk = v[:, :k]  # [small, k], orthonormal
+    left = (x.double() @ vk).float().contiguous()  # [big, k] = U_k Σ_k
+    right = vk.T.float().contiguous()  # [k, small]
+    if tall:
+        return right, left, err
+    return left.T.contiguous(), right.T.contiguous(), err
+
+
+def _gram_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors of x [big, small], from the
+    eigendecomposition of xᵀx in float64."""
+    import torch
+
+    gram = x.T.double() @ x.double()
+    evals, evecs = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)
+    return evals[order].clamp(min=0).sqrt(), evecs[:, order]
 
 
 def refactor(
@@ -398,7 +418,6 @@ def _token_rows(
 ) -> list[int] | None:
     """The rows an embedding delta changes, when PEFT's trainable tokens (those rows' values,
     exact) are forced or take fewer bytes than LoRA at the rank ``tolerance`` needs; else None."""
-    import torch
 
     if d is None:
         return None
@@ -406,7 +425,7 @@ def _token_rows(
     if len(rows) == 0:
         return None
     if not forced:
-        s = torch.linalg.svdvals(d.double())
+        s, _ = _gram_svd(d if d.shape[0] >= d.shape[1] else d.T)
         k, _ = svd_rank(s, tolerance, cap)
         if k == 0 or k * (d.shape[0] + d.shape[1]) < len(rows) * d.shape[1]:
             return None
