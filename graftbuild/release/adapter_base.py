@@ -139,7 +139,9 @@ def read_layout(base: Path) -> Layout:
 
     quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            str(base), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:
         raise UserError(f"{base}: cannot read the base model's config ({e})") from None
     cls = model_class(config)

@@ -120,7 +120,8 @@ def write_card(
         "",
         "```python",
         "from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER')",
+        "model = PeftModel.from_pretrained(base_model, 'THIS_FOLDER',",
+        "                                  local_files_only=True, trust_remote_code=False)",
         "```",
         "",
     ]

@@ -34,7 +34,7 @@ def load_model(base: Path, layout: Layout) -> Any:
 
     if layout.causal:
         return load_causal_lm(base).eval()
-    config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
     cls = model_class(config)
     return cls.from_pretrained(
         str(base), local_files_only=True, trust_remote_code=False, use_safetensors=True
@@ -106,7 +106,7 @@ def measure(
     from graftbuild.release.adapter_base import BASE_VARIANT, apply_base_variant
 
     texts = _texts(data, samples)
-    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
     model = load_model(base, layout)
     causal = layout.causal
     try:
@@ -115,7 +115,9 @@ def measure(
             _apply(model, layers, 1.0)
             at_graft = _metric(model, tok, texts, causal, data)
             _apply(model, layers, -1.0)
-            wrapped = PeftModel.from_pretrained(model, str(adapter)).eval()
+            wrapped = PeftModel.from_pretrained(
+                model, str(adapter), local_files_only=True, trust_remote_code=False
+            ).eval()
             at_adapter = _metric(wrapped, tok, texts, causal, data)
             patched = None
             if (adapter / BASE_VARIANT).is_file():

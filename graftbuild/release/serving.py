@@ -156,15 +156,25 @@ class BundleServer:
     def __init__(self, base: str | Path, folder: str | Path = HERE) -> None:
         folder = Path(folder)
         meta = json.loads((folder / "router.json").read_text())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(base), local_files_only=True, trust_remote_code=False
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base), local_files_only=True, trust_remote_code=False
+        ).eval()
         names = list(meta["adapters"])
         first = names[0]
         self.model = PeftModel.from_pretrained(
-            model, str(folder / meta["adapters"][first]), adapter_name=first
+            model,
+            str(folder / meta["adapters"][first]),
+            adapter_name=first,
+            local_files_only=True,
+            trust_remote_code=False,
         ).eval()
         for name in names[1:]:
-            self.model.load_adapter(str(folder / meta["adapters"][name]), adapter_name=name)
+            self.model.load_adapter(
+                str(folder / meta["adapters"][name]), adapter_name=name, local_files_only=True
+            )
         self.router = Router.load(folder, meta["router"]) if meta["router"] else None
 
     def route(self, prompts: list[str]) -> list[str | None]:
