@@ -132,7 +132,7 @@ def test_one_thread_and_j2_give_the_bytes_of_the_default_build(
 ) -> None:
     other = build(tmp_path / "one", "-j", "2", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     assert outputs(other) == outputs(default_build)
-    assert EVERY_KIND <= set(outputs(other))
+    assert set(outputs(other)) >= EVERY_KIND
 
 
 def test_the_kernel_pins_are_what_keeps_the_bytes(default_build: dict, tmp_path: Path) -> None:

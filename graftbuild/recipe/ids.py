@@ -69,6 +69,11 @@ def release(name: str) -> str:
     return node_id("release", name)
 
 
+def export(name: str) -> str:
+    """An adapter of a pack for a serving target (``[[export]]``)."""
+    return node_id("export", name)
+
+
 def start(parent: str | None) -> str:
     """The model a source starts from: the base, or its parent's grafted model."""
     return BASE if parent is None else graft(parent)

@@ -379,6 +379,28 @@ class ReleaseSpec(Model):
     output: RelPath | None = None
 
 
+class ExportSpec(Model):
+    """An adapter of one pack for a serving target, a cached node (graftbuild/release/peft.py)."""
+
+    name: str = Field(min_length=1)
+    pack: str = Field(min_length=1)
+    target: Literal["peft", "vllm", "lorax"] = "peft"
+    max_rank: int | None = Field(default=None, gt=0)
+    """Largest LoRA rank (default: none for peft, 64 for vllm and lorax; vllm at most 512)."""
+    tolerance: float = Field(default=1e-3, ge=0, lt=1)
+    """Relative error at which embedding, head and exact deltas are factored by SVD."""
+    max_error: float | None = Field(default=None, gt=0)
+    """Refuse when the rank cap costs a module more than this relative error."""
+    extras: Literal["patch", "refuse", "drop"] = "patch"
+    """Deltas the target cannot carry: a base-variant patch file, refuse, or leave out."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    data: RelPath | None = None
+    """Held-out text for the quality card (default: the eval dataset named after the pack)."""
+    samples: int = Field(default=64, gt=0)
+    base_model: str | None = None
+    output: RelPath | None = None
+
+
 class Recipe(Model):
     project: ProjectSpec
     base: BaseSpec
@@ -389,6 +411,7 @@ class Recipe(Model):
     fuse: list[FuseSpec] = Field(default_factory=list)
     eval: list[EvalSpec] = Field(default_factory=list)
     release: list[ReleaseSpec] = Field(default_factory=list)
+    export: list[ExportSpec] = Field(default_factory=list)
 
     # Filled by load_recipe, not part of the TOML.
     path: Path | None = Field(default=None, exclude=True)
@@ -439,7 +462,19 @@ class Recipe(Model):
                         f"models are: {sorted(nodes)}"
                     )
         self._check_releases()
+        self._check_exports()
         return self
+
+    def _check_exports(self) -> None:
+        seen: set[str] = set()
+        for i, x in enumerate(self.export):
+            if x.name in seen:
+                raise ValueError(f"export[{i}].name: duplicate export name {x.name!r}")
+            seen.add(x.name)
+            if x.pack not in self.sources:
+                raise ValueError(
+                    f"export[{i}].pack: no source {x.pack!r}{suggest(x.pack, self.sources)}"
+                )
 
     def _check_teachers(self) -> None:
         for name, src in self.sources.items():

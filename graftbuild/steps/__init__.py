@@ -11,6 +11,7 @@ from graftbuild.steps.base import Step
 from graftbuild.steps.bundle import BundleStep
 from graftbuild.steps.dpo import DpoStep
 from graftbuild.steps.evaluate import EvalStep
+from graftbuild.steps.export import ExportStep
 from graftbuild.steps.fuse import FuseStep
 from graftbuild.steps.init import InitStep
 from graftbuild.steps.input import InputStep
@@ -32,5 +33,6 @@ STEPS: dict[str, Step] = {
         BundleStep(),
         EvalStep(),
         ReleaseStep(),
+        ExportStep(),
     )
 }
