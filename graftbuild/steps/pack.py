@@ -148,7 +148,7 @@ class PackStep:
                 layout[name] = planned  # type: ignore[index]
             with (
                 PackWriter(ctx.out / PACK_FILE, header, layout) as writer,
-                ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance,
+                ctx.progress.task(f"pack {ctx.node_id}", len(names), unit="tensor") as advance,
             ):
                 order = writer.order if writer.order is not None else names
                 sizes = {n: base.infos[n].nbytes for n in names}
@@ -158,8 +158,9 @@ class PackStep:
                 for name, codec, params, shape, encoded in work:
                     dtype = _DTYPE_NAMES[base.infos[name].dtype]
                     writer.add(name, roles[name], codec, params, shape, dtype, encoded)
+                    written = sum(t.numel() * t.element_size() for t in encoded.parts.values())
                     del encoded  # not alive while the next one is computed
-                    advance(1)
+                    advance(1, bytes=written)
 
 
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -193,7 +194,7 @@ def allocate_budget(
     from graftbuild.compress.budget import allocate, fp16_delta_nbytes, rate_profile
 
     profiles = []
-    with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
+    with ctx.progress.task(f"budget {ctx.node_id}", len(specs), unit="tensor") as advance:
         for name, _dtype, delta in iter_deltas(base, src):
             profiles.append(
                 rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
