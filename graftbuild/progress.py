@@ -255,7 +255,7 @@ class Reporter:
         if event.get("event") == "log":
             self.log(str(event.get("message", "")))
             return
-        if event.get("event") == "progress" and (self.lines or self.bars):
+        if event.get("event") == "progress" and (self.lines or self.bars) and self._due(event):
             unit = f"{event.get('unit')} " if event.get("unit") else ""
             parts = [f"{event.get('task')}: {unit}{event.get('done')}/{event.get('total')}"]
             if event.get("loss") is not None:
@@ -268,6 +268,17 @@ class Reporter:
             self._print(", ".join(parts))
         if self.events is not None:
             self.events.write(event)
+
+    def _due(self, event: dict[str, Any]) -> bool:
+        """Whether a relayed progress event is due as a line (every ``interval``, and the last)."""
+        if event.get("done") == event.get("total"):
+            return True
+        seen = self.__dict__.setdefault("_relayed", {})
+        key, now = (event.get("node"), event.get("task")), time.monotonic()
+        if now - seen.get(key, -math.inf) < self.interval:
+            return False
+        seen[key] = now
+        return True
 
     def _print(self, message: str) -> None:
         self.console.print(message, highlight=False, soft_wrap=True, markup=False)
