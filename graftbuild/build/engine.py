@@ -234,10 +234,9 @@ class Engine:
                         )
                         self.reporter.event(
                             "failed",
-                            node=job.node_id,
                             exit_code=error.exit_code,
                             message=str(error),
-                            **results[job.node_id].cost(),
+                            **node_event(results[job.node_id]),
                         )
                     else:
                         results[job.node_id] = self.finish(visit, outputs, outcome)
@@ -325,7 +324,7 @@ class Engine:
                 bytes=0,
             )
             if effects:
-                self.reporter.event("finished", **result.cost())
+                self.reporter.event("finished", **node_event(result))
             return result
         digest = outcome.digest if outcome is not None else visit.digest
         outputs[node.id] = digest
@@ -374,7 +373,7 @@ class Engine:
             bytes=written,
         )
         if effects:
-            self.reporter.event("finished", **result.cost())
+            self.reporter.event("finished", **node_event(result))
         return result
 
     # -- helpers --------------------------------------------------------------------------------
@@ -443,6 +442,12 @@ class Engine:
             return
         self.traces[node.id] = entry
         self.store.save_traces(self.recipe.path, self.traces)  # type: ignore[arg-type]
+
+
+def node_event(result: NodeResult) -> dict[str, Any]:
+    """A node's summary row as an event's fields: ``node`` names it, as in every node event."""
+    row = result.cost()
+    return {"node": row.pop("id"), **row}
 
 
 def _took(timing: dict[str, Any] | None) -> float | None:

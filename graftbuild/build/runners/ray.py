@@ -162,7 +162,7 @@ class RayRunner:
                 outcome = self.ray.get(ref)
             except Exception as e:  # the task's worker died more often than max_retries
                 outcome = Outcome(error=BuildError(f"Ray task failed: {type(e).__name__}: {e}"))
-            if outcome.timing:
+            if outcome.timing and outcome.digest is not None:  # built (a failure has one too)
                 self.timings[job.node_id] = outcome.timing
             out.append((job, outcome))
         return out
