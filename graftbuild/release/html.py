@@ -162,7 +162,9 @@ def _table(head: list[str], rows: list[list[str]], num: set[int] | None = None) 
     num = num or set()
     out = ["<table><tr>", *(f"<th>{e(h)}</th>" for h in head), "</tr>"]
     for r in rows:
-        cells = (f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r))
+        cells = (
+            f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r)
+        )
         out += ["<tr>", *cells, "</tr>"]
     out.append("</table>")
     return "".join(out)
