@@ -107,6 +107,12 @@ def test_reporter_lines_and_quiet() -> None:
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("train n: step 1/3 (33%), loss 3, ") and "ETA" in lines[0]
     assert lines[-1].startswith("train n: step 3/3 (100%), loss 1 (first 3), ")
+    tty = io.StringIO()
+    rep = Reporter(Console(file=tty, force_terminal=True, width=150))
+    with rep.task("train n", 3, unit="step") as advance:
+        for loss in (3.0, 2.0, 1.0):
+            advance(1, loss=loss)
+    assert "3/3" in tty.getvalue() and "loss 1 █▄▁" in tty.getvalue()  # bar, loss, its curve
     quiet = io.StringIO()
     events = io.StringIO()
     rep = Reporter(Console(file=quiet, quiet=True), events=EventSink(events), interval=0.0)
