@@ -89,7 +89,9 @@ def shell(quickstart_build: dict, tmp_path_factory: pytest.TempPathFactory) -> d
     exe = bin_dir / "graftbuild"
     exe.write_text(f"#!{sys.executable}\nfrom graftbuild.cli.entry import main\nmain()\n")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    (bin_dir / "python").symlink_to(sys.executable)
+    py = bin_dir / "python"  # not a symlink: a venv's python finds its venv beside itself
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
     env = dict(quickstart_build["env"], PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return {"root": quickstart_build["root"], "env": env}
 
