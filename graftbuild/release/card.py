@@ -113,7 +113,6 @@ def render(info: dict[str, Any]) -> str:
         models = [m for m in ev.get("models", metrics) if m in metrics]  # the recipe's order
         datasets = sorted({d for m in metrics.values() for d in m})
         out += ["", f"### Evaluation `{ev['name']}`: held-out loss (perplexity)", ""]
-        out += [f"Charts: [build report]({REPORT}#eval-{ev['name']}).", ""]
         rows = [
             [f"`{m}`"]
             + [
@@ -125,6 +124,7 @@ def render(info: dict[str, Any]) -> str:
             for m in models
         ]
         out += _table(["model", *datasets], rows)
+        out += ["", f"Charts per dataset: [build report]({REPORT}#eval-{ev['name']})."]
         gates: list[GateResult] = ev["gates"]
         if gates:
             out += ["", "Release gates:", ""]
