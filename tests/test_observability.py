@@ -240,3 +240,27 @@ def test_report_opens_in_headless_chromium(qs: dict, tmp_path: Path) -> None:
 def test_model_card_links_the_report(qs: dict) -> None:
     card = (qs["root"] / "out" / "quickstart" / "release" / "release" / "README.md").read_text()
     assert "(report.html#eval-skills)" in card and "(report.html#packs)" in card
+
+
+def test_events_of_a_remote_cache(path_project: Path, tmp_path: Path) -> None:
+    """A build pushes each node it builds; another cache then pulls them: one event each."""
+    remote = (tmp_path / "remote").as_uri()
+    text = path_project.read_text().replace(
+        'cache = "cache"', f'cache = "cache"\nremote = "{remote}"'
+    )
+    path_project.write_text(text)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    r = CliRunner().invoke(main, ["make", str(path_project), "--events", str(first)])
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(path_project.parent / "cache")
+    shutil.rmtree(path_project.parent / "out")
+    r = CliRunner().invoke(main, ["make", str(path_project), "--events", str(second)])
+    assert r.exit_code == 0, r.output
+    steps = {"pack:x", "pack:y", "fuse:release"}
+    pushed = [json.loads(x) for x in first.read_text().splitlines()]
+    pulled = [json.loads(x) for x in second.read_text().splitlines()]
+    assert {e["node"] for e in pushed if e["event"] == "pushed"} == steps
+    assert {e["node"] for e in pulled if e["event"] == "pulled"} == steps
+    finished = {e["node"]: e for e in pulled if e["event"] == "finished"}
+    assert all(finished[n]["action"] == "pulled" and finished[n]["bytes"] > 0 for n in steps)
+    assert not [e for e in pulled if e["event"] == "started"]  # nothing built
