@@ -110,6 +110,8 @@ class _Task:
         self.losses: list[float] = []
         self.bytes: int | None = None
         self.last_line = self.start
+        self.printed: int | None = None
+        """``done`` when the last line was printed (the closing line is not repeated)."""
         self.last_event = -math.inf
 
     def update(self, n: int, loss: float | None, nbytes: int | None) -> None:
@@ -233,7 +235,7 @@ class Reporter:
             if bar is not None:
                 bar.update(tid, advance=n, info=task.info())
             elif self.lines and now - task.last_line >= self.interval:
-                task.last_line = now
+                task.last_line, task.printed = now, task.done
                 self._print(task.line())
             if self.events is not None and now - task.last_event >= EVENTS_INTERVAL:
                 task.last_event = now
@@ -244,7 +246,7 @@ class Reporter:
         finally:
             if bar is not None:
                 bar.stop()
-            if self.lines:
+            if self.lines and task.printed != task.done:
                 self._print(task.line())
             if self.events is not None:
                 self.events.write(task.event())
