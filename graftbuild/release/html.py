@@ -104,7 +104,8 @@ def dag_svg(nodes: list[dict[str, Any]]) -> str:
     height = pad * 2 + max(len(v) for v in columns.values()) * (bh + gy) - gy
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="build graph">',
+        f'viewBox="0 0 {width} {height}" style="max-width: 100%; height: auto" role="img" '
+        'aria-label="build graph">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
         'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs>',
     ]
