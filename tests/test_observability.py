@@ -264,3 +264,50 @@ def test_events_of_a_remote_cache(path_project: Path, tmp_path: Path) -> None:
     finished = {e["node"]: e for e in pulled if e["event"] == "finished"}
     assert all(finished[n]["action"] == "pulled" and finished[n]["bytes"] > 0 for n in steps)
     assert not [e for e in pulled if e["event"] == "started"]  # nothing built
+
+
+def test_report_page_shows_gates_and_environments() -> None:
+    from graftbuild.release.gates import check
+    from graftbuild.release.html import ReportData, render
+
+    metrics = {
+        "base": {"general": {"loss": 2.0, "perplexity": 7.39, "tokens": 10}},
+        "fuse:r": {"general": {"loss": 2.3, "perplexity": 9.97, "tokens": 10}},
+    }
+    gates = check(
+        "e",
+        [
+            {"model": "fuse:r", "data": "general", "max_increase": 0.05},
+            {"model": "fuse:r", "data": "general", "max_loss": 3.0},
+        ],
+        "base",
+        metrics,
+    )
+    nodes = [
+        {"id": "base", "step": "input", "state": "built", "output_hash": "ab", "output": "",
+         "deps": {}, "env": "e1"},
+        {"id": "fuse:r", "step": "fuse", "state": "stale", "output_hash": None, "output": "o",
+         "deps": {"base": "base"}, "env": None},
+    ]  # fmt: skip
+    page = render(
+        ReportData(
+            project="p",
+            version="1",
+            recipe="r.toml",
+            nodes=nodes,
+            graph_text="base  [input]\nfuse:r  [fuse]  <- base (base)",
+            evals=[{"name": "e", "models": ["base", "fuse:r"], "metrics": metrics}],
+            gates=[
+                {"describe": g.describe(), "passed": g.passed, "json": g.to_json()} for g in gates
+            ],
+            environments={"e1": {"torch": "2.13.0+cpu", "cpu_flags": ["avx2", "fma"]}},
+            env_nodes={"e1": ["base"]},
+        )
+    )
+    gates_html = page[page.index('id="gates"') : page.index('id="environments"')]
+    assert gates_html.count('class="fail">FAIL') == 1 and gates_html.count('class="pass">pass') == 1
+    assert "+0.3000" in gates_html and "loss increase vs base" in gates_html
+    envs = page[page.index('id="environments"') :]
+    assert "2.13.0+cpu" in envs and "avx2 fma" in envs and "<td>base</td>" in envs
+    assert 'id="dag-fuse-r"' in page and "fuse · stale" in page
+    assert page.count("<svg") == 2  # the DAG and one chart (one dataset)
