@@ -10,6 +10,10 @@ import errno
 
 class GraftbuildError(Exception):
     exit_code = 1
+    node: str | None = None
+    """The node that was being built or visited when it happened, when known."""
+    result: object | None = None
+    """A failed build's partial result (``build.results.MakeResult``): what did finish."""
 
 
 class UserError(GraftbuildError):

@@ -173,3 +173,35 @@ def fork_server():
     server = ForkServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def quickstart_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The quickstart built once for the session, as CI's logs capture it (stderr not a
+    terminal), in a copy of the repository's recipes under git (the README's examples run in
+    it). Returns the folder, the command's exit code, stdout, stderr and its --events lines."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("quickstart")
+    shutil.copytree(REPO / "recipes", root / "recipes", ignore=shutil.ignore_patterns("*.lock"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "recipes"], cwd=root, check=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), GRAFTBUILD_PROGRESS_INTERVAL="2", COLUMNS="200")
+    env.pop("GRAFTBUILD_CACHE", None)
+    events = root / "events.jsonl"
+    cmd = [sys.executable, "-m", "graftbuild", "make", "recipes/quickstart.toml", "--json"]
+    p = subprocess.run(
+        [*cmd, "--events", str(events)], cwd=root, env=env, capture_output=True, text=True
+    )
+    lines = events.read_text().splitlines() if events.exists() else []
+    return {
+        "root": root,
+        "env": env,
+        "code": p.returncode,
+        "stdout": p.stdout,
+        "stderr": p.stderr,
+        "events": lines,
+    }

@@ -161,7 +161,10 @@ def main(work: Path) -> None:
                 'cache = "cache"', f'cache = "cache"\nremote = "{remote_url}"'
             )
             c.write_text(text)
-        run = CliRunner().invoke(cli, ["make", str(c1), "--executor", "ray", "--json"])
+        events = work / "cli-events.jsonl"
+        run = CliRunner().invoke(
+            cli, ["make", str(c1), "--executor", "ray", "--json", "--events", str(events)]
+        )
         second = engine(c2)
         from graftbuild.cache.remote import Remote
 
@@ -173,6 +176,7 @@ def main(work: Path) -> None:
             "stderr": run.stderr,
             "second_pulled": res2.ids("pulled"),
             "same": outputs(c1) == outputs(c2),
+            "events": [json.loads(line) for line in events.read_text().splitlines()],
         }
 
         # 2. A worker killed in the middle of a task: Ray retries it, the build completes.

@@ -108,3 +108,17 @@ def test_cli_ray_executor_shares_artifacts_through_the_remote(ray_run: dict) -> 
     assert {"pack:x", "pack:y", "fuse:release"} <= set(last["built"])
     assert r["second_pulled"] == ["pack:x", "pack:y", "fuse:release"]
     assert r["same"]
+
+
+def test_ray_workers_report_progress_through_the_drivers_channel(ray_run: dict) -> None:
+    """Packing on a Ray worker shows as the local build's would: a progress line on the driver's
+    (captured) stderr and progress events of the node in the --events file."""
+    r = ray_run["cli"]
+    progress = [e for e in r["events"] if e["event"] == "progress"]
+    packs = {e["node"] for e in progress if e["task"].startswith("pack ")}
+    assert packs == {"pack:x", "pack:y"}
+    last = [e for e in progress if e["node"] == "pack:x"][-1]
+    assert last["done"] == last["total"] > 0 and last["bytes"] > 0
+    assert "pack pack:x: tensor " in r["stderr"]
+    finished = {e["node"] for e in r["events"] if e["event"] == "finished"}
+    assert {"pack:x", "pack:y", "fuse:release"} <= finished

@@ -176,3 +176,18 @@ def test_routed_needs_prompts_for_path_sources(path_project: Path) -> None:
     )
     with pytest.raises(UserError, match="pack 'x' has no prompts"):
         Engine(load_recipe(path_project), Store(path_project.parent / "c"))
+
+
+def test_route_scores_and_logged_routes(built: dict) -> None:
+    g = GraftedModel.from_pretrained(built["result"].node("fuse:bundle").output)
+    prompts = ["12 + 7 =", "def add_1(n):", "the dog runs in the park ."]
+    routes, scores = g.route(prompts, return_scores=True)
+    assert routes == g.route(prompts)
+    for route, s in zip(routes, scores, strict=True):
+        assert set(s) == {"x", "y", "base"} and abs(sum(s.values()) - 1.0) < 1e-5
+        best = max(s, key=s.__getitem__)
+        assert route == ([] if best == "base" else [best])  # the route is the most probable
+    lines: list[str] = []
+    g.generate(prompts[:2], max_new_tokens=2, log_routes=lines.append)
+    assert len(lines) == 2
+    assert lines[0].startswith("route 0: '12 + 7 =' -> ['x'] (x ") and "base " in lines[0]

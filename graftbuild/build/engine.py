@@ -17,6 +17,7 @@ may still be reused through early cutoff when ``make`` runs).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from graftbuild.build.graph import BuildGraph, Node, build_graph
 from graftbuild.build.keys import KeyParts, explain, explain_input, key_parts
 from graftbuild.build.pathcheck import check_overlaps, check_writable
+from graftbuild.build.resources import tree_bytes
 from graftbuild.build.results import MakeResult, NodeResult
 from graftbuild.build.runners.base import Job, Outcome, Runner
 from graftbuild.errors import BuildError, GraftbuildError, UserError
@@ -166,6 +168,8 @@ class Engine:
         failures: list[tuple[str, GraftbuildError]] = []
         failed: set[str] = set()  # failed, or below a failed node
         self._dry = runner.dry
+        if not self._dry:
+            self.reporter.event("plan", nodes=[n.id for n in order])
         runner.open(self.store, self.settings, self.reporter, self.remote)
         try:
             while True:
@@ -178,6 +182,8 @@ class Engine:
                         results[node.id] = NodeResult(
                             node.id, "stale", ["an input failed to build"], action="skipped"
                         )
+                        if not self._dry:
+                            self.reporter.event("skipped", node=node.id)
                         continue
                     if not all(d in outputs for d in node.deps.values()):
                         continue
@@ -185,12 +191,24 @@ class Engine:
                         break
                     pending.remove(node)
                     started = True
-                    visit = self.visit(node, outputs)
-                    if visit.needs_build:
-                        building[node.id] = visit
-                        runner.submit(self._job(visit, outputs))
-                    else:
-                        results[node.id] = self.finish(visit, outputs)
+                    began = time.monotonic()
+                    try:
+                        visit = self.visit(node, outputs)
+                        if visit.needs_build:
+                            building[node.id] = visit
+                            runner.submit(self._job(visit, outputs))
+                        else:
+                            results[node.id] = self.finish(visit, outputs, began=began)
+                    except GraftbuildError as e:
+                        # a user error found visiting this node (its input folder, a file)
+                        e.node = e.node or node.id
+                        results[node.id] = NodeResult(node.id, "stale", [str(e)], action="failed")
+                        if not self._dry:
+                            self.reporter.event(
+                                "failed", node=node.id, exit_code=e.exit_code, message=str(e)
+                            )
+                        e.result = self._result(order, results)
+                        raise
                 if not building:
                     if stopping or not pending or not started:
                         break
@@ -201,21 +219,40 @@ class Engine:
                 for job, outcome in runner.wait():
                     visit = building.pop(job.node_id)
                     if outcome.error is not None:
-                        failures.append((job.node_id, named(job.node_id, outcome.error)))
+                        error = named(job.node_id, outcome.error)
+                        failures.append((job.node_id, error))
                         failed.add(job.node_id)
                         self.reporter.log(f"[red]failed[/] {job.node_id}: {outcome.error}")
                         results[job.node_id] = NodeResult(
-                            job.node_id, "stale", visit.reasons, visit.key, action="failed"
+                            job.node_id,
+                            "stale",
+                            visit.reasons,
+                            visit.key,
+                            action="failed",
+                            timing=outcome.timing or None,
+                            seconds=_took(outcome.timing),
+                        )
+                        self.reporter.event(
+                            "failed",
+                            exit_code=error.exit_code,
+                            message=str(error),
+                            **node_event(results[job.node_id]),
                         )
                     else:
                         results[job.node_id] = self.finish(visit, outputs, outcome)
         finally:
             runner.close()
             self._dry = False
-        if len(failures) == 1:
-            raise failures[0][1]
         if failures:
-            raise BuildError("; ".join(str(e) for _, e in failures))
+            error = failures[0][1]
+            if len(failures) > 1:
+                error = BuildError("; ".join(str(e) for _, e in failures))
+            error.node = failures[0][0]
+            error.result = self._result(order, results)
+            raise error
+        return self._result(order, results)
+
+    def _result(self, order: list[Node], results: dict[str, NodeResult]) -> MakeResult:
         return MakeResult(
             [results[n.id] for n in order if n.id in results], list(self.store.stat_cache.hashed)
         )
@@ -258,33 +295,50 @@ class Engine:
         return Visit(node, "stale", explain(node, parts, trace), parts)
 
     def finish(
-        self, visit: Visit, outputs: dict[str, str | None], outcome: Outcome | None = None
+        self,
+        visit: Visit,
+        outputs: dict[str, str | None],
+        outcome: Outcome | None = None,
+        began: float | None = None,
     ) -> NodeResult:
-        """Record what happened to a visited node; returns its result."""
+        """Record what happened to a visited node; returns its result. ``began``: when its
+        visit started (the wall time of a node not built)."""
+
+        def spent() -> float | None:
+            return None if began is None else time.monotonic() - began
+
         node, effects = visit.node, not self._dry
         if node.is_input:
             outputs[node.id] = visit.digest
             if effects:
                 self._save_trace(node, {"output": visit.digest, "files": visit.files})
             changed = visit.state == "stale"
-            return NodeResult(
+            result = NodeResult(
                 node.id,
                 visit.state,  # type: ignore[arg-type]
                 visit.reasons,
                 output_hash=visit.digest,
                 action="built" if changed else "reused",
                 output=node.path,
+                seconds=spent(),
+                bytes=0,
             )
+            if effects:
+                self.reporter.event("finished", **node_event(result))
+            return result
         digest = outcome.digest if outcome is not None else visit.digest
         outputs[node.id] = digest
         if digest is None:  # not built: a plan
             return NodeResult(node.id, "stale", visit.reasons, visit.key)
         assert visit.parts is not None
         action = {"fresh": "reused", "pulled": "pulled", "stale": "built"}[visit.state]
+        if action == "pulled" and effects:
+            self.reporter.event("pulled", node=node.id, object=digest)
         if action == "built" and effects:
             self.store.record(visit.parts.key, digest, node.id)
             if self.remote is not None and self.remote.push:
                 self.remote.push_node(visit.parts.key, digest, self.store, node.id)
+                self.reporter.event("pushed", node=node.id, object=digest)
             timing = outcome.timing if outcome is not None else {}
             if timing:
                 where = f" on {timing['host']}" if timing.get("host") else ""
@@ -299,7 +353,13 @@ class Engine:
         if effects:
             entry = {"key": visit.parts.key, "parts": visit.parts.to_json(), "output": digest}
             self._save_trace(node, entry)
-        return NodeResult(
+        timing = outcome.timing if outcome is not None and outcome.timing else None
+        written = 0
+        if action == "built":
+            written = (timing or {}).get("bytes", 0)
+        elif action == "pulled" and effects:
+            written = tree_bytes(self.store.object_path(digest))
+        result = NodeResult(
             node.id,
             state,  # type: ignore[arg-type]
             reasons,
@@ -307,9 +367,14 @@ class Engine:
             digest,
             action,
             node.output,
-            timing=outcome.timing if outcome is not None and outcome.timing else None,
+            timing=timing,
             env=outcome.env if outcome is not None else None,
+            seconds=_took(timing) if timing else spent(),
+            bytes=written,
         )
+        if effects:
+            self.reporter.event("finished", **node_event(result))
+        return result
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -326,6 +391,7 @@ class Engine:
                 self.store.discard(digest)
         if not self._dry:
             self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(visit.reasons)}")
+            self.reporter.event("started", node=node.id, step=node.step, reasons=visit.reasons)
         hashes = {r: outputs[d] for r, d in node.deps.items()}
         return Job(
             node_id=node.id,
@@ -376,6 +442,18 @@ class Engine:
             return
         self.traces[node.id] = entry
         self.store.save_traces(self.recipe.path, self.traces)  # type: ignore[arg-type]
+
+
+def node_event(result: NodeResult) -> dict[str, Any]:
+    """A node's summary row as an event's fields: ``node`` names it, as in every node event."""
+    row = result.cost()
+    return {"node": row.pop("id"), **row}
+
+
+def _took(timing: dict[str, Any] | None) -> float | None:
+    if not timing or "end" not in timing:
+        return None
+    return float(timing["end"] - timing["start"])
 
 
 def named(node_id: str, error: GraftbuildError) -> GraftbuildError:

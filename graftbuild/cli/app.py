@@ -23,6 +23,7 @@ from graftbuild.cli.make import make
 from graftbuild.cli.plan import plan
 from graftbuild.cli.pull import pull
 from graftbuild.cli.push import push
+from graftbuild.cli.report import report
 from graftbuild.cli.status import status
 from graftbuild.cli.verify import verify
 from graftbuild.errors import GraftbuildError, describe_os_error
@@ -83,3 +84,4 @@ main.add_command(fsck)
 main.add_command(push)
 main.add_command(pull)
 main.add_command(inspect)
+main.add_command(report)

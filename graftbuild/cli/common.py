@@ -29,6 +29,7 @@ def open_engine(
     pull: bool = True,
     push: bool = True,
     strict_remote: bool = False,
+    events: Any = None,
 ) -> Engine:
     from graftbuild.build.engine import Engine, cache_dir
     from graftbuild.cache.remote import Remote
@@ -38,7 +39,7 @@ def open_engine(
     from graftbuild.steps.base import BuildSettings
 
     recipe = load_recipe(recipe_path)
-    reporter = Reporter(console(stderr=True, quiet=quiet))
+    reporter = Reporter(console(stderr=True, quiet=quiet), events=events)
     device = resolve_device(device, reporter)
     store = Store(cache_dir(recipe, cache))
     remote = None

@@ -87,10 +87,23 @@ def fast_path(argv: list[str]) -> bool:
                     print(f"  {model}: {losses}", file=out)
         print(f"built 0, reused {len(nodes)} (nothing changed since the last build)", file=out)
     if as_json:
-        reused = [n["id"] for n in nodes]
-        gates = record.get("gates", [])
-        print(json.dumps({"built": [], "reused": reused, "pulled": [], "gates": gates}))
+        print(json.dumps(_noop_json(nodes, record.get("gates", []))))
     return True
+
+
+def _noop_json(nodes: list[dict[str, Any]], gates: list[Any]) -> dict[str, Any]:
+    """``make --json``'s final object (graftbuild/cli/make.py), every node reused; wall times are
+    not measured per node on this path (None)."""
+    rows = [
+        {"id": n["id"], "action": "reused", "seconds": None, "bytes": 0, "peak_rss": None,
+         "peak_gpu": None, "host": None, "output": n.get("output")}
+        for n in nodes
+    ]  # fmt: skip
+    totals = {"nodes": len(rows), "actions": {"reused": len(rows)}, "seconds": 0.0, "bytes": 0,
+              "peak_rss": None, "peak_gpu": None}  # fmt: skip
+    reused = [n["id"] for n in nodes]
+    return {"ok": True, "built": [], "reused": reused, "pulled": [], "failed": [],
+            "gates": gates, "nodes": rows, "totals": totals}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,6 +80,12 @@ def resolve_pack(
     help="Source model folder (with --base: show relative errors).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw the pack per layer and role (bytes, kept fraction, energy kept) into this "
+    "PNG (1200x900; pip install 'graftbuild[plot]').",
+)
 def inspect(
     pack: str,
     recipe: Path,
@@ -87,6 +93,7 @@ def inspect(
     base: Path | None,
     source: Path | None,
     as_json: bool,
+    plot: Path | None = None,
 ) -> None:
     """Show a SkillPack's codecs, ranks, bits, bytes and errors per tensor, layer and role."""
     if (base is None) != (source is None):
@@ -95,6 +102,10 @@ def inspect(
 
     path, rbase, rsource = resolve_pack(pack, recipe, cache)
     report = pack_report(path, base or rbase, source or rsource)
+    if plot is not None:
+        from graftbuild.skillpack.plot import plot_report
+
+        plot.write_bytes(plot_report(report, pack))
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -93,7 +93,10 @@ def load_recipe(path: Path | str) -> Recipe:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"recipe not found: {path}") from None
+        hint = ""
+        if path.name == "graftbuild.toml":  # the default: no recipe was named
+            hint = " (the default recipe; name yours as the first argument)"
+        raise UserError(f"recipe not found: {path}{hint}") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a folder; give the recipe's .toml file") from None
     except UnicodeDecodeError as e:

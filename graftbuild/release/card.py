@@ -50,6 +50,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+REPORT = "report.html"
+"""The build report's file name the card links (``graftbuild report``; sections: html.py)."""
+
+
 def render(info: dict[str, Any]) -> str:
     """The README.md text for a release (``info`` is built by steps/release.py)."""
     import yaml
@@ -120,6 +124,7 @@ def render(info: dict[str, Any]) -> str:
             for m in models
         ]
         out += _table(["model", *datasets], rows)
+        out += ["", f"Charts per dataset: [build report]({REPORT}#eval-{ev['name']})."]
         gates: list[GateResult] = ev["gates"]
         if gates:
             out += ["", "Release gates:", ""]
@@ -127,4 +132,14 @@ def render(info: dict[str, Any]) -> str:
                 ["gate", "result"],
                 [[g.describe(), "pass" if g.passed else "FAIL"] for g in gates],
             )
+    out += [
+        "",
+        "## Build report",
+        "",
+        f"The numbers above, drawn, with every pack's plot per layer and role, the build graph "
+        f"and the environments that built each node: [{REPORT}]({REPORT}) "
+        f"([evaluations]({REPORT}#evals), [packs]({REPORT}#packs), [gates]({REPORT}#gates), "
+        f"[environments]({REPORT}#environments)), written beside this card by "
+        f"`graftbuild report RECIPE -o {REPORT}`.",
+    ]
     return "\n".join(out) + "\n"

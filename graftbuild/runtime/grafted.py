@@ -12,7 +12,8 @@ Adding then subtracting a float32 delta restores the base up to float rounding (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,26 +142,53 @@ class GraftedModel:
 
     # -- routing and generation ----------------------------------------------------------------
 
-    def route(self, prompts: list[str]) -> list[list[str]]:
-        """For each prompt, the packs the router activates for it (``[]``: the base alone)."""
+    def route(self, prompts: list[str], return_scores: bool = False) -> Any:
+        """For each prompt, the packs the router activates for it (``[]``: the base alone).
+
+        With ``return_scores``: ``(routes, scores)``, where ``scores[i]`` maps every pack, and
+        ``"base"`` for no pack, to the router's probability for prompt ``i`` (they sum to 1; the
+        route is the most probable)."""
+        from graftbuild.runtime.router import BASE
+
         if self.router is None:
             raise UserError(f"{self.folder}: this bundle has no router")
         with self.using(None):
-            classes = self.router.predict(self.model, self.tokenizer, prompts)
-        return [[c] if c else [] for c in classes]
+            probs = self.router.probabilities(self.model, self.tokenizer, prompts)
+        routes = [[c] if c else [] for c in (max(p, key=p.__getitem__) for p in probs)]
+        if not return_scores:
+            return routes
+        named = [{("base" if c == BASE else c): v for c, v in p.items()} for p in probs]
+        return routes, named
 
     def generate(
         self,
         prompts: list[str],
         max_new_tokens: int = 32,
         packs: list[list[str]] | None = None,
+        log_routes: bool | Callable[[str], None] = False,
         **kwargs: Any,
     ) -> list[str]:
         """Greedy (unless ``kwargs`` say otherwise) continuations, each prompt with the packs the
-        router picks for it (or ``packs[i]``), grouped so each pack set is switched in once."""
+        router picks for it (or ``packs[i]``), grouped so each pack set is switched in once.
+
+        ``log_routes``: True logs, per prompt, the packs it ran with and the router's scores
+        (logger ``graftbuild.runtime``, level INFO); a function is called with each line."""
         import torch
 
-        chosen = packs if packs is not None else self.route(prompts)
+        scores: list[dict[str, float]] | None = None
+        if packs is not None:
+            chosen = packs
+        elif log_routes:
+            chosen, scores = self.route(prompts, return_scores=True)
+        else:
+            chosen = self.route(prompts)
+        if log_routes:
+            emit = log_routes if callable(log_routes) else logging.getLogger(__name__).info
+            for i, prompt in enumerate(prompts):
+                how = "given" if scores is None else ", ".join(
+                    f"{k} {v:.2f}" for k, v in sorted(scores[i].items(), key=lambda kv: -kv[1])
+                )
+                emit(f"route {i}: {prompt[:60]!r} -> {chosen[i] or ['base']} ({how})")
         out: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
         order = sorted(range(len(prompts)), key=lambda i: tuple(chosen[i]))

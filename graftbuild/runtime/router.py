@@ -72,12 +72,26 @@ class Router:
         tensors = {"mean": mean, "std": std, "weight": w.detach(), "bias": b.detach()}
         return cls(classes, {k: v.float().contiguous() for k, v in tensors.items()}, seq_len)
 
-    def predict(self, model: Any, tokenizer: Any, texts: list[str]) -> list[str]:
-        """The class of each text (``BASE`` for the base model); ``model`` must be the base."""
+    def logits(self, model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+        """[texts, classes] scores before the softmax; ``model`` must be the base."""
         t = self.tensors
         x = (features(model, tokenizer, texts, self.seq_len) - t["mean"]) / t["std"]
-        scores = x @ t["weight"] + t["bias"]
+        return x @ t["weight"] + t["bias"]
+
+    def predict(self, model: Any, tokenizer: Any, texts: list[str]) -> list[str]:
+        """The class of each text (``BASE`` for the base model); ``model`` must be the base."""
+        scores = self.logits(model, tokenizer, texts)
         return [self.classes[int(i)] for i in scores.argmax(dim=-1)]
+
+    def probabilities(
+        self, model: Any, tokenizer: Any, texts: list[str]
+    ) -> list[dict[str, float]]:
+        """Per text, each class's probability (the softmax of the router's scores); the class
+        with the highest is what ``predict`` picks."""
+        probs = self.logits(model, tokenizer, texts).softmax(dim=-1)
+        return [
+            {c: float(p) for c, p in zip(self.classes, row.tolist(), strict=True)} for row in probs
+        ]
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Writes the classifier; returns the JSON description that goes into bundle.json."""

@@ -73,7 +73,7 @@ class DpoStep:
             texts = {p: render_prompt(tok, p, sft["chat_template"], where) for p in prompts}
             model = load_causal_lm(model_dir, ctx.placement)
             own_gen = gen | {"samples": 1, "temperature": train["temperature"]}
-            with ctx.progress.task(f"answer {ctx.node_id}", len(prompts)) as advance:
+            with ctx.progress.task(f"answer {ctx.node_id}", len(prompts), unit="prompt") as advance:
                 asked = [texts[p] for p in prompts]
                 own = generate(model, tok, asked, own_gen, ctx.placement, advance)
             rejected = {p: r[0] for p, r in zip(prompts, own, strict=True)}

@@ -148,7 +148,7 @@ class FuseStep:
                 return name, placement.host(out, b.dtype)
 
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
-                with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
+                with ctx.progress.task(f"fuse {ctx.node_id}", len(names), unit="tensor") as advance:
                     sizes = {n: base.infos[n].nbytes for n in names}
                     work = ordered_map(
                         fuse_one, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())

@@ -177,7 +177,7 @@ class PackStep:
 
             with (
                 PackWriter(ctx.out / PACK_FILE, header, layout) as writer,
-                ctx.progress.task(f"pack {ctx.node_id}", len(names)) as advance,
+                ctx.progress.task(f"pack {ctx.node_id}", len(names), unit="tensor") as advance,
             ):
                 order = writer.order if writer.order is not None else names
                 sizes = {n: base.infos[n].nbytes for n in names}
@@ -191,8 +191,9 @@ class PackStep:
                         name, roles[name], codec, params, shape, dtype, encoded, added_rows=rows
                     )
                     unchanged += codec == "zero" and not rows
+                    written = sum(t.numel() * t.element_size() for t in encoded.parts.values())
                     del encoded  # not alive while the next one is computed
-                    advance(1)
+                    advance(1, bytes=written)
             if unchanged:
                 ctx.progress.log(
                     f"note: {ctx.node_id}: {unchanged} of {len(names)} tensors are unchanged "
@@ -421,7 +422,7 @@ def allocate_budget(
     from graftbuild.compress.codecs.zero import is_zero
 
     profiles = []
-    with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
+    with ctx.progress.task(f"budget {ctx.node_id}", len(specs), unit="tensor") as advance:
         for name, _dtype, delta in iter_deltas(base, src):
             if is_zero(delta):  # stored as a zero delta whatever its spec: nothing to spend
                 profiles.append(FixedRate(name, specs[name], tuple(delta.shape), 0))

@@ -37,7 +37,7 @@ BASE_DESC = {
 
 class ReleaseStep:
     name: ClassVar[str] = "release"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: the card links the build report
     uses_accelerator: ClassVar[bool] = False
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:

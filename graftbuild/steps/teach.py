@@ -70,7 +70,7 @@ class TeachStep:
         here = f"{where}.generation"
         texts = [render_prompt(tok, p, gen["chat_template"], here) for p in prompts]
         model = load_causal_lm(teacher_dir, ctx.placement)
-        with ctx.progress.task(f"teach {ctx.node_id}", len(texts)) as advance:
+        with ctx.progress.task(f"teach {ctx.node_id}", len(texts), unit="prompt") as advance:
             answers = generate(model, tok, texts, gen, ctx.placement, advance)
         del model
         gc.collect()

@@ -114,15 +114,20 @@ def lora_config(train: dict[str, Any]) -> Any:
     )
 
 
-def progress_callback(ctx: StepContext, advance: Any) -> Any:
-    """A TrainerCallback that moves our progress bar and stops on a non-finite loss."""
+def progress_callback(ctx: StepContext, advance: Any, losses: list[Any] | None = None) -> Any:
+    """A TrainerCallback that moves our progress bar (with the step's training loss, the mean of
+    ``losses`` collected since the last step) and stops on a non-finite loss."""
     import math
 
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            advance(1)
+            loss = None
+            if losses:
+                loss = sum(float(x) for x in losses) / len(losses)
+                losses.clear()
+            advance(1, loss=loss)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             loss = (logs or {}).get("loss")
@@ -178,8 +183,18 @@ def run_trainer(ctx: StepContext, trainer: Any, steps: int) -> Any:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
-    with ctx.progress.task(f"train {ctx.node_id}", steps) as advance:
-        trainer.add_callback(progress_callback(ctx, advance))
+    losses: list[Any] = []
+    training_step = trainer.training_step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        """The trainer's own step; its (detached) loss is only read, for the progress line."""
+        loss = training_step(*args, **kwargs)
+        losses.append(loss.detach() if hasattr(loss, "detach") else loss)
+        return loss
+
+    trainer.training_step = step
+    with ctx.progress.task(f"train {ctx.node_id}", steps, unit="step") as advance:
+        trainer.add_callback(progress_callback(ctx, advance, losses))
         result = trainer.train()
     if not math.isfinite(result.training_loss):
         raise BuildError(f"{ctx.node_id}: training loss became {result.training_loss}; lower lr")

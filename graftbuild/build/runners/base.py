@@ -76,30 +76,39 @@ class Runner(Protocol):
 
 def execute(store: Store, job: Job, settings: BuildSettings, progress: Reporter) -> Outcome:
     """Build ``job`` into ``store``: its step runs into a staging folder that is committed as an
-    object only when complete. Failures come back as the outcome's error, naming the node."""
+    object only when complete. Failures come back as the outcome's error, naming the node. The
+    timing holds what it cost: wall time, peak RSS (and GPU memory), bytes written."""
+    from graftbuild.build.resources import measured, tree_bytes
     from graftbuild.steps.base import StepContext
     from graftbuild.weights.determinism import deterministic_math, environment
 
     start = time.time()
-    try:
-        with store.staging(job.node_id) as out:
-            ctx = StepContext(
-                node_id=job.node_id,
-                config=job.config,
-                inputs=dict(job.inputs),
-                input_hashes=dict(job.input_hashes),
-                files=dict(job.files),
-                out=out,
-                settings=settings,
-                progress=progress,
-            )
-            with deterministic_math(settings.device):
-                run_step(job.step, ctx)
-            env = environment(settings.device)
-            digest = store.commit(out)
-    except GraftbuildError as e:
-        return Outcome(error=e)
-    timing = {"start": start, "end": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    where = {"pid": os.getpid(), "host": socket.gethostname()}
+    with progress.building(job.node_id), measured(settings.device) as cost:
+        try:
+            with store.staging(job.node_id) as out:
+                ctx = StepContext(
+                    node_id=job.node_id,
+                    config=job.config,
+                    inputs=dict(job.inputs),
+                    input_hashes=dict(job.input_hashes),
+                    files=dict(job.files),
+                    out=out,
+                    settings=settings,
+                    progress=progress,
+                )
+                with deterministic_math(settings.device):
+                    run_step(job.step, ctx)
+                env = environment(settings.device)
+                digest = store.commit(out)
+        except GraftbuildError as e:
+            error = e
+        else:
+            error = None
+    timing = {"start": start, "end": time.time(), **where, **cost}
+    if error is not None:
+        return Outcome(error=error, timing=timing)
+    timing["bytes"] = tree_bytes(store.object_path(digest))
     return Outcome(digest=digest, timing=timing, env=env)
 
 

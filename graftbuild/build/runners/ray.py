@@ -30,13 +30,18 @@ def run_on_worker(
     jobs: int,
     remote_url: str | None,
     push: bool,
+    events: Any = None,
+    interval: float = 10.0,
 ) -> Outcome:
     """Runs on a Ray worker: build one node into the cache (inputs another host built are
-    downloaded from the remote first; the object is uploaded after)."""
+    downloaded from the remote first; the object is uploaded after). Its progress goes back to
+    the driver through ``events`` (a Ray queue), as the driver's own would be shown."""
     from graftbuild.cache.remote import Remote
     from graftbuild.cache.store import Store
-    from graftbuild.progress import NullReporter
+    from graftbuild.progress import NullReporter, RelayReporter
     from graftbuild.steps.base import BuildSettings
+
+    reporter = NullReporter() if events is None else RelayReporter(events.put_nowait, interval)
 
     try:
         store = Store(Path(cache_root))
@@ -47,7 +52,7 @@ def run_on_worker(
             missing = cached and remote is not None and not store.has_object(digest)
             if missing and not remote.download(digest, store, job.node_id):  # type: ignore[union-attr]
                 raise BuildError(f"{job.node_id}: input {role} ({digest}) is in no cache here")
-        outcome = execute(store, job, BuildSettings(device=device, jobs=jobs), NullReporter())
+        outcome = execute(store, job, BuildSettings(device=device, jobs=jobs), reporter)
         if outcome.digest is not None and remote is not None and push:
             remote.upload_object(outcome.digest, store)
     except GraftbuildError as e:
@@ -94,7 +99,14 @@ class RayRunner:
         self.ray = self._ray()
         self.task = self.ray.remote(run_on_worker)
         self.store, self.settings, self.remote = store, settings, remote
+        self.reporter = reporter
         self.timings = {}
+        self.events: Any = None
+        if reporter.lines or reporter.bars or reporter.events is not None:
+            from ray.util.queue import Queue
+
+            # the workers' progress, shown by the driver as a local build's (progress.py)
+            self.events = Queue(actor_options={"num_cpus": 0})
 
     def full(self) -> bool:
         return False  # Ray queues what the cluster cannot run yet
@@ -114,11 +126,35 @@ class RayRunner:
             self.settings.jobs,
             remote.url if remote is not None else None,
             remote is not None and remote.push,
+            self.events,
+            self._interval(),
         )
         self._inflight[ref] = job
 
+    def _interval(self) -> float:
+        from graftbuild.progress import EVENTS_INTERVAL
+
+        every = self.reporter.interval
+        return min(every, EVENTS_INTERVAL) if self.reporter.events is not None else every
+
+    def _relay(self) -> None:
+        """Show what the workers reported since the last call."""
+        if self.events is None:
+            return
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except Empty:
+                return
+            self.reporter.relay(event)
+
     def wait(self) -> list[tuple[Job, Outcome]]:
-        done, _ = self.ray.wait(list(self._inflight), num_returns=1)
+        done: list[Any] = []
+        while not done:
+            done, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=0.5)
+            self._relay()
         out = []
         for ref in done:
             job = self._inflight.pop(ref)
@@ -126,7 +162,7 @@ class RayRunner:
                 outcome = self.ray.get(ref)
             except Exception as e:  # the task's worker died more often than max_retries
                 outcome = Outcome(error=BuildError(f"Ray task failed: {type(e).__name__}: {e}"))
-            if outcome.timing:
+            if outcome.timing and outcome.digest is not None:  # built (a failure has one too)
                 self.timings[job.node_id] = outcome.timing
             out.append((job, outcome))
         return out
@@ -138,3 +174,7 @@ class RayRunner:
 
     def close(self) -> None:
         self._inflight.clear()
+        if self.events is not None:
+            self._relay()
+            self.events.shutdown()
+            self.events = None
