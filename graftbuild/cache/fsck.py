@@ -72,7 +72,7 @@ def run_fsck(
         corrupt.add(digest)
         report.problems.append(Problem("object", str(obj), problem, repaired=repair))
         if repair:
-            store.discard(digest)
+            store.discard_path(obj)
 
     for entry in sorted((store.root / "actions").glob("*/*.json")):
         try:

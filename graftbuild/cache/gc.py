@@ -102,8 +102,8 @@ def collect(
             return report
         for a in stale_actions:  # actions first: never an action pointing at a missing object
             a.unlink(missing_ok=True)
-        for obj in garbage:
-            shutil.rmtree(obj)
+        for obj in garbage:  # renamed out of objects/ first: never a half-deleted object
+            store.discard_path(obj)
         for p in leftovers:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import xxhash
+
+from graftbuild.errors import UserError
 
 CHUNK = 1 << 20  # 1 MiB reads: the copy stays in cache for the hash (8 MiB ran ~1.5x slower here)
 
@@ -35,11 +38,45 @@ def hash_obj(obj: Any) -> str:
 PIPELINE_MIN = 64 << 20  # files at least this large are read and hashed on two threads
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)  # fmt: skip
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for error messages)."""
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (links followed).
+
+    The one door through which graftbuild opens a file it reads: a FIFO would block the open
+    (``make`` hung), a device would stream forever, a folder fails with a confusing error. The
+    open is non-blocking, so a FIFO is refused instead of waited on; a UserError names the path.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise UserError(f"{path}: expected a file, found a folder") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(
+            f"{path}: expected a regular file, found {file_kind(st.st_mode)}; "
+            "graftbuild reads only regular files"
+        )
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return fd
+
+
 def hash_file(path: Path) -> str:
     """xxh3-128 of a file's bytes. A large file is read by a second thread while this one
     hashes what it has read (both release the GIL): a warm 2 GB file hashed at 0.97x the rate of
     ``cat`` this way, against 0.78x reading and hashing in turn."""
-    with open(path, "rb", buffering=0) as f:
+    with open(open_regular(path), "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):  # a larger read-ahead for cold files
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         if os.fstat(f.fileno()).st_size >= PIPELINE_MIN:
@@ -92,12 +129,24 @@ def _hash_pipelined(f: Any, buffers: int = 4) -> str:
 
 
 def _signature(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink]
 
 
 def signature(path: str | Path) -> list[int]:
-    """(size, mtime_ns, ctime_ns, inode) of a file or folder: what the stat cache trusts."""
+    """(size, mtime_ns, ctime_ns, inode, link count) of a file or folder: what the stat cache
+    trusts."""
     return _signature(os.stat(path))
+
+
+OBJECT_META = (".graftbuild-object.json", ".graftbuild.json")
+"""Our own marker files: the only files of an object or output folder outside its hash."""
+
+
+def is_object_file(rel: str) -> bool:
+    """Which files of a cache object count towards its content hash: every file but our own
+    markers. Hidden files and markdown are copied into outputs like any other, so they must be
+    covered (a changed model card or an injected dotfile is a different object)."""
+    return rel not in OBJECT_META
 
 
 def is_tracked(rel: str) -> bool:
@@ -118,17 +167,30 @@ def iter_files(
     """(relative posix path, path) of the regular files under ``root``, sorted, filtered.
 
     ``on_dir`` is called with every folder walked (the no-op record watches them: a file added
-    to a folder changes the folder's mtime)."""
+    to a folder changes the folder's mtime). Hidden folders are walked only when ``keep``
+    accepts a hidden name (objects: ``is_object_file``)."""
     out: list[tuple[str, Path]] = []
+    walk_hidden = keep(".x/y")
     for dirpath, dirnames, filenames in os.walk(root):
         if on_dir is not None:
             on_dir(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if walk_hidden or not d.startswith("."))
         for name in filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if keep(rel) and p.is_file():
+            if not keep(rel):
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:  # a dangling link: nothing to read
+                continue
+            if stat.S_ISREG(mode):
                 out.append((rel, p))
+            elif not stat.S_ISDIR(mode):  # never opened: reading a FIFO would block
+                raise UserError(
+                    f"{p}: expected a regular file, found {file_kind(mode)}; "
+                    "graftbuild reads only regular files"
+                )
     return iter(sorted(out))
 
 
@@ -195,7 +257,14 @@ class StatCache:
         if hit is not None:
             sig = _signature(path.stat())
             old = hit[0]
-            if len(old) == 4 and [old[0], old[1], old[3]] == [sig[0], sig[1], sig[3]]:
+            # A ctime change is trusted only together with a link-count change (an output
+            # linked or unlinked); a ctime that moved alone is a write, chmod or utime on the
+            # object file itself (an in-place flip with its mtime restored): re-read.
+            if old == sig or (
+                len(old) == 5
+                and [old[0], old[1], old[3]] == [sig[0], sig[1], sig[3]]
+                and old[4] != sig[4]
+            ):
                 self.seen[str(path)] = sig
                 if old != sig:
                     self.entries[str(path)] = [sig, hit[1]]
@@ -250,10 +319,15 @@ class StatCache:
         self.dirty = False
 
 
-def tree_hash_uncached(root: Path, hasher: Callable[[Path], str] = hash_file) -> TreeHash:
-    """Hash of a folder read in full (for objects freshly written by a step; ``hasher=
-    hash_written`` takes the hashes their writers recorded instead of reading those files)."""
-    files = {rel: hasher(p) for rel, p in iter_files(root)}
+def tree_hash_uncached(
+    root: Path,
+    hasher: Callable[[Path], str] = hash_file,
+    keep: Callable[[str], bool] = is_object_file,
+) -> TreeHash:
+    """Hash of an object folder read in full (for objects freshly written by a step; ``hasher=
+    hash_written`` takes the hashes their writers recorded instead of reading those files).
+    Every file but our markers counts (``is_object_file``)."""
+    files = {rel: hasher(p) for rel, p in iter_files(root, keep)}
     return TreeHash(combine(files), files)
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from graftbuild.cache import durability
-from graftbuild.cache.hashing import StatCache, hash_file, hash_obj, iter_files
+from graftbuild.cache.hashing import StatCache, file_kind, hash_file, hash_obj, iter_files
 from graftbuild.cache.integrity import (
     MANIFEST,
     check_copy,
@@ -125,10 +125,14 @@ class Store:
     def discard(self, digest: str) -> None:
         """Remove a (corrupt) object: renamed out of ``objects/`` first, so it is never seen
         half-deleted."""
-        obj = self.object_path(digest)
+        self.discard_path(self.object_path(digest))
+
+    def discard_path(self, obj: Path) -> None:
+        """Remove one entry of ``objects/`` crash-safely: renamed into ``tmp/`` (cleared by the
+        next build if this process dies) before anything in it is deleted."""
         trash = Path(tempfile.mkdtemp(prefix="discard.", dir=self.root / "tmp"))
         with contextlib.suppress(FileNotFoundError):
-            os.rename(obj, trash / digest)
+            os.rename(obj, trash / obj.name)
         shutil.rmtree(trash, ignore_errors=True)
 
     def clean_tmp(self) -> None:
@@ -209,15 +213,10 @@ class Store:
     def output_problem(self, digest: str, dest: Path) -> str | None:
         """None if ``dest`` holds the (already verified) object unchanged, else why not."""
         dest = Path(os.path.abspath(dest))
-        if not dest.exists():
+        if not owned(dest):
             return "missing"
         try:
             current = json.loads((dest / MARKER).read_text()).get("object")
-        except FileNotFoundError:
-            raise UserError(
-                f"output folder {dest} exists and was not written by graftbuild; "
-                "move it away or choose another output path"
-            ) from None
         except (OSError, ValueError, AttributeError):
             return f"its marker {MARKER} is damaged"
         if current != digest:
@@ -239,6 +238,7 @@ class Store:
         materialisation are removed first. ``reason`` forces a rewrite (``fsck --repair``).
         """
         dest = Path(os.path.abspath(dest))
+        exists = owned(dest)  # a path that is not ours is refused before anything is touched
         why = reason or self.output_problem(digest, dest)
         if why is None:
             return None
@@ -246,7 +246,8 @@ class Store:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             for stale in dest.parent.glob(f".{glob.escape(dest.name)}.graftbuild-*"):
-                _remove_copy(stale)
+                if _is_real_dir(stale):  # only folders we set aside; a user's file stays
+                    _remove_copy(stale)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.graftbuild-tmp-", dir=dest.parent))
             tmp.chmod(0o777 & ~_umask())
         except OSError as e:
@@ -264,7 +265,7 @@ class Store:
                     if rel in hashes:
                         copied.append((dest / rel, hashes[rel]))
             _atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
-            if dest.exists():
+            if exists:
                 old = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
                 os.rename(dest, old)
                 os.rename(tmp, dest)
@@ -281,6 +282,43 @@ class Store:
         for path, h in copied:
             self.stat_cache.remember(path, h)
         return why
+
+
+def owned(dest: Path) -> bool:
+    """Whether ``dest`` is an output folder graftbuild wrote: False when nothing is there, True
+    for a real folder (not a symlink) carrying our marker as a regular file, and a UserError
+    naming the path for anything else (a user's file or folder, a symlink, a device node).
+
+    The one test every operation that replaces or deletes an output path goes through
+    (materialise, ``clean``): a path that is not ours is never moved, replaced or deleted."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise UserError(f"output path {dest}: a parent of it is a file, not a folder") from None
+    if stat.S_ISLNK(st.st_mode):
+        what = "a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        what = "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+    else:
+        try:
+            if stat.S_ISREG(os.lstat(dest / MARKER).st_mode):
+                return True
+        except FileNotFoundError:
+            pass
+        what = "a folder"
+    raise UserError(
+        f"output path {dest} is {what} that was not written by graftbuild; "
+        "move it away or choose another output path"
+    )
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
