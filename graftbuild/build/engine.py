@@ -129,6 +129,7 @@ class Engine:
         against it instead)."""
         from graftbuild.build import lockfile
         from graftbuild.build.runners.local import LocalRunner
+        from graftbuild.cache.store import owned
 
         def waiting(pid: str) -> None:
             self.reporter.log(
@@ -139,6 +140,9 @@ class Engine:
             self.store.clean_tmp()  # what a killed build left; no other build runs now
             if self.outputs:
                 check_writable(self.graph.order(targets), self.store.root)
+                for node in self.graph.order(targets):  # before any work, not after packing
+                    if node.output is not None:
+                        owned(node.output)
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
             try:
                 if locked:
@@ -185,7 +189,10 @@ class Engine:
                         break
                     pending.remove(node)
                     started = True
-                    visit = self.visit(node, outputs)
+                    try:
+                        visit = self.visit(node, outputs)
+                    except GraftbuildError as e:  # a bad input: the message names the node
+                        raise named(node.id, e) from None
                     if visit.needs_build:
                         building[node.id] = visit
                         runner.submit(self._job(visit, outputs))
@@ -381,7 +388,7 @@ class Engine:
 def named(node_id: str, error: GraftbuildError) -> GraftbuildError:
     """``error`` with its message starting with the node it happened in."""
     message = str(error)
-    if message.startswith(f"{node_id}:"):
+    if message.startswith(f"{node_id}:") or f": {node_id}:" in message:
         return error
     renamed = type(error)(f"{node_id}: {message}")
     renamed.__cause__ = error.__cause__

@@ -221,14 +221,19 @@ class StatCache:
         self.hashed: list[Path] = []
         self.seen: dict[str, list[int]] = {}
         self.dirty = False
+        self.dropped = 0
+        """Malformed entries found (and left out) when loading."""
 
     @classmethod
     def load(cls, path: Path) -> StatCache:
-        try:
-            entries = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            entries = {}
-        return cls(path=path, entries=entries if isinstance(entries, dict) else {})
+        """The stat cache saved at ``path``; malformed entries are dropped (cache/schemas.py)."""
+        from graftbuild.cache.schemas import read_json, stat_entries
+
+        entries, dropped = stat_entries(read_json(path))
+        cache = cls(path=path, entries=entries)
+        cache.dropped = dropped
+        cache.dirty = bool(dropped)  # saved without them
+        return cache
 
     def file(self, path: Path) -> str:
         path = Path(os.path.abspath(path))
@@ -303,13 +308,11 @@ class StatCache:
 
     def _save(self, target: Path) -> None:
         # Merge with what another process may have written since we loaded.
-        try:
-            on_disk = json.loads(target.read_text())
-        except (FileNotFoundError, ValueError):
-            on_disk = {}
-        if isinstance(on_disk, dict):
-            on_disk.update(self.entries)
-            self.entries = on_disk
+        from graftbuild.cache.schemas import read_json, stat_entries
+
+        on_disk, _ = stat_entries(read_json(target))
+        on_disk.update(self.entries)
+        self.entries = on_disk
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.entries, sort_keys=True))

@@ -153,19 +153,17 @@ class Store:
 
     def lookup(self, key: str) -> str | None:
         """The output hash recorded for a key, if its object is still present."""
-        try:
-            entry = json.loads(self._action_path(key).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        digest = entry.get("output")
-        if not isinstance(digest, str) or not self.has_object(digest):
+        from graftbuild.cache.schemas import action_output, read_json
+
+        digest = action_output(read_json(self._action_path(key)))  # malformed: absent
+        if digest is None or not self.has_object(digest):
             return None
         return digest
 
     def record(self, key: str, digest: str, node_id: str) -> None:
         path = self._action_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps({"output": digest, "node": node_id, "time": time.time()}))
+        atomic_write(path, json.dumps({"output": digest, "node": node_id, "time": time.time()}))
 
     # -- traces --------------------------------------------------------------------------------
 
@@ -173,15 +171,13 @@ class Store:
         return self.root / "traces" / f"{hash_obj(str(recipe))[:16]}.json"
 
     def load_traces(self, recipe: Path) -> dict[str, Any]:
-        try:
-            data = json.loads(self._trace_path(recipe).read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return data.get("nodes", {}) if isinstance(data, dict) else {}
+        from graftbuild.cache.schemas import read_json, trace_nodes
+
+        return trace_nodes(read_json(self._trace_path(recipe)))[0]  # malformed entries: absent
 
     def save_traces(self, recipe: Path, nodes: dict[str, Any]) -> None:
         payload = {"recipe": str(recipe), "nodes": nodes}
-        _atomic_write(self._trace_path(recipe), json.dumps(payload, sort_keys=True, indent=1))
+        atomic_write(self._trace_path(recipe), json.dumps(payload, sort_keys=True, indent=1))
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -264,7 +260,7 @@ class Store:
                     _copy_durably(p, target)
                     if rel in hashes:
                         copied.append((dest / rel, hashes[rel]))
-            _atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
+            atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
             if exists:
                 old = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
                 os.rename(dest, old)
@@ -345,7 +341,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

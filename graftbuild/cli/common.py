@@ -31,6 +31,8 @@ def open_engine(
     strict_remote: bool = False,
 ) -> Engine:
     from graftbuild.build.engine import Engine, cache_dir
+    from graftbuild.build.graph import build_graph
+    from graftbuild.build.pathcheck import check_overlaps
     from graftbuild.cache.remote import Remote
     from graftbuild.cache.store import Store
     from graftbuild.progress import Reporter
@@ -40,7 +42,9 @@ def open_engine(
     recipe = load_recipe(recipe_path)
     reporter = Reporter(console(stderr=True, quiet=quiet))
     device = resolve_device(device, reporter)
-    store = Store(cache_dir(recipe, cache))
+    root = cache_dir(recipe, cache)
+    check_overlaps(build_graph(recipe), root)  # before the cache folder is created anywhere
+    store = Store(root)
     remote = None
     if recipe.project.remote is not None:
         remote = Remote(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from graftbuild.cache.hashing import file_kind, is_tracked, open_regular
 from graftbuild.cache.writing import HashedWriter
-from graftbuild.errors import UserError
+from graftbuild.errors import BuildError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -175,6 +175,26 @@ def parse_header(path: Path) -> tuple[dict[str, Any], int]:
             "download or convert it again"
         )
     return header, 8 + n
+
+
+def check_finite(name: str, t: torch.Tensor, what: str = "tensor") -> None:
+    """BuildError (exit 1) unless every value of a floating tensor about to be written is
+    finite, naming the tensor and the cause. The one check every tensor graftbuild writes
+    (model weights, pack parts) passes through: a NaN or an overflow is never shipped."""
+    import torch
+
+    if not t.is_floating_point() or all_finite(t):
+        return
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    if nan:
+        cause = f"{nan} NaN value(s)"
+    elif t.dtype in (torch.float16, torch.bfloat16):
+        top = torch.finfo(t.dtype).max
+        cause = f"{inf} value(s) overflow {str(t.dtype).removeprefix('torch.')} (beyond ±{top:g})"
+    else:
+        cause = f"{inf} infinite value(s)"
+    raise BuildError(f"{what} {name!r} is not finite: {cause}; nothing was written")
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -471,6 +491,7 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"stream writer expected {info.name} {info.shape}, got {name}")
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
+        check_finite(name, tensor)
         data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
         self._f.write(data.numpy())  # no intermediate bytes copy
 
