@@ -9,6 +9,7 @@ same recipe: the ``built`` fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ from test_bad_inputs import (  # noqa: F401  (fixtures)
 
 from graftbuild.build import noop
 from graftbuild.cache.fsck import run_fsck
-from graftbuild.cache.hashing import StatCache, hash_file
+from graftbuild.cache.hashing import StatCache
 from graftbuild.cache.store import Store
 from graftbuild.cli.app import main
 
@@ -56,6 +58,22 @@ def fsck(root: Path, *args: str) -> tuple[int, str]:
 def fuse_object(root: Path) -> Path:
     marker = json.loads((root / "out" / "fused" / "release" / ".graftbuild.json").read_text())
     return root / "cache" / "objects" / marker["object"][:2] / marker["object"]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (TimeoutError) instead of hanging: a blocking open of a FIFO is interrupted."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def write_safetensors(path: Path, header: dict | bytes, data: bytes) -> None:
@@ -162,6 +180,39 @@ def test_release_card_is_covered_by_the_object_hash(tmp_path: Path) -> None:
     assert "README.md" in two.files
 
 
+@pytest.mark.parametrize("injected", ["README.md", ".payload", "link"])
+def test_remote_object_carrying_an_injected_file_is_rejected(
+    path_project: Path, tmp_path: Path, injected: str
+) -> None:
+    """An archive on the remote with an extra model card, dotfile or symlink: not the object
+    its name claims, so it is refused and built here; the outputs are the clean build's."""
+    import tarfile
+
+    from test_remote import built as built_ids
+    from test_remote import machine, outputs
+    from test_remote import make as make_remote
+
+    url = (tmp_path / "remote").as_uri()
+    a = machine(path_project, "a", url)
+    first, _ = make_remote(a)
+    fused = first.node("fuse:release").output_hash
+    archive = tmp_path / "remote" / "objects" / fused[:2] / f"{fused}.tar"
+    extra = tmp_path / "extra"
+    extra.write_text("injected\n")
+    with tarfile.open(archive, "a") as tar:
+        if injected == "link":
+            info = tarfile.TarInfo("link")
+            info.type, info.linkname = tarfile.SYMTYPE, "model.safetensors"
+            tar.addfile(info)
+        else:
+            tar.add(extra, arcname=injected)
+    b = machine(path_project, "b", url)
+    second, rb = make_remote(b)
+    assert built_ids(second) == ["fuse:release"] and rb.stats["bad"] == 1, rb.logs
+    assert outputs(b) == outputs(a)
+    assert not (b.parent / "out" / "fused" / "release" / injected).exists()
+
+
 def test_object_flipped_in_place_with_mtime_restored_is_caught(built: Path) -> None:
     make_ok(built)  # the stat cache now knows this copy's object files
     before = state(built)
@@ -210,7 +261,8 @@ def test_output_path_that_is_not_our_folder_is_refused(built: Path, kind: str) -
         os.mkfifo(target)
     before_mode = os.lstat(target)
     edit(built, "weights = {", 'output = "mine"\nweights = {')
-    line = fails(built, 2)
+    with deadline(60):  # an output FIFO used to be opened (and waited on)
+        line = fails(built, 2)
     what = {"file": "a file", "symlink": "a symbolic link", "device": "a character device"}
     # a link in a recipe path is resolved (and watched): its target is what is refused
     shown = built / "elsewhere" if kind == "symlink" else target
@@ -253,48 +305,42 @@ def test_cache_inside_an_input_folder_is_refused(built: Path) -> None:
     assert not (built / "models" / "base" / "cache").exists()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "socket"])
-def test_input_that_is_a_fifo_or_socket_is_refused_not_read(built: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_input_that_is_a_fifo_socket_or_device_is_refused_not_read(built: Path, kind: str) -> None:
     """A FIFO used to hang ``make`` (opening it blocks): now exit 2 at once, naming it."""
     target = built / "models" / "x" / "special_tokens_map.json"
     target.unlink(missing_ok=True)
     if kind == "fifo":
         os.mkfifo(target)
+    elif kind == "device":
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero: endless bytes
     else:
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(str(target))
         sock.close()
-    signal.alarm(60)  # a regression hangs: fail instead of blocking the suite
-    try:
+    with deadline(60):  # a regression hangs: fail instead of blocking the suite
         line = fails(built, 2)
-    finally:
-        signal.alarm(0)
-    assert str(target) in line and ("a FIFO" if kind == "fifo" else "a socket") in line
+    what = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
+    assert str(target) in line and what in line
 
 
 def test_weight_file_that_is_a_fifo_is_refused(built: Path) -> None:
     target = built / "models" / "x" / "model.safetensors"
     target.unlink()
     os.mkfifo(target)
-    signal.alarm(60)
-    try:
+    with deadline(60):
         line = fails(built, 2)
-    finally:
-        signal.alarm(0)
     assert "source:x" in line and "found a FIFO" in line
 
 
-def test_data_file_that_is_a_fifo_is_refused() -> None:
-    from graftbuild.cache.hashing import hash_file as read
-    from graftbuild.errors import UserError
-
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"graftbuild-fifo-{os.getpid()}"
-    os.mkfifo(path)
-    try:
-        with pytest.raises(UserError, match="found a FIFO"):
-            read(path)
-    finally:
-        path.unlink()
+def test_data_file_that_is_a_fifo_is_refused(built: Path) -> None:
+    """An eval's data file that is a FIFO: refused naming it, not waited on."""
+    os.mkfifo(built / "heldout.txt")
+    with open(built / RECIPE, "a") as f:
+        f.write('\n[[eval]]\nname = "e"\nmodels = ["base"]\ndata = { a = "heldout.txt" }\n')
+    with deadline(60):
+        line = fails(built, 2)
+    assert "heldout.txt: expected a regular file, found a FIFO" in line and "eval:e" in line
 
 
 # -- 4. every number is finite and in range, and so is every output -----------------------------
@@ -379,9 +425,10 @@ def test_fp16_pack_part_overflow_fails_naming_tensor_and_node(tmp_path: Path) ->
 def _stat_bad(root: Path) -> None:
     p = root / "cache" / "stat.json"
     data = json.loads(p.read_text())
-    first = sorted(data)[0]
-    data[first] = "oops"
-    data[sorted(data)[1]] = [[1, 2], 3]
+    keys = sorted(data)
+    data[keys[0]] = 5  # not a pair: a TypeError before
+    data[keys[1]] = [[1, 2], 3]  # a short signature and a number for a hash
+    data[keys[2]] = {"sig": 1}
     p.write_text(json.dumps(data))
 
 
@@ -604,10 +651,14 @@ def test_over_long_output_folder_is_refused_before_any_work(built: Path) -> None
     assert "fuse:release" in line and "folder name" in line and len(line) < 400
 
 
-def test_a_folder_named_like_a_weight_file_is_refused(built: Path) -> None:
-    (built / "models" / "x" / "extra.safetensors").mkdir()
+@pytest.mark.parametrize("name", ["model.safetensors", "extra.safetensors"])
+def test_a_folder_named_like_a_weight_file_is_refused(built: Path, name: str) -> None:
+    folder = built / "models" / "x"
+    if name == "model.safetensors":  # the weights under another name, a folder in their place
+        os.rename(folder / name, folder / "weights.safetensors")
+    (folder / name).mkdir()
     line = fails(built, 2)
-    assert "extra.safetensors: expected a safetensors weight file, found a folder" in line
+    assert f"{name}: expected a safetensors weight file, found a folder" in line
     assert "source:x" in line
 
 
@@ -633,8 +684,3 @@ def test_errors_in_an_input_name_the_node_and_the_file(built: Path) -> None:
         f.truncate(target.stat().st_size - 4)
     line = fails(built, 2)
     assert line.startswith("error: source:y: ") and str(target) in line and "truncated" in line
-
-
-def test_hash_file_reads_regular_files(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(b"abc")
-    assert hash_file(tmp_path / "f") == hash_file(tmp_path / "f")

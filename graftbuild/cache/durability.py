@@ -223,7 +223,7 @@ def _recover_locked(root: Path, state: dict[str, Any]) -> None:
 
 
 def _recorded_before(entry: Any, since_ns: int) -> bool:
-    """A stat-cache entry ``[[size, mtime_ns, ctime_ns, inode], hash]`` for a file last
+    """A stat-cache entry ``[[size, mtime_ns, ctime_ns, inode, nlink], hash]`` for a file last
     written before the window opened (anything unexpected is dropped)."""
     try:
         return int(entry[0][1]) < since_ns

@@ -14,9 +14,9 @@ An object appears under ``objects/`` only by an atomic rename of a complete fold
 that carries its manifest, and an action entry is written only after its object exists, so a
 crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
 that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
-through the stat cache: only files whose size, mtime or inode changed are re-read; a ctime
-change alone is an output folder linking or unlinking it) and a corrupt one is removed
-and rebuilt; ``graftbuild fsck`` re-reads everything.
+through the stat cache: only files whose size, mtime or inode changed, or whose ctime changed
+without their link count changing (an output folder linking or unlinking them), are re-read)
+and a corrupt one is removed and rebuilt; ``graftbuild fsck`` re-reads everything.
 
 Whether object data is fsynced before that rename depends on the durability mode: ``make``
 defers it to the kernel by default (``--fsync``: immediate). After a crash or power cut that may
