@@ -1,8 +1,8 @@
 """Content hashes (xxh3-128) of bytes, files and folders, and the stat cache that avoids re-reading.
 
 A file's hash is reused without reading it while its (size, mtime_ns, ctime_ns, inode, link
-count) are unchanged. ctime is part of the signature because tools that restore mtimes (rsync -t, tar,
-``touch -d``) would otherwise hide a change; ctime cannot be set from user space.
+count) are unchanged. ctime is part of the signature because tools that restore mtimes (rsync
+-t, tar, ``touch -d``) would otherwise hide a change; ctime cannot be set from user space.
 """
 
 from __future__ import annotations
