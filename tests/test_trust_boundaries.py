@@ -449,6 +449,10 @@ def _registry_bad(root: Path) -> None:
     (root / "cache" / "locks.json").write_text(json.dumps({"locks": ["a", "b"]}))
 
 
+def _durability_bad(root: Path) -> None:
+    (root / "cache" / "durability.json").write_text('{"boot": ["x"], "unsynced_since": NaN}')
+
+
 def _lock_bad(root: Path) -> None:
     p = root / "graftbuild.lock"
     data = json.loads(p.read_text())
@@ -458,7 +462,7 @@ def _lock_bad(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [_stat_bad, _trace_bad, _action_bad, _registry_bad, _lock_bad],
+    [_stat_bad, _trace_bad, _action_bad, _registry_bad, _lock_bad, _durability_bad],
     ids=lambda f: f.__name__,
 )
 def test_malformed_state_file_is_treated_as_absent_and_mended(built: Path, damage) -> None:
@@ -466,7 +470,7 @@ def test_malformed_state_file_is_treated_as_absent_and_mended(built: Path, damag
     damage(built)
     plan = CliRunner().invoke(main, ["plan", str(built / RECIPE)])
     assert plan.exit_code == 0 and "internal error" not in plan.stderr, plan.stderr
-    if damage is not _stat_bad:
+    if damage not in (_stat_bad, _durability_bad):  # these two are mended by any run
         code, text = fsck(built)
         assert code == 1 and "internal error" not in text, text
         assert "malformed" in text or "not a valid lockfile" in text
@@ -532,6 +536,12 @@ F32 = {"dtype": "F32", "shape": [2]}
         ),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "trailing bytes"),
         (b'   {"a": 1}', 0, "does not start with '{'"),
+        (
+            {"a": {"dtype": "U17", "shape": [2], "data_offsets": [0, 8]}},
+            8,
+            "unsupported dtype 'U17'",
+        ),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}, 8, "is not [begin, end]"),
     ],
     ids=[
         "overlap",
@@ -545,6 +555,8 @@ F32 = {"dtype": "F32", "shape": [2]}
         "bool-in-shape",
         "trailing",
         "leading-space",
+        "unknown-dtype",
+        "float-offset",
     ],
 )
 def test_malformed_safetensors_is_refused_naming_the_file(
@@ -610,6 +622,30 @@ def test_gc_killed_mid_delete_leaves_no_half_object(
     assert list((built / "cache" / "tmp").iterdir()) == []
     code, text = fsck(built)
     assert code == 0, text
+
+
+def test_clean_killed_mid_delete_leaves_no_half_output(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``clean`` renames an output aside (marker first) before deleting it: a kill mid-delete
+    never leaves a marked folder missing files, and the next make restores it from the cache."""
+    from graftbuild.cache import store as store_mod
+
+    before = outputs(built)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod.shutil, "rmtree", killed)
+    result = CliRunner().invoke(main, ["clean", str(built / RECIPE), "pack:x"])
+    assert result.exit_code == 130
+    monkeypatch.undo()
+    assert not (built / "out" / "packs" / "x").exists()
+    (aside,) = (built / "out" / "packs").glob(".x.graftbuild-old-*")
+    assert not (aside / ".graftbuild.json").exists()  # no longer claims to be an output
+    out = make_ok(built)
+    assert "restored" in out or "pack:x" in out
+    assert outputs(built) == before and not aside.exists()
 
 
 def test_sigterm_cleans_up_and_exits_like_sigint(built: Path, fork_server) -> None:

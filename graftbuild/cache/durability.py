@@ -133,6 +133,10 @@ def read_state(root: Path) -> dict[str, Any] | None:
         since = state["unsynced_since"]
         if since is not None:
             since = float(since)
+            if not 0 <= since < 1e12:  # NaN, infinite or negative: damage (a schema check
+                raise ValueError(since)  # without pydantic: the no-op path reads this file)
+        if not isinstance(state["boot"], str | None):
+            raise TypeError(state["boot"])
         return {"boot": state["boot"], "unsynced_since": since}
     except (ValueError, KeyError, TypeError):
         return {"boot": None, "unsynced_since": 0.0}

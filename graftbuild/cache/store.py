@@ -310,6 +310,20 @@ def owned(dest: Path) -> bool:
     )
 
 
+def remove_output(dest: Path) -> bool:
+    """Delete an output folder graftbuild wrote (``clean``); False when nothing is there. It is
+    renamed aside first and its marker goes first, so a deletion cut short leaves a hidden
+    leftover (cleared by the next materialisation), never a marked folder missing files. A path
+    that is not ours is a UserError (``owned``), never touched."""
+    dest = Path(os.path.abspath(dest))
+    if not owned(dest):
+        return False
+    aside = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
+    os.rename(dest, aside)
+    _remove_copy(aside)
+    return True
+
+
 def _is_real_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)

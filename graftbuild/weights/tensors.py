@@ -139,6 +139,8 @@ def parse_header(path: Path) -> tuple[dict[str, Any], int]:
             if not isinstance(entry, dict):
                 raise ValueError("not a table")
             dtype, lo_hi = entry["dtype"], entry["data_offsets"]
+            if dtype not in ST_ITEMSIZE:
+                raise ValueError(f"unsupported dtype {dtype!r:.20}")
             expected = _count(entry["shape"]) * ST_ITEMSIZE[dtype]
             if (
                 not isinstance(lo_hi, list)
