@@ -425,7 +425,7 @@ def test_fp16_pack_part_overflow_fails_naming_tensor_and_node(tmp_path: Path) ->
 def _stat_bad(root: Path) -> None:
     p = root / "cache" / "stat.json"
     data = json.loads(p.read_text())
-    keys = sorted(data)
+    keys = sorted(k for k in data if k.startswith(str(root)))  # this copy's own files
     data[keys[0]] = 5  # not a pair: a TypeError before
     data[keys[1]] = [[1, 2], 3]  # a short signature and a number for a hash
     data[keys[2]] = {"sig": 1}
@@ -433,7 +433,12 @@ def _stat_bad(root: Path) -> None:
 
 
 def _trace_bad(root: Path) -> None:
-    (p,) = (root / "cache" / "traces").glob("*.json")
+    recipe = str((root / RECIPE).resolve())
+    (p,) = [
+        t
+        for t in (root / "cache" / "traces").glob("*.json")
+        if json.loads(t.read_text())["recipe"] == recipe
+    ]
     data = json.loads(p.read_text())
     data["nodes"]["pack:x"] = ["not", "a", "trace"]
     data["nodes"]["fuse:release"] = {"key": 3, "parts": None, "output": "x"}
@@ -466,6 +471,7 @@ def _lock_bad(root: Path) -> None:
     ids=lambda f: f.__name__,
 )
 def test_malformed_state_file_is_treated_as_absent_and_mended(built: Path, damage) -> None:
+    make_ok(built)  # state files now name this copy's paths
     before = outputs(built)
     damage(built)
     plan = CliRunner().invoke(main, ["plan", str(built / RECIPE)])
