@@ -713,6 +713,13 @@ def test_empty_recipe_is_one_line(tmp_path: Path, text: str) -> None:
     assert "the recipe is empty" in one_line_error(result.stderr)
 
 
+def test_deeply_nested_recipe_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / RECIPE).write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    result = CliRunner().invoke(main, ["make", str(tmp_path / RECIPE)])
+    assert result.exit_code == 2
+    assert "invalid TOML: nested too deep" in one_line_error(result.stderr)
+
+
 def test_several_recipe_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / RECIPE).write_text('[project]\nname = "t"\n')
     result = CliRunner().invoke(main, ["make", str(tmp_path / RECIPE)])

@@ -114,12 +114,17 @@ def load_recipe(path: Path | str) -> Recipe:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML: nested too deep") from None
     if not data:
         raise UserError(
             f"{path}: the recipe is empty; declare [project], [base] and at least one "
             "[sources.NAME] (see README.md, Recipe reference)"
         )
-    _check_numbers(path, data)
+    try:
+        _check_numbers(path, data)
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML: nested too deep") from None
     try:
         links: dict[str, str] = {}
         recipe = Recipe.model_validate(data, context={"root": path.parent, "links": links})

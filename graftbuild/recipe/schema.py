@@ -463,7 +463,11 @@ class Recipe(Model):
         """A folder teacher's path, resolved against the recipe's folder."""
         t = self.sources[source].transfer
         assert t is not None and t.teacher not in self.teachers
-        return (self.root / Path(t.teacher).expanduser()).resolve()
+        path = self.root / Path(t.teacher).expanduser()
+        resolved = path.resolve()
+        if resolved != path:  # watched by the no-op record, like the paths resolved on load
+            self._links[str(path)] = str(resolved)
+        return resolved
 
     def source_model(self, name: str) -> str:
         """The node that produces a source's θ*: source:NAME, or sft:/dpo:NAME for transfer."""
