@@ -333,6 +333,25 @@ def test_weight_file_that_is_a_fifo_is_refused(built: Path) -> None:
     assert "source:x" in line and "found a FIFO" in line
 
 
+@pytest.mark.parametrize("which", ["recipe", "lockfile"])
+def test_recipe_or_lockfile_that_is_a_fifo_is_refused(built: Path, which: str) -> None:
+    if which == "recipe":
+        target = built / "fifo.toml"
+        os.mkfifo(target)
+        args = ["make", str(target)]
+    else:
+        target = built / "graftbuild.lock"
+        target.unlink()
+        os.mkfifo(target)
+        args = ["make", str(built / RECIPE), "--locked"]
+    before = state(built)
+    with deadline(60):
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.stderr
+    assert f"{target}: expected a regular file, found a FIFO" in one_line_error(result.stderr)
+    assert state(built) == before
+
+
 def test_data_file_that_is_a_fifo_is_refused(built: Path) -> None:
     """An eval's data file that is a FIFO: refused naming it, not waited on."""
     os.mkfifo(built / "heldout.txt")

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from graftbuild.cache.hashing import hash_obj, tree_hash_uncached
+from graftbuild.cache.hashing import hash_obj, open_regular, tree_hash_uncached
 from graftbuild.cache.integrity import read_manifest
 from graftbuild.cache.roots import register
 from graftbuild.errors import BuildError, UserError
@@ -72,7 +72,8 @@ def load(path: Path) -> dict[str, Any] | None:
     from pydantic import ValidationError
 
     try:
-        doc = json.loads(path.read_text())
+        with open(open_regular(path), encoding="utf-8") as f:  # a FIFO is refused, not read
+            doc = json.loads(f.read())
     except FileNotFoundError:
         return None
     except (ValueError, RecursionError) as e:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,8 @@ def check(recipe_path: Path, targets: list[str], override: Path | None) -> dict[
     """The last build's record if nothing it depended on changed since; None otherwise."""
     try:
         recipe_path = recipe_path.resolve()
+        if not stat.S_ISREG(os.stat(recipe_path).st_mode):  # a FIFO: never opened here
+            return None
         recipe_bytes = recipe_path.read_bytes()
         cache = cache_root(recipe_path, recipe_bytes, override)
         if durability.unsynced_elsewhere(cache):  # a reboot since a deferred build: recheck

@@ -89,9 +89,13 @@ _TRACE = TypeAdapter(BuiltTrace | InputTrace)
 
 def read_json(path: Path) -> Any:
     """The parsed JSON of ``path``; None when missing or unreadable (treated as absent)."""
+    from graftbuild.cache.files import open_regular
+    from graftbuild.errors import UserError
+
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        with open(open_regular(path), "rb") as f:  # not a FIFO: that would block
+            return json.loads(f.read())
+    except (OSError, ValueError, RecursionError, UserError):
         return None
 
 

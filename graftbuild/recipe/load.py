@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from graftbuild.cache.hashing import open_regular
 from graftbuild.errors import UserError
 from graftbuild.recipe.schema import (
     BaseSpec,
@@ -105,7 +106,8 @@ def _check_numbers(file: Path, data: Any, where: str = "") -> None:
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path).resolve()
     try:
-        data = tomllib.loads(path.read_text())
+        with open(open_regular(path), encoding="utf-8") as f:  # a FIFO is refused, not read
+            data = tomllib.loads(f.read())
     except FileNotFoundError:
         raise UserError(f"recipe not found: {path}") from None
     except IsADirectoryError:
