@@ -438,6 +438,27 @@ def test_fp16_pack_part_overflow_fails_naming_tensor_and_node(tmp_path: Path) ->
     assert not (root / "out" / "packs" / "x").exists()
 
 
+def test_config_refused_by_transformers_is_one_line_exit_2(tmp_path: Path) -> None:
+    """A base built from a config that transformers refuses (initializer_range 1e39): exit 2 in
+    one line naming the config file and the base node, nothing cached (it was a multi-line
+    "step failed", exit 1)."""
+    from conftest import TINY_LLAMA, TOKENIZER
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA | {"initializer_range": 1e39}))
+    (tmp_path / "models").mkdir()
+    (tmp_path / RECIPE).write_text(
+        '[project]\nname = "t"\ncache = "cache"\n'
+        f'[base]\nconfig = "config.json"\ntokenizer = "{TOKENIZER}"\nseed = 0\n'
+        '[sources.x]\npath = "models/x"\n'
+    )
+    result = CliRunner().invoke(main, ["make", str(tmp_path / RECIPE), "base"])
+    assert result.exit_code == 2, result.stderr
+    line = one_line_error(result.stderr)
+    assert line.startswith("error: base: ") and "config.json: not a valid llama config" in line
+    assert "initializer_range" in line
+    assert list((tmp_path / "cache" / "objects").rglob("*")) == []
+
+
 # -- 5. every on-disk state file is validated; malformed is absent, fsck --repair mends ---------
 
 

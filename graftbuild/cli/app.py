@@ -34,6 +34,16 @@ from graftbuild.errors import GraftbuildError, describe_os_error
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a wrapped library error, a list of drifted nodes): every error
+    ends as exactly one line on stderr, whatever raised it."""
+    out = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:
+            out += (" " if not out or out.endswith(":") else "; ") + part
+    return out.strip()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same clean-up runs (staging folders removed,
     the lock released, no half-written object or output); exit code 143."""
@@ -52,7 +62,7 @@ class _Group(click.Group):
         except GraftbuildError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
@@ -71,7 +81,9 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(
-                f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)", err=True
+                f"error: internal error: {type(e).__name__}: {one_line(str(e))} "
+                "(rerun with --debug)",
+                err=True,
             )
             sys.exit(1)
 
