@@ -131,6 +131,7 @@ class Engine:
         against it instead)."""
         from graftbuild.build import lockfile
         from graftbuild.build.runners.local import LocalRunner
+        from graftbuild.cache.store import owned
 
         def waiting(pid: str) -> None:
             self.reporter.log(
@@ -141,6 +142,9 @@ class Engine:
             self.store.clean_tmp()  # what a killed build left; no other build runs now
             if self.outputs:
                 check_writable(self.graph.order(targets), self.store.root)
+                for node in self.graph.order(targets):  # before any work, not after packing
+                    if node.output is not None:
+                        owned(node.output)
             self.traces = self.store.load_traces(self.recipe.path)  # type: ignore[arg-type]
             try:
                 if locked:
@@ -200,15 +204,17 @@ class Engine:
                         else:
                             results[node.id] = self.finish(visit, outputs, began=began)
                     except GraftbuildError as e:
-                        # a user error found visiting this node (its input folder, a file)
-                        e.node = e.node or node.id
-                        results[node.id] = NodeResult(node.id, "stale", [str(e)], action="failed")
+                        # a user error found visiting this node (its input folder, a file):
+                        # the message names the node
+                        err = named(node.id, e)
+                        err.node = e.node or node.id
+                        results[node.id] = NodeResult(node.id, "stale", [str(err)], action="failed")
                         if not self._dry:
                             self.reporter.event(
-                                "failed", node=node.id, exit_code=e.exit_code, message=str(e)
+                                "failed", node=node.id, exit_code=err.exit_code, message=str(err)
                             )
-                        e.result = self._result(order, results)
-                        raise
+                        err.result = self._result(order, results)
+                        raise err from None
                 if not building:
                     if stopping or not pending or not started:
                         break
@@ -459,7 +465,7 @@ def _took(timing: dict[str, Any] | None) -> float | None:
 def named(node_id: str, error: GraftbuildError) -> GraftbuildError:
     """``error`` with its message starting with the node it happened in."""
     message = str(error)
-    if message.startswith(f"{node_id}:"):
+    if message.startswith(f"{node_id}:") or f": {node_id}:" in message:
         return error
     renamed = type(error)(f"{node_id}: {message}")
     renamed.__cause__ = error.__cause__

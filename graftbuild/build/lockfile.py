@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from graftbuild.cache.hashing import hash_obj, tree_hash_uncached
+from graftbuild.cache.hashing import hash_obj, open_regular, tree_hash_uncached
 from graftbuild.cache.integrity import read_manifest
 from graftbuild.cache.roots import register
 from graftbuild.errors import BuildError, UserError
@@ -65,15 +65,70 @@ def environment(settings: BuildSettings) -> dict[str, Any]:
 
 
 def load(path: Path) -> dict[str, Any] | None:
+    """The lockfile at ``path`` (None: there is none), validated by its schema (``LockDoc``):
+    a lock of the wrong shape is a UserError naming the file and the first bad key, never a
+    crash further on. ``make`` replaces such a lock; ``--locked``, ``verify`` and ``gc``
+    refuse it."""
+    from pydantic import ValidationError
+
     try:
-        doc = json.loads(path.read_text())
+        with open(open_regular(path), encoding="utf-8") as f:  # a FIFO is refused, not read
+            doc = json.loads(f.read())
     except FileNotFoundError:
         return None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: not a valid lockfile ({e})") from None
     if not isinstance(doc, dict) or doc.get("graftbuild_lock") != LOCK_FORMAT:
         raise UserError(f"{path}: not a graftbuild lockfile of format {LOCK_FORMAT}")
+    try:
+        _lock_schema().model_validate(doc)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{path}: not a valid lockfile ({where}: {first['msg']})") from None
     return doc
+
+
+def _lock_schema() -> Any:
+    """The lockfile's pydantic schema (built on first use: pydantic stays off the no-op path)."""
+    global _LOCK_DOC
+    if _LOCK_DOC is not None:
+        return _LOCK_DOC
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+    class Loose(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+    class Dep(Loose):
+        node: StrictStr
+        hash: StrictStr
+
+    class FileRef(Loose):
+        path: StrictStr
+        hash: StrictStr
+
+    class LockNode(Loose):
+        step: StrictStr
+        output: StrictStr
+        output_files: dict[str, StrictStr] = Field(default_factory=dict)
+        key: StrictStr | None = None
+        components: dict[str, StrictInt] = Field(default_factory=dict)
+        config: dict[str, Any] = Field(default_factory=dict)
+        deps: dict[str, Dep] = Field(default_factory=dict)
+        files: dict[str, FileRef] = Field(default_factory=dict)
+        env: StrictStr | None = None
+
+    class LockDoc(Loose):
+        graftbuild_lock: StrictInt
+        nodes: dict[str, LockNode] = Field(default_factory=dict)
+        environments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+        recipe: StrictStr | None = None
+
+    _LOCK_DOC = LockDoc
+    return LockDoc
+
+
+_LOCK_DOC: Any = None
 
 
 def dumps(doc: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from graftbuild import __version__
 from graftbuild.cache import durability
 from graftbuild.cache.hashing import hash_bytes, hash_obj, iter_files, signature
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 PACKAGE = Path(__file__).resolve().parents[1]
 """graftbuild's own source tree (its files are watched)."""
 
@@ -79,9 +80,11 @@ def save(
     seen: dict[str, list[int]],
     nodes: list[dict[str, Any]],
     gates: list[dict[str, Any]] | None = None,
+    links: dict[str, str] | None = None,
 ) -> None:
     """Record a successful build. ``seen``: input paths -> signatures from the stat cache;
-    ``nodes``: id, action, output, output_hash of each node, in build order."""
+    ``nodes``: id, action, output, output_hash of each node, in build order; ``links``: each
+    recipe path as written -> what it resolved to (a retargeted link voids the record)."""
     watched = dict(seen)
     for n in nodes:
         if n.get("object"):
@@ -101,6 +104,7 @@ def save(
         "watched": watched,
         "nodes": nodes,
         "gates": gates or [],
+        "links": links or {},
     }
     path = record_path(cache, recipe_path, targets)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +117,8 @@ def check(recipe_path: Path, targets: list[str], override: Path | None) -> dict[
     """The last build's record if nothing it depended on changed since; None otherwise."""
     try:
         recipe_path = recipe_path.resolve()
+        if not stat.S_ISREG(os.stat(recipe_path).st_mode):  # a FIFO: never opened here
+            return None
         recipe_bytes = recipe_path.read_bytes()
         cache = cache_root(recipe_path, recipe_bytes, override)
         if durability.unsynced_elsewhere(cache):  # a reboot since a deferred build: recheck
@@ -129,6 +135,9 @@ def check(recipe_path: Path, targets: list[str], override: Path | None) -> dict[
             return None
         for path, sig in record["watched"].items():
             if signature(path) != sig:
+                return None
+        for path, target in record["links"].items():  # resolved as the planner resolves them
+            if os.path.realpath(path) != target:
                 return None
         return record
     except Exception:  # no record, unreadable record, a path gone: the planner decides

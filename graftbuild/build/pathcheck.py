@@ -43,7 +43,18 @@ def check_overlaps(graph: BuildGraph, cache: Path) -> None:
                 f"{where}: {n.kind} name {n.name!r} cannot be used as a folder name "
                 "(no '/', '\\', '.' or '..')"
             )
+        if len(n.name.encode()) > MAX_NAME:
+            raise UserError(
+                f"{where}: {n.kind} name {n.name[:40]!r}... is {len(n.name.encode())} bytes long; "
+                f"names become folder and file names, at most {MAX_NAME} bytes"
+            )
     cache = cache.resolve()
+    for what, p in _inputs(graph):
+        if _overlap(cache, p):
+            raise UserError(
+                f"{where}: the cache folder ({cache}) overlaps {what} ({p}); the cache would "
+                "change the input it is built from: put the cache outside the build's inputs"
+            )
     outputs = [(n.id, n.output.resolve()) for n in graph.order() if n.output is not None]
     inputs = _inputs(graph)
     for node_id, out in outputs:
@@ -58,6 +69,8 @@ def check_overlaps(graph: BuildGraph, cache: Path) -> None:
                 f"{where}: the output of {node_id} ({out}) overlaps the cache folder ({cache}); "
                 "choose an output path outside the cache"
             )
+    for node_id, out in outputs:
+        _check_path_length(where, node_id, out)
     for i, (node_id, out) in enumerate(outputs):
         for other, p in outputs[i + 1 :]:
             if _overlap(out, p):
@@ -65,6 +78,44 @@ def check_overlaps(graph: BuildGraph, cache: Path) -> None:
                     f"{where}: the outputs of {node_id} ({out}) and {other} ({p}) overlap; "
                     "give each an output folder of its own"
                 )
+
+
+MAX_NAME = 128
+"""Longest node name, in bytes: it becomes a folder name, and with a prefix and a suffix the
+names of staging folders, so it must stay well under the file system's 255."""
+SPARE = 64  # what materialising adds to an output folder's name (".NAME.graftbuild-tmp-XXXX")
+
+
+def _check_path_length(where: object, node_id: str, out: Path) -> None:
+    """UserError unless every component of an output path, plus the suffix of the staging
+    folder assembled beside it, fits the file system's limits: refused before anything is
+    built, not after hours of packing."""
+    try:
+        name_max = os.pathconf(_existing(out), "PC_NAME_MAX")
+        path_max = os.pathconf(_existing(out), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in out.parts:
+        if len(part.encode()) + SPARE > name_max:
+            raise UserError(
+                f"{where}: the output of {node_id}: folder name {part[:40]!r}... is "
+                f"{len(part.encode())} bytes; at most {name_max - SPARE} fit this file system"
+            )
+    if len(str(out).encode()) + SPARE + 256 > path_max:
+        raise UserError(
+            f"{where}: the output path of {node_id} is {len(str(out).encode())} bytes long; "
+            f"at most {path_max - SPARE - 256} fit this file system"
+        )
+
+
+def _existing(path: Path) -> Path:
+    while path != path.parent:
+        try:
+            os.stat(path)
+            return path
+        except OSError:  # missing, or a name too long to exist
+            path = path.parent
+    return path
 
 
 def check_writable(nodes: list[Node], cache: Path) -> None:

@@ -133,6 +133,10 @@ def read_state(root: Path) -> dict[str, Any] | None:
         since = state["unsynced_since"]
         if since is not None:
             since = float(since)
+            if not 0 <= since < 1e12:  # NaN, infinite or negative: damage (a schema check
+                raise ValueError(since)  # without pydantic: the no-op path reads this file)
+        if not isinstance(state["boot"], str | None):
+            raise TypeError(state["boot"])
         return {"boot": state["boot"], "unsynced_since": since}
     except (ValueError, KeyError, TypeError):
         return {"boot": None, "unsynced_since": 0.0}
@@ -223,7 +227,7 @@ def _recover_locked(root: Path, state: dict[str, Any]) -> None:
 
 
 def _recorded_before(entry: Any, since_ns: int) -> bool:
-    """A stat-cache entry ``[[size, mtime_ns, ctime_ns, inode], hash]`` for a file last
+    """A stat-cache entry ``[[size, mtime_ns, ctime_ns, inode, nlink], hash]`` for a file last
     written before the window opened (anything unexpected is dropped)."""
     try:
         return int(entry[0][1]) < since_ns

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 @dataclass
 class Problem:
     kind: str
-    """"object", "output" or "action"."""
+    """"object", "output", "action" or "state" (the stat cache, traces, lock registry)."""
     path: str
     problem: str
     repaired: bool = False
@@ -47,6 +47,7 @@ def run_fsck(
     folder) of a recipe's nodes) materialised from it. The caller holds the store's lock."""
     from graftbuild.cache.hashing import hash_file
     from graftbuild.cache.integrity import check_copy, check_object, read_manifest
+    from graftbuild.cache.schemas import action_output, read_json
     from graftbuild.cache.store import MARKER
 
     report = FsckReport()
@@ -72,17 +73,14 @@ def run_fsck(
         corrupt.add(digest)
         report.problems.append(Problem("object", str(obj), problem, repaired=repair))
         if repair:
-            store.discard(digest)
+            store.discard_path(obj)
 
     for entry in sorted((store.root / "actions").glob("*/*.json")):
-        try:
-            ok = isinstance(json.loads(entry.read_text()).get("output"), str)
-        except (ValueError, AttributeError, OSError):
-            ok = False
-        if not ok:
-            report.problems.append(Problem("action", str(entry), "unreadable", repaired=repair))
+        if action_output(read_json(entry)) is None:
+            report.problems.append(Problem("action", str(entry), "malformed", repaired=repair))
             if repair:
                 entry.unlink(missing_ok=True)
+    _check_state(store, report, repair)
 
     for node_id, dest in outputs or []:
         if not (dest / MARKER).is_file():
@@ -109,3 +107,41 @@ def run_fsck(
     store.stat_cache.dirty = True
     store.stat_cache.save()
     return report
+
+
+def _check_state(store: Store, report: FsckReport, repair: bool) -> None:
+    """Report (and with ``repair`` drop) entries of the state files that do not match their
+    schemas (cache/schemas.py). Builds already treat them as absent; repairing rewrites the
+    files without them. The stat cache is rewritten without them by every run."""
+    from graftbuild.cache import roots
+    from graftbuild.cache.schemas import read_json, registry_locks, trace_nodes
+    from graftbuild.cache.store import atomic_write
+
+    if store.stat_cache.dropped:
+        where = str(store.root / "stat.json")
+        why = f"{store.stat_cache.dropped} malformed entries (ignored; dropped when saved)"
+        report.problems.append(Problem("state", where, why, repaired=True))
+    for path in sorted((store.root / "traces").glob("*.json")):
+        data = read_json(path)
+        nodes, dropped = trace_nodes(data)
+        if data is None and path.stat().st_size:
+            dropped = 1
+        if not dropped:
+            continue
+        report.problems.append(
+            Problem("state", str(path), f"{dropped} malformed trace entries", repaired=repair)
+        )
+        if repair:
+            recipe = data.get("recipe") if isinstance(data, dict) else None
+            atomic_write(path, json.dumps({"recipe": recipe, "nodes": nodes}, sort_keys=True))
+    reg = store.root / roots.REGISTRY
+    data = read_json(reg)
+    locks, dropped = registry_locks(data)
+    if data is None and reg.is_file() and reg.stat().st_size:
+        dropped = 1
+    if dropped:
+        report.problems.append(
+            Problem("state", str(reg), f"{dropped} malformed lock registrations", repaired=repair)
+        )
+        if repair:
+            roots.save(store, locks)

@@ -10,7 +10,6 @@ disk because output folders hard-link the same files.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -51,6 +50,7 @@ def collect(
     the registered ones and ``extra_locks``; ``pinned_by(lock)`` gives the objects one pins
     (None: it no longer exists) and raises UserError when it cannot be read."""
     from graftbuild.cache import roots as registry_file
+    from graftbuild.cache.schemas import action_output, read_json
 
     report = GcReport()
     with store.lock():
@@ -91,19 +91,16 @@ def collect(
         removed = set(report.removed)
         stale_actions = []
         for a in sorted((store.root / "actions").glob("*/*.json")):
-            try:
-                out = json.loads(a.read_text()).get("output")
-            except (ValueError, AttributeError, OSError):
-                out = None
-            if out in removed or not isinstance(out, str) or not store.has_object(out):
+            out = action_output(read_json(a))
+            if out is None or out in removed or not store.has_object(out):
                 stale_actions.append(a)
         report.actions_removed = len(stale_actions)
         if dry_run:
             return report
         for a in stale_actions:  # actions first: never an action pointing at a missing object
             a.unlink(missing_ok=True)
-        for obj in garbage:
-            shutil.rmtree(obj)
+        for obj in garbage:  # renamed out of objects/ first: never a half-deleted object
+            store.discard_path(obj)
         for p in leftovers:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Content hashes (xxh3-128) of bytes, files and folders, and the stat cache that avoids re-reading.
 
-A file's hash is reused without reading it while its (size, mtime_ns, ctime_ns, inode) are
-unchanged. ctime is part of the signature because tools that restore mtimes (rsync -t, tar,
-``touch -d``) would otherwise hide a change; ctime cannot be set from user space.
+A file's hash is reused without reading it while its (size, mtime_ns, ctime_ns, inode, link
+count) are unchanged. ctime is part of the signature because tools that restore mtimes (rsync
+-t, tar, ``touch -d``) would otherwise hide a change; ctime cannot be set from user space.
 """
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import xxhash
+
+from graftbuild.cache.files import file_kind, open_regular
+from graftbuild.errors import UserError
+
+__all__ = ["file_kind", "open_regular"]  # re-exported: the one door for reading files
 
 CHUNK = 1 << 20  # 1 MiB reads: the copy stays in cache for the hash (8 MiB ran ~1.5x slower here)
 
@@ -39,7 +45,7 @@ def hash_file(path: Path) -> str:
     """xxh3-128 of a file's bytes. A large file is read by a second thread while this one
     hashes what it has read (both release the GIL): a warm 2 GB file hashed at 0.97x the rate of
     ``cat`` this way, against 0.78x reading and hashing in turn."""
-    with open(path, "rb", buffering=0) as f:
+    with open(open_regular(path), "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):  # a larger read-ahead for cold files
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         if os.fstat(f.fileno()).st_size >= PIPELINE_MIN:
@@ -92,12 +98,24 @@ def _hash_pipelined(f: Any, buffers: int = 4) -> str:
 
 
 def _signature(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink]
 
 
 def signature(path: str | Path) -> list[int]:
-    """(size, mtime_ns, ctime_ns, inode) of a file or folder: what the stat cache trusts."""
+    """(size, mtime_ns, ctime_ns, inode, link count) of a file or folder: what the stat cache
+    trusts."""
     return _signature(os.stat(path))
+
+
+OBJECT_META = (".graftbuild-object.json", ".graftbuild.json")
+"""Our own marker files: the only files of an object or output folder outside its hash."""
+
+
+def is_object_file(rel: str) -> bool:
+    """Which files of a cache object count towards its content hash: every file but our own
+    markers. Hidden files and markdown are copied into outputs like any other, so they must be
+    covered (a changed model card or an injected dotfile is a different object)."""
+    return rel not in OBJECT_META
 
 
 def is_tracked(rel: str) -> bool:
@@ -118,17 +136,30 @@ def iter_files(
     """(relative posix path, path) of the regular files under ``root``, sorted, filtered.
 
     ``on_dir`` is called with every folder walked (the no-op record watches them: a file added
-    to a folder changes the folder's mtime)."""
+    to a folder changes the folder's mtime). Hidden folders are walked only when ``keep``
+    accepts a hidden name (objects: ``is_object_file``)."""
     out: list[tuple[str, Path]] = []
+    walk_hidden = keep(".x/y")
     for dirpath, dirnames, filenames in os.walk(root):
         if on_dir is not None:
             on_dir(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if walk_hidden or not d.startswith("."))
         for name in filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            if keep(rel) and p.is_file():
+            if not keep(rel):
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:  # a dangling link: nothing to read
+                continue
+            if stat.S_ISREG(mode):
                 out.append((rel, p))
+            elif not stat.S_ISDIR(mode):  # never opened: reading a FIFO would block
+                raise UserError(
+                    f"{p}: expected a regular file, found {file_kind(mode)}; "
+                    "graftbuild reads only regular files"
+                )
     return iter(sorted(out))
 
 
@@ -159,14 +190,19 @@ class StatCache:
         self.hashed: list[Path] = []
         self.seen: dict[str, list[int]] = {}
         self.dirty = False
+        self.dropped = 0
+        """Malformed entries found (and left out) when loading."""
 
     @classmethod
     def load(cls, path: Path) -> StatCache:
-        try:
-            entries = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            entries = {}
-        return cls(path=path, entries=entries if isinstance(entries, dict) else {})
+        """The stat cache saved at ``path``; malformed entries are dropped (cache/schemas.py)."""
+        from graftbuild.cache.schemas import read_json, stat_entries
+
+        entries, dropped = stat_entries(read_json(path))
+        cache = cls(path=path, entries=entries)
+        cache.dropped = dropped
+        cache.dirty = bool(dropped)  # saved without them
+        return cache
 
     def file(self, path: Path) -> str:
         path = Path(os.path.abspath(path))
@@ -195,7 +231,14 @@ class StatCache:
         if hit is not None:
             sig = _signature(path.stat())
             old = hit[0]
-            if len(old) == 4 and [old[0], old[1], old[3]] == [sig[0], sig[1], sig[3]]:
+            # A ctime change is trusted only together with a link-count change (an output
+            # linked or unlinked); a ctime that moved alone is a write, chmod or utime on the
+            # object file itself (an in-place flip with its mtime restored): re-read.
+            if old == sig or (
+                len(old) == 5
+                and [old[0], old[1], old[3]] == [sig[0], sig[1], sig[3]]
+                and old[4] != sig[4]
+            ):
                 self.seen[str(path)] = sig
                 if old != sig:
                     self.entries[str(path)] = [sig, hit[1]]
@@ -234,13 +277,11 @@ class StatCache:
 
     def _save(self, target: Path) -> None:
         # Merge with what another process may have written since we loaded.
-        try:
-            on_disk = json.loads(target.read_text())
-        except (FileNotFoundError, ValueError):
-            on_disk = {}
-        if isinstance(on_disk, dict):
-            on_disk.update(self.entries)
-            self.entries = on_disk
+        from graftbuild.cache.schemas import read_json, stat_entries
+
+        on_disk, _ = stat_entries(read_json(target))
+        on_disk.update(self.entries)
+        self.entries = on_disk
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.entries, sort_keys=True))
@@ -250,10 +291,15 @@ class StatCache:
         self.dirty = False
 
 
-def tree_hash_uncached(root: Path, hasher: Callable[[Path], str] = hash_file) -> TreeHash:
-    """Hash of a folder read in full (for objects freshly written by a step; ``hasher=
-    hash_written`` takes the hashes their writers recorded instead of reading those files)."""
-    files = {rel: hasher(p) for rel, p in iter_files(root)}
+def tree_hash_uncached(
+    root: Path,
+    hasher: Callable[[Path], str] = hash_file,
+    keep: Callable[[str], bool] = is_object_file,
+) -> TreeHash:
+    """Hash of an object folder read in full (for objects freshly written by a step; ``hasher=
+    hash_written`` takes the hashes their writers recorded instead of reading those files).
+    Every file but our markers counts (``is_object_file``)."""
+    files = {rel: hasher(p) for rel, p in iter_files(root, keep)}
     return TreeHash(combine(files), files)
 
 

@@ -16,9 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graftbuild.cache import durability
-from graftbuild.cache.hashing import TreeHash, combine, hash_written, iter_files, tree_hash_uncached
+from graftbuild.cache.hashing import (
+    OBJECT_META,
+    TreeHash,
+    combine,
+    hash_written,
+    is_object_file,
+    iter_files,
+    tree_hash_uncached,
+)
 
-MANIFEST = ".graftbuild-object.json"
+MANIFEST = OBJECT_META[0]
 
 Hasher = Callable[[Path], str]
 
@@ -53,7 +61,10 @@ def check_object(obj: Path, digest: str, hasher: Hasher) -> str | None:
     (naming the file)."""
     if not obj.is_dir():
         return "missing"
-    files = dict(iter_files(obj))
+    odd = not_regular(obj)
+    if odd is not None:
+        return f"{odd}: not a regular file"
+    files = dict(iter_files(obj, is_object_file))
     manifest = read_manifest(obj)
     if manifest is None:  # no manifest: only the folder's hash as a whole can be checked
         hashes = {rel: hasher(p) for rel, p in files.items()}
@@ -82,7 +93,9 @@ def check_copy(obj: Path, dest: Path, hasher: Hasher) -> str | None:
     """
     manifest = read_manifest(obj)
     if manifest is None:
-        manifest = {rel: (p.stat().st_size, hasher(p)) for rel, p in iter_files(obj)}
+        manifest = {
+            rel: (p.stat().st_size, hasher(p)) for rel, p in iter_files(obj, is_object_file)
+        }
     for rel, (size, h) in sorted(manifest.items()):
         try:
             st = (dest / rel).stat()
@@ -95,4 +108,20 @@ def check_copy(obj: Path, dest: Path, hasher: Hasher) -> str | None:
             continue
         if hasher(dest / rel) != h:
             return f"{rel}: changed (hash mismatch)"
+    return None
+
+
+def not_regular(obj: Path) -> str | None:
+    """The first entry of an object that is neither a folder nor a regular file (a symlink, a
+    FIFO, a device): objects hold only files graftbuild wrote, so such an entry is damage or an
+    injection (an archive from a remote cache), never part of the object."""
+    import os
+    import stat
+
+    for dirpath, dirnames, filenames in os.walk(obj):
+        for name in sorted(filenames) + sorted(dirnames):
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return os.path.relpath(path, obj)
     return None

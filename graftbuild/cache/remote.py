@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from graftbuild.cache.hashing import iter_files, tree_hash_uncached
+from graftbuild.cache.integrity import not_regular
 from graftbuild.cache.store import Store
 from graftbuild.errors import BuildError, UserError
 
@@ -191,6 +192,9 @@ class Remote:
                 # OSError covers a truncated stream; a network error is one too and is treated
                 # the same way: this object is not usable now.
                 return self._reject(digest, node_id, f"unreadable archive ({e})")
+            odd = not_regular(out)
+            if odd is not None:
+                return self._reject(digest, node_id, f"{odd} is not a regular file")
             actual = tree_hash_uncached(out).digest
             if actual != digest:
                 return self._reject(digest, node_id, f"content hash is {actual}")

@@ -36,9 +36,6 @@ def save(store: Store, registry: dict[str, str]) -> None:
 
 def registered(store: Store) -> dict[str, str]:
     """Lockfile path -> recipe path, for every lock written by a build into this cache."""
-    try:
-        doc = json.loads((store.root / REGISTRY).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    locks = doc.get("locks") if isinstance(doc, dict) else None
-    return dict(locks) if isinstance(locks, dict) else {}
+    from graftbuild.cache.schemas import read_json, registry_locks
+
+    return registry_locks(read_json(store.root / REGISTRY))[0]  # malformed entries: absent

@@ -14,9 +14,9 @@ An object appears under ``objects/`` only by an atomic rename of a complete fold
 that carries its manifest, and an action entry is written only after its object exists, so a
 crash leaves at most garbage in ``tmp/`` (cleared by the next build), never a half-written object
 that looks whole. An object is checked against its manifest every time a build uses it (cheaply,
-through the stat cache: only files whose size, mtime or inode changed are re-read; a ctime
-change alone is an output folder linking or unlinking it) and a corrupt one is removed
-and rebuilt; ``graftbuild fsck`` re-reads everything.
+through the stat cache: only files whose size, mtime or inode changed, or whose ctime changed
+without their link count changing (an output folder linking or unlinking them), are re-read)
+and a corrupt one is removed and rebuilt; ``graftbuild fsck`` re-reads everything.
 
 Whether object data is fsynced before that rename depends on the durability mode: ``make``
 defers it to the kernel by default (``--fsync``: immediate). After a crash or power cut that may
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from graftbuild.cache import durability
-from graftbuild.cache.hashing import StatCache, hash_file, hash_obj, iter_files
+from graftbuild.cache.hashing import StatCache, file_kind, hash_file, hash_obj, iter_files
 from graftbuild.cache.integrity import (
     MANIFEST,
     check_copy,
@@ -125,10 +125,14 @@ class Store:
     def discard(self, digest: str) -> None:
         """Remove a (corrupt) object: renamed out of ``objects/`` first, so it is never seen
         half-deleted."""
-        obj = self.object_path(digest)
+        self.discard_path(self.object_path(digest))
+
+    def discard_path(self, obj: Path) -> None:
+        """Remove one entry of ``objects/`` crash-safely: renamed into ``tmp/`` (cleared by the
+        next build if this process dies) before anything in it is deleted."""
         trash = Path(tempfile.mkdtemp(prefix="discard.", dir=self.root / "tmp"))
         with contextlib.suppress(FileNotFoundError):
-            os.rename(obj, trash / digest)
+            os.rename(obj, trash / obj.name)
         shutil.rmtree(trash, ignore_errors=True)
 
     def clean_tmp(self) -> None:
@@ -149,19 +153,17 @@ class Store:
 
     def lookup(self, key: str) -> str | None:
         """The output hash recorded for a key, if its object is still present."""
-        try:
-            entry = json.loads(self._action_path(key).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        digest = entry.get("output")
-        if not isinstance(digest, str) or not self.has_object(digest):
+        from graftbuild.cache.schemas import action_output, read_json
+
+        digest = action_output(read_json(self._action_path(key)))  # malformed: absent
+        if digest is None or not self.has_object(digest):
             return None
         return digest
 
     def record(self, key: str, digest: str, node_id: str) -> None:
         path = self._action_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps({"output": digest, "node": node_id, "time": time.time()}))
+        atomic_write(path, json.dumps({"output": digest, "node": node_id, "time": time.time()}))
 
     # -- traces --------------------------------------------------------------------------------
 
@@ -169,15 +171,13 @@ class Store:
         return self.root / "traces" / f"{hash_obj(str(recipe))[:16]}.json"
 
     def load_traces(self, recipe: Path) -> dict[str, Any]:
-        try:
-            data = json.loads(self._trace_path(recipe).read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return data.get("nodes", {}) if isinstance(data, dict) else {}
+        from graftbuild.cache.schemas import read_json, trace_nodes
+
+        return trace_nodes(read_json(self._trace_path(recipe)))[0]  # malformed entries: absent
 
     def save_traces(self, recipe: Path, nodes: dict[str, Any]) -> None:
         payload = {"recipe": str(recipe), "nodes": nodes}
-        _atomic_write(self._trace_path(recipe), json.dumps(payload, sort_keys=True, indent=1))
+        atomic_write(self._trace_path(recipe), json.dumps(payload, sort_keys=True, indent=1))
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -209,15 +209,10 @@ class Store:
     def output_problem(self, digest: str, dest: Path) -> str | None:
         """None if ``dest`` holds the (already verified) object unchanged, else why not."""
         dest = Path(os.path.abspath(dest))
-        if not dest.exists():
+        if not owned(dest):
             return "missing"
         try:
             current = json.loads((dest / MARKER).read_text()).get("object")
-        except FileNotFoundError:
-            raise UserError(
-                f"output folder {dest} exists and was not written by graftbuild; "
-                "move it away or choose another output path"
-            ) from None
         except (OSError, ValueError, AttributeError):
             return f"its marker {MARKER} is damaged"
         if current != digest:
@@ -239,6 +234,7 @@ class Store:
         materialisation are removed first. ``reason`` forces a rewrite (``fsck --repair``).
         """
         dest = Path(os.path.abspath(dest))
+        exists = owned(dest)  # a path that is not ours is refused before anything is touched
         why = reason or self.output_problem(digest, dest)
         if why is None:
             return None
@@ -246,7 +242,8 @@ class Store:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             for stale in dest.parent.glob(f".{glob.escape(dest.name)}.graftbuild-*"):
-                _remove_copy(stale)
+                if _is_real_dir(stale):  # only folders we set aside; a user's file stays
+                    _remove_copy(stale)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.graftbuild-tmp-", dir=dest.parent))
             tmp.chmod(0o777 & ~_umask())
         except OSError as e:
@@ -263,8 +260,8 @@ class Store:
                     _copy_durably(p, target)
                     if rel in hashes:
                         copied.append((dest / rel, hashes[rel]))
-            _atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
-            if dest.exists():
+            atomic_write(tmp / MARKER, json.dumps({"object": digest, "node": node_id}))
+            if exists:
                 old = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
                 os.rename(dest, old)
                 os.rename(tmp, dest)
@@ -281,6 +278,57 @@ class Store:
         for path, h in copied:
             self.stat_cache.remember(path, h)
         return why
+
+
+def owned(dest: Path) -> bool:
+    """Whether ``dest`` is an output folder graftbuild wrote: False when nothing is there, True
+    for a real folder (not a symlink) carrying our marker as a regular file, and a UserError
+    naming the path for anything else (a user's file or folder, a symlink, a device node).
+
+    The one test every operation that replaces or deletes an output path goes through
+    (materialise, ``clean``): a path that is not ours is never moved, replaced or deleted."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise UserError(f"output path {dest}: a parent of it is a file, not a folder") from None
+    if stat.S_ISLNK(st.st_mode):
+        what = "a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        what = "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+    else:
+        try:
+            if stat.S_ISREG(os.lstat(dest / MARKER).st_mode):
+                return True
+        except FileNotFoundError:
+            pass
+        what = "a folder"
+    raise UserError(
+        f"output path {dest} is {what} that was not written by graftbuild; "
+        "move it away or choose another output path"
+    )
+
+
+def remove_output(dest: Path) -> bool:
+    """Delete an output folder graftbuild wrote (``clean``); False when nothing is there. It is
+    renamed aside first and its marker goes first, so a deletion cut short leaves a hidden
+    leftover (cleared by the next materialisation), never a marked folder missing files. A path
+    that is not ours is a UserError (``owned``), never touched."""
+    dest = Path(os.path.abspath(dest))
+    if not owned(dest):
+        return False
+    aside = dest.with_name(f".{dest.name}.graftbuild-old-{os.getpid()}")
+    os.rename(dest, aside)
+    _remove_copy(aside)
+    return True
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
@@ -307,7 +355,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -7,7 +7,9 @@ shows the traceback instead. Each command lives in ``graftbuild/commands/``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -33,6 +35,25 @@ from graftbuild.errors import GraftbuildError, describe_os_error
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a wrapped library error, a list of drifted nodes): every error
+    ends as exactly one line on stderr, whatever raised it."""
+    out = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:
+            out += (" " if not out or out.endswith(":") else "; ") + part
+    return out.strip()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (staging folders removed,
+    the lock released, no half-written object or output); exit code 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 class _Group(click.Group):
     """Turns our errors into one line and an exit code (a traceback only with --debug)."""
 
@@ -42,7 +63,7 @@ class _Group(click.Group):
         except GraftbuildError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
@@ -51,14 +72,19 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {describe_os_error(e)}", err=True)
             sys.exit(1)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); nothing half-written was kept", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing half-written was kept", err=True)
+            click.echo("error: interrupted; nothing half-written was kept", err=True)
             sys.exit(130)
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(
-                f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)", err=True
+                f"error: internal error: {type(e).__name__}: {one_line(str(e))} "
+                "(rerun with --debug)",
+                err=True,
             )
             sys.exit(1)
 
@@ -70,6 +96,8 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """graftbuild: a declarative, incremental build system for LLM weights."""
     ctx.obj = {"debug": debug}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 main.add_command(make)

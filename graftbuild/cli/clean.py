@@ -9,7 +9,6 @@ rebuilding); ``graftbuild gc`` is what frees cache space.
 from __future__ import annotations
 
 import json
-import shutil
 
 import click
 
@@ -23,7 +22,8 @@ from graftbuild.cli.common import console, split_args
 def clean(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Remove the output folders graftbuild materialised for the recipe (the cache stays)."""
     from graftbuild.build.graph import build_graph
-    from graftbuild.cache.store import MARKER
+    from graftbuild.cache.store import owned, remove_output
+    from graftbuild.errors import UserError
     from graftbuild.recipe import load_recipe
 
     recipe_path, targets = split_args(args)
@@ -34,15 +34,18 @@ def clean(args: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     skipped: list[str] = []
     for node in bg.order(targets or None):
         folder = node.output
-        if folder is None or not folder.exists():
+        if folder is None:
             continue
-        if not (folder / MARKER).is_file():
+        try:
+            if not owned(folder):  # nothing there
+                continue
+        except UserError:  # a user's file or folder, a link, a device: never removed
             skipped.append(str(folder))
             continue
         removed.append(str(folder))
         if dry_run:
             continue
-        shutil.rmtree(folder)
+        remove_output(folder)
         parent = folder.parent
         while parent != out_root and out_root in parent.parents and not any(parent.iterdir()):
             parent.rmdir()

@@ -32,6 +32,8 @@ def open_engine(
     events: Any = None,
 ) -> Engine:
     from graftbuild.build.engine import Engine, cache_dir
+    from graftbuild.build.graph import build_graph
+    from graftbuild.build.pathcheck import check_overlaps
     from graftbuild.cache.remote import Remote
     from graftbuild.cache.store import Store
     from graftbuild.progress import Reporter
@@ -41,7 +43,9 @@ def open_engine(
     recipe = load_recipe(recipe_path)
     reporter = Reporter(console(stderr=True, quiet=quiet), events=events)
     device = resolve_device(device, reporter)
-    store = Store(cache_dir(recipe, cache))
+    root = cache_dir(recipe, cache)
+    check_overlaps(build_graph(recipe), root)  # before the cache folder is created anywhere
+    store = Store(root)
     remote = None
     if recipe.project.remote is not None:
         remote = Remote(

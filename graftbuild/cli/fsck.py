@@ -44,6 +44,15 @@ def fsck(recipe: Path | None, cache: Path | None, repair: bool, as_json: bool) -
     err = console(stderr=True)
     with store.lock(on_wait=lambda pid: err.print(f"waiting for graftbuild build (pid {pid})")):
         report = run_fsck(store, outputs, repair)
+    if recipe is not None or Path(DEFAULT_RECIPE).is_file():
+        from graftbuild.build import lockfile
+        from graftbuild.cache.fsck import Problem
+
+        lock = lockfile.lock_path(loaded.path)  # type: ignore[arg-type]
+        try:
+            lockfile.load(lock)
+        except UserError as e:  # make writes a new one; a user's file is not deleted here
+            report.problems.append(Problem("state", str(lock), f"{e}; run graftbuild make"))
     if as_json:
         click.echo(json.dumps(asdict(report) | {"ok": not report.unrepaired}))
     else:

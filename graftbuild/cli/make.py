@@ -230,7 +230,10 @@ def record_build(
     lock = lock_path(engine.recipe.path)
     if lock.is_file():
         seen[str(lock)] = signature(lock)
-    noop.save(engine.store.root, engine.recipe.path, recipe_bytes, targets, seen, nodes, gates)
+    links = engine.recipe._links
+    noop.save(
+        engine.store.root, engine.recipe.path, recipe_bytes, targets, seen, nodes, gates, links
+    )
 
 
 def print_summary(out: Console, engine: Any, result: Any) -> None:

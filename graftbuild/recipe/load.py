@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from graftbuild.cache.hashing import open_regular
 from graftbuild.errors import UserError
 from graftbuild.recipe.schema import (
     BaseSpec,
@@ -85,13 +87,29 @@ def _format_errors(file: Path, err: ValidationError) -> str:
             ):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{file}: {where}: {msg}")
-    return "\n".join(lines)
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return lines[0] + more  # one line: the first problem; fixing it shows the next
+
+
+def _check_numbers(file: Path, data: Any, where: str = "") -> None:
+    """Every number of the recipe is finite: TOML allows ``nan`` and ``inf``, and no setting of
+    graftbuild has a meaning for them (a NaN fusion weight would silently make a NaN model).
+    The one check for all keys, present and future; ranges are each field's own."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise UserError(f"{file}: {where}: {data} is not a finite number")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_numbers(file, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _check_numbers(file, v, f"{where}.{i}")
 
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path).resolve()
     try:
-        data = tomllib.loads(path.read_text())
+        with open(open_regular(path), encoding="utf-8") as f:  # a FIFO is refused, not read
+            data = tomllib.loads(f.read())
     except FileNotFoundError:
         hint = ""
         if path.name == "graftbuild.toml":  # the default: no recipe was named
@@ -103,9 +121,22 @@ def load_recipe(path: Path | str) -> Recipe:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML: nested too deep") from None
+    if not data:
+        raise UserError(
+            f"{path}: the recipe is empty; declare [project], [base] and at least one "
+            "[sources.NAME] (see README.md, Recipe reference)"
+        )
     try:
-        recipe = Recipe.model_validate(data, context={"root": path.parent})
+        _check_numbers(path, data)
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML: nested too deep") from None
+    try:
+        links: dict[str, str] = {}
+        recipe = Recipe.model_validate(data, context={"root": path.parent, "links": links})
     except ValidationError as e:
         raise UserError(_format_errors(path, e)) from None
     recipe.path = path
+    recipe._links = links
     return recipe

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -32,10 +33,21 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     path = Path(value).expanduser()
     if root is not None and not path.is_absolute():
         path = Path(root) / path
-    return path.resolve() if root is not None else path
+    if root is None:
+        return path
+    resolved = path.resolve()
+    links = (info.context or {}).get("links")
+    if links is not None and resolved != path:  # a link (or ..) on the way: watched by no-op
+        links[str(path)] = str(resolved)
+    return resolved
 
 
 RelPath = Annotated[Path, AfterValidator(_resolve)]
+
+MAX_FUSE_WEIGHT = 1000.0
+FuseWeight = Annotated[float, Field(ge=-MAX_FUSE_WEIGHT, le=MAX_FUSE_WEIGHT, allow_inf_nan=False)]
+"""A pack's fusion weight: finite, and small enough that w * delta stays in the float range of
+the model (1e39 is not a float32; anything near it overflows long before)."""
 
 
 class Model(BaseModel):
@@ -289,7 +301,7 @@ class FuseSpec(Model):
     packs: list[str] = Field(min_length=1)
     """Fusion order."""
     strategy: str = "sum"
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, FuseWeight] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
     """Strategy-specific parameters (validated by the strategy)."""
     output: RelPath | None = None
@@ -415,6 +427,9 @@ class Recipe(Model):
 
     # Filled by load_recipe, not part of the TOML.
     path: Path | None = Field(default=None, exclude=True)
+    _links: dict[str, str] = PrivateAttr(default_factory=dict)
+    """Each recipe path as written (made absolute) -> what it resolved to, where they differ:
+    the no-op record re-resolves them, so a retargeted link is a change."""
 
     @model_validator(mode="after")
     def _references(self) -> Recipe:
@@ -497,7 +512,11 @@ class Recipe(Model):
         """A folder teacher's path, resolved against the recipe's folder."""
         t = self.sources[source].transfer
         assert t is not None and t.teacher not in self.teachers
-        return (self.root / Path(t.teacher).expanduser()).resolve()
+        path = self.root / Path(t.teacher).expanduser()
+        resolved = path.resolve()
+        if resolved != path:  # watched by the no-op record, like the paths resolved on load
+            self._links[str(path)] = str(resolved)
+        return resolved
 
     def source_model(self, name: str) -> str:
         """The node that produces a source's θ*: source:NAME, or sft:/dpo:NAME for transfer."""

@@ -97,6 +97,10 @@ class Router:
         """Writes the classifier; returns the JSON description that goes into bundle.json."""
         from safetensors.torch import save_file
 
+        from graftbuild.weights.tensors import check_finite
+
+        for name, t in self.tensors.items():
+            check_finite(name, t, "router tensor")
         save_file(self.tensors, str(folder / ROUTER_FILE))
         return {"kind": "logistic", "classes": self.classes, "seq_len": self.seq_len}
 

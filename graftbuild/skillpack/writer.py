@@ -28,7 +28,7 @@ from graftbuild.skillpack.format import (
     canonical_json,
     part_key,
 )
-from graftbuild.weights.tensors import ST_ITEMSIZE, all_finite, torch_dtype_to_st
+from graftbuild.weights.tensors import ST_ITEMSIZE, all_finite, check_finite, torch_dtype_to_st
 
 if TYPE_CHECKING:
     import torch
@@ -268,6 +268,7 @@ class PackWriter:
                 raise ValueError(
                     f"tensor {name!r}: part {part!r} has unsupported dtype {t.dtype}"
                 ) from None
+            check_finite(name, t, f"pack part {part!r} of tensor")
             itemsize = ST_ITEMSIZE[tag]
             staged[part] = (tag, list(t.shape), t.detach().contiguous(), itemsize)
         if self.order is not None:
@@ -420,5 +421,3 @@ class PackWriter:
                 self.close()
         else:
             self.abort()
-
-

@@ -56,6 +56,7 @@ class InitStep:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from graftbuild.weights.modeling import load_tokenizer, quiet_transformers, torch_dtype
+        from graftbuild.weights.tensors import check_finite
 
         quiet_transformers()
 
@@ -69,8 +70,9 @@ class InitStep:
             ) from None
         try:
             config = AutoConfig.for_model(model_type, **cfg)
-        except ValueError as e:
-            raise UserError(f"{cfg_path}: {e}") from None
+        except Exception as e:  # transformers' own validation (ValueError, strict dataclasses)
+            message = " ".join(str(e).split())
+            raise UserError(f"{cfg_path}: not a valid {model_type} config: {message}") from None
         tok_dir = ctx.files["tokenizer"]
         tok = load_tokenizer(tok_dir)
         if len(tok) > config.vocab_size:
@@ -81,6 +83,8 @@ class InitStep:
         torch.manual_seed(int(ctx.config["seed"]))
         model = AutoModelForCausalLM.from_config(config)
         model = model.to(torch_dtype(ctx.config["dtype"]))
+        for name, t in model.state_dict().items():  # saved by transformers, not our writer
+            check_finite(name, t)
         model.save_pretrained(str(ctx.out))
         for rel, p in iter_files(tok_dir):
             target = ctx.out / rel

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from graftbuild.cache.hashing import hash_file, iter_files
+from graftbuild.cache.hashing import hash_file, is_object_file, iter_files
 
 GPU_TOLERANCE = 1e-3
 """Relative difference, per tensor, accepted between a GPU build and another build."""
@@ -23,8 +23,8 @@ def max_relative_difference(a: Path, b: Path) -> float:
 
     from graftbuild.weights.tensors import TensorFile
 
-    files_a = {rel: p for rel, p in iter_files(a)}
-    files_b = {rel: p for rel, p in iter_files(b)}
+    files_a = {rel: p for rel, p in iter_files(a, is_object_file)}  # objects: every file
+    files_b = {rel: p for rel, p in iter_files(b, is_object_file)}
     if set(files_a) != set(files_b):
         return math.inf
     worst = 0.0

@@ -16,15 +16,16 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graftbuild.cache.hashing import is_tracked
+from graftbuild.cache.hashing import file_kind, is_tracked, open_regular
 from graftbuild.cache.writing import HashedWriter
-from graftbuild.errors import UserError
+from graftbuild.errors import BuildError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -72,88 +73,210 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, read without torch (a few bytes)."""
+MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"key {k!r} appears twice in the header")
+        seen[k] = v
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _count(shape: Any) -> int:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"shape {shape!r:.60} is not a list of sizes")
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def parse_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The validated JSON header of a safetensors file and the offset its data starts at.
+
+    The single parser every safetensors file graftbuild reads goes through, at least as strict
+    as the safetensors library: a JSON object without duplicate keys, NaN or deep nesting; a
+    ``__metadata__`` of strings; every tensor a known dtype, a shape of sizes and
+    ``data_offsets`` whose span is exactly its bytes; and the tensors, in offset order, tiling
+    the data section from its first byte to the file's last, with no overlap, hole or
+    trailing byte. Anything else is a UserError naming the file (and the tensor)."""
     try:
-        with open(path, "rb") as f:
+        with open(open_regular(path), "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ValueError("file shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", raw)
             size = os.fstat(f.fileno()).st_size
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > MAX_HEADER:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
+            text = f.read(n)
+        if not text.startswith(b"{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise UserError(f"{path}: not a valid safetensors file (header nested too deep)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a valid safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a valid safetensors file (header is not a table)")
-    return header
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{path}: not a valid safetensors file (__metadata__ is not strings)")
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("not a table")
+            dtype, lo_hi = entry["dtype"], entry["data_offsets"]
+            if dtype not in ST_ITEMSIZE:
+                raise ValueError(f"unsupported dtype {dtype!r:.20}")
+            expected = _count(entry["shape"]) * ST_ITEMSIZE[dtype]
+            if (
+                not isinstance(lo_hi, list)
+                or len(lo_hi) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lo_hi)
+            ):
+                raise ValueError(f"data_offsets {lo_hi!r:.60} is not [begin, end]")
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"{path}: tensor {name!r}: not a valid safetensors entry ({e}; {entry!r:.120})"
+            ) from None
+        lo, hi = lo_hi
+        if lo < 0 or hi - lo != expected:
+            raise UserError(
+                f"{path}: tensor {name!r}: {dtype} {list(entry['shape'])} needs {expected} "
+                f"bytes, its offsets span {hi - lo}"
+            )
+        spans.append((lo, hi, name))
+    data = size - 8 - n
+    at = 0
+    for lo, hi, name in sorted(spans):
+        if lo != at:
+            what = (
+                "overlaps the tensor before it"
+                if lo < at
+                else f"leaves a hole of {lo - at} bytes before it"
+            )
+            raise UserError(f"{path}: not a valid safetensors file (tensor {name!r} {what})")
+        at = hi
+    if at != data:
+        raise UserError(
+            f"{path}: the header describes {8 + n + at} bytes but the file has {size} "
+            f"({'truncated' if size < 8 + n + at else 'trailing bytes'}); "
+            "download or convert it again"
+        )
+    return header, 8 + n
+
+
+def check_finite(name: str, t: torch.Tensor, what: str = "tensor") -> None:
+    """BuildError (exit 1) unless every value of a floating tensor about to be written is
+    finite, naming the tensor and the cause. The one check every tensor graftbuild writes
+    (model weights, pack parts) passes through: a NaN or an overflow is never shipped."""
+    import torch
+
+    if not t.is_floating_point() or all_finite(t):
+        return
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    if nan:
+        cause = f"{nan} NaN value(s)"
+    elif t.dtype in (torch.float16, torch.bfloat16):
+        top = torch.finfo(t.dtype).max
+        cause = f"{inf} value(s) overflow {str(t.dtype).removeprefix('torch.')} (beyond ±{top:g})"
+    else:
+        cause = f"{inf} infinite value(s)"
+    raise BuildError(f"{what} {name!r} is not finite: {cause}; nothing was written")
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read and validated without torch."""
+    return parse_header(path)[0]
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors weight files of a folder (index-aware), or a UserError saying why not."""
+    """The safetensors weight files of a folder (index-aware), or a UserError saying why not.
+
+    Every file returned is a regular file the folder's content hash covers (``is_tracked``):
+    an index entry that leaves the folder, names a hidden or markdown file, or goes through a
+    linked sub-folder is refused, since what a node reads must be in its key."""
     if not folder.is_dir():
         raise UserError(f"model folder not found: {folder}")
     index = folder / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in names):
+                raise TypeError("weight_map values must be file names")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        for rel in names:
+            _check_index_entry(folder, index, rel)
+        files = [folder / f for f in names]
+        missing = [f.name for f in files if not os.path.lexists(f)]
         if missing:
             raise UserError(f"{index} names missing weight files: {missing}")
-        return files
-    files = sorted(p for p in folder.glob("*.safetensors") if is_tracked(p.name))
-    if files:
-        return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
+    else:
+        files = sorted(p for p in folder.glob("*.safetensors") if is_tracked(p.name))
+        if not files:
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise UserError(
+                    f"{folder}: weights only in pickle format ({', '.join(pickles)}); graftbuild "
+                    "never unpickles (it can run code). Convert them to safetensors first."
+                )
+            raise UserError(
+                f"{folder}: no safetensors weights (*.safetensors) in this model folder"
+            )
+    for f in files:
+        mode = os.stat(f).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{f}: expected a safetensors weight file, found {file_kind(mode)}")
+    return files
+
+
+def _check_index_entry(folder: Path, index: Path, rel: str) -> None:
+    parts = rel.split("/")
+    bad = (
+        not rel
+        or rel.startswith("/")
+        or "\\" in rel
+        or "\0" in rel
+        or any(p in ("", ".", "..") for p in parts)
+        or not is_tracked(rel)
+    )
+    if not bad:
+        at = folder
+        for p in parts[:-1]:  # a linked sub-folder is not walked by the folder's hash
+            at = at / p
+            if at.is_symlink():
+                bad = True
+                break
+    if bad:
         raise UserError(
-            f"{folder}: weights only in pickle format ({', '.join(pickles)}); graftbuild never "
-            "unpickles (it can run code). Convert them to safetensors first."
+            f"{index}: weight file {rel!r} is outside the model folder, hidden or linked; "
+            "an index may only name files inside its folder"
         )
-    raise UserError(f"{folder}: no safetensors weights (*.safetensors) in this model folder")
 
 
 def check_weight_files(folder: Path) -> list[Path]:
     """``weight_files``, each checked against its own header (headers only, no tensor data is
-    read): known dtypes, data offsets that match the shapes, and a file exactly as long as the
-    header says, so a truncated or padded download is refused before anything is built."""
+    read, ``parse_header``), so a malformed, truncated or padded download is refused before
+    anything is built."""
     files = weight_files(folder)
     for f in files:
-        header = read_header(f)
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            size = os.fstat(fh.fileno()).st_size
-        end = 0
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (lo, hi) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                count = 1
-                for d in shape:
-                    count *= int(d)
-                expected = count * ST_ITEMSIZE[dtype]
-            except (KeyError, TypeError, ValueError):
-                raise UserError(
-                    f"{f}: tensor {name!r}: not a valid safetensors entry ({entry!r:.120})"
-                ) from None
-            if hi - lo != expected or lo < 0:
-                raise UserError(
-                    f"{f}: tensor {name!r}: {dtype} {list(shape)} needs {expected} bytes, "
-                    f"its offsets span {hi - lo}"
-                )
-            end = max(end, hi)
-        if 8 + n + end != size:
-            raise UserError(
-                f"{f}: the header describes {8 + n + end} bytes but the file has {size} "
-                f"({'truncated' if size < 8 + n + end else 'trailing bytes'}); "
-                "download or convert it again"
-            )
+        parse_header(f)
     return files
 
 
@@ -179,12 +302,10 @@ class TensorFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.header = read_header(self.path)
+        self.header, self._start = parse_header(self.path)
         self.infos: dict[str, TensorInfo] = {}
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = open_regular(self.path)
         size = os.fstat(self._fd).st_size
-        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        self._start = 8 + n
         for name, entry in self.header.items():
             if name == "__metadata__":
                 continue
@@ -388,6 +509,7 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"stream writer expected {info.name} {info.shape}, got {name}")
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
+        check_finite(name, tensor)
         data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
         self._f.write(data.numpy())  # no intermediate bytes copy
 
