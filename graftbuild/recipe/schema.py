@@ -245,6 +245,9 @@ class CompressionProfile(Model):
     budget: float | None = Field(default=None, gt=0, le=1)
     """Pack size as a fraction of the fp16 delta; ranks, bands and keep fractions are then
     allocated across tensors (graftbuild/compress/budget.py), the roles' methods kept."""
+    mix: list[Literal["lowrank", "mixed", "sparse", "prune"]] = Field(default_factory=list)
+    """Under a budget: codecs a matrix may take instead of its role's method, per tensor,
+    where they cost the least error per byte (compress/budget.py ``loss_aware_profile``)."""
 
     @field_validator("embed", "head", "attn", "mlp", "norm", "other", mode="before")
     @classmethod
@@ -267,7 +270,8 @@ class CompressionProfile(Model):
         """The profile as it goes into a pack's key: the calibration file is a declared input of
         the node (hashed by content), so its path is left out; unset options are omitted."""
         out = self.model_dump(mode="json", exclude={"calibration": {"data"}})
-        return {k: v for k, v in out.items() if v is not None or k not in ("calibration", "budget")}
+        out = {k: v for k, v in out.items() if v is not None or k not in ("calibration", "budget")}
+        return {k: v for k, v in out.items() if k != "mix" or v}  # unset: keys as before
 
 
 class FuseSpec(Model):

@@ -62,6 +62,7 @@ class PackStep:
     def run(self, ctx: StepContext) -> None:
         import torch
 
+        from graftbuild.compress.budget import seeded
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
         from graftbuild.skillpack.writer import PackWriter, encode_with, parse, plan_layout
@@ -110,10 +111,34 @@ class PackStep:
                     )
             # each tensor's role and codec, decided (and its spec validated) once
             roles = {n: classify(n, len(base.infos[n].shape), profile["roles"]) for n in names}
-            specs = {name: profile[roles[name]] for name in names}
+            specs = {name: seeded(name, profile[roles[name]]) for name in names}
             if profile.get("budget") is not None:
-                specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
                 header["budget"] = profile["budget"]
+                fisher: dict[str, Any] = {}
+                if cal is not None:
+                    from graftbuild.compress.calibration import collect_fisher
+
+                    fisher = collect_fisher(
+                        ctx.inputs[reference],
+                        ctx.files["calibration"],
+                        cal["samples"],
+                        cal["seq_len"],
+                        cal["field"],
+                        placement,
+                    )
+                specs = allocate_budget(
+                    ctx,
+                    base,
+                    src,
+                    specs,
+                    float(profile["budget"]),
+                    hessians,
+                    fisher,
+                    roles,
+                    header,
+                    list(profile.get("mix") or []),
+                )
+                del fisher
             parsed = {name: parse(spec) for name, spec in specs.items()}
 
             def encode(name: str) -> tuple:
@@ -187,20 +212,72 @@ def allocate_budget(
     specs: dict[str, dict],
     budget: float,
     statistics: dict[str, Any],
+    fisher: dict[str, Any] | None = None,
+    roles: dict[str, str] | None = None,
+    header: dict[str, Any] | None = None,
+    mix: list[str] | None = None,
 ) -> dict[str, dict]:
-    """Per-tensor specs fitting ``budget`` × the fp16 delta (a first pass over the deltas);
-    errors are weighted by the calibration ``statistics`` where there are some."""
-    from graftbuild.compress.budget import allocate, fp16_delta_nbytes, rate_profile
+    """Per-tensor specs fitting ``budget`` × the fp16 delta, header included (a first pass over
+    the deltas). With calibration (``fisher``), the loss-aware allocation (compress/budget.py:
+    each tensor's error weighed by its Fisher-weighted delta energy, within it by the input
+    statistics, a floor per tensor); without, GraftLLM's uniform split. ``mix``: codecs a
+    matrix may take instead of its role's method where they cost less loss per byte."""
+    from graftbuild.compress.budget import (
+        FLOOR_SHARE,
+        allocate,
+        fp16_delta_nbytes,
+        loss_aware_profile,
+        uniform_floors,
+        uniform_split,
+    )
+    from graftbuild.skillpack.writer import estimate_header_nbytes
 
     profiles = []
     with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
         for name, _dtype, delta in iter_deltas(base, src):
+            d = ctx.placement.put(delta)
+            weight = None
+            if fisher:
+                f = fisher.get(name)
+                weight = float((f.to(d.device) * d.pow(2)).sum()) if f is not None else 0.0
             profiles.append(
-                rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
+                loss_aware_profile(name, d, specs[name], statistics.get(name), weight, mix or [])
             )
             advance(1)
-    target = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
-    return allocate(profiles, target)
+    total = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
+    dtypes = {n: _DTYPE_NAMES[base.infos[n].dtype] for n in base.names()}
+
+    def split(payload: int) -> dict[str, dict]:
+        if not fisher:
+            return uniform_split(profiles, payload)
+        return allocate(profiles, payload, uniform_floors(profiles, payload, FLOOR_SHARE))
+
+    def header_of(chosen: dict[str, dict]) -> int:
+        return estimate_header_nbytes(
+            header or {},
+            {
+                p.name: (
+                    (roles or {}).get(p.name, "other"),
+                    chosen[p.name],
+                    p.shape,
+                    dtypes[p.name],
+                )
+                for p in profiles
+            },
+            total,
+        )
+
+    # The budget bounds the whole file: the header is estimated for the chosen specs and the
+    # payload target lowered by it, until the chosen specs' header fits what was set aside
+    # (codecs with more parts take more header).
+    reserve = header_of(split(total))
+    for _ in range(5):
+        chosen = split(max(0, total - reserve))
+        head = header_of(chosen)
+        if head <= reserve:
+            break
+        reserve = head
+    return chosen
 
 
 def check_same_layout(base: object, src: object) -> None:

@@ -103,12 +103,13 @@ class LowRankRate(RateProfile):
         m, n = shape
         self.unit = (m + n) * DTYPE_NBYTES[spec.get("dtype") or "float16"]
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
         m, n = self.shape
         cap = max(1, 4 * m * n // self.unit)  # beyond this the codec would store it exactly
         k = min(cap, max(1, int((self.energy > lam * self.unit).sum())))
         spec = {k_: v for k_, v in self.spec.items() if k_ not in ("energy", "max_rank")}
-        return k * self.unit, {**spec, "rank": k, "energy": None, "max_rank": None}
+        err = max(0.0, float(self.energy.sum() - self.energy[:k].sum()))
+        return k * self.unit, err, {**spec, "rank": k, "energy": None, "max_rank": None}
 
 
 class LowRankCodec:

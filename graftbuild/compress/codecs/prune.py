@@ -73,14 +73,13 @@ class PruneRate(RateProfile):
     ) -> None:
         super().__init__(name, spec, shape)
         self.energy, self.stride, self.numel = energy, stride, numel(shape)
-        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (
-            4 if self.numel < 2**31 else 8
-        )
+        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (4 if self.numel < 2**31 else 8)
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
-        k = int((self.energy > lam * self.unit).sum()) * self.stride
-        k = max(1, min(self.numel, k))
-        return k * self.unit, {**self.spec, "keep": k / self.numel}
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
+        count = int((self.energy > lam * self.unit).sum())
+        k = max(1, min(self.numel, count * self.stride))
+        err = max(0.0, float(self.energy.sum() - self.energy[:count].sum()) * self.stride)
+        return k * self.unit, err, {**self.spec, "keep": k / self.numel}
 
 
 class PruneCodec:
