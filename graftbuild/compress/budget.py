@@ -262,12 +262,22 @@ def uniform_split(profiles: list[RateProfile], target: int) -> dict[str, dict[st
     entries = sum(math.prod(p.shape) for p in free) or 1
     specs = {p.name: p.spec for p in fixed}
     carry = 0  # what a tensor's steps left unspent goes to the next one
+    sized: dict[str, tuple[int, dict[str, Any]]] = {}
     for p in free:
         share = int(left * math.prod(p.shape) / entries) + carry
-        nbytes, spec = allocate_sized([p], share)[p.name]
-        specs[p.name] = spec
-        carry = max(0, share - nbytes)
-    return specs
+        sized[p.name] = allocate_sized([p], share)[p.name]
+        carry = max(0, share - sized[p.name][0])
+    # the last tensors' steps can still leave bytes: one more pass, each tensor in turn
+    # taking the largest encoding that fits its bytes plus what is left
+    for p in free:
+        if carry <= 0:
+            break
+        now = sized[p.name][0]
+        more = allocate_sized([p], now + carry)[p.name]
+        if more[0] > now:
+            carry -= more[0] - now
+            sized[p.name] = more
+    return specs | {name: spec for name, (_, spec) in sized.items()}
 
 
 def uniform_floors(profiles: list[RateProfile], target: int, share: float) -> dict[str, int]:

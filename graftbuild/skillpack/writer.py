@@ -403,6 +403,11 @@ class PackWriter:
             self.abort()
 
 
+_PROBES: dict[tuple[str, str, tuple[int, ...]], Encoded] = {}
+"""Probe encodings by (codec, params, probe shape): a budget's header is estimated many times
+over while its reserve is bisected, mostly for the same specs."""
+
+
 def estimate_header_nbytes(
     header: dict[str, Any],
     tensors: Mapping[str, tuple[str, Spec, tuple[int, ...], str]],
@@ -423,8 +428,13 @@ def estimate_header_nbytes(
     for name, (role, spec, shape, dtype) in sorted(tensors.items()):
         codec, params = parse(spec)
         probe_shape = tuple(min(int(d), 64) for d in shape) or ()
-        probe = torch.randn(probe_shape, generator=gen) if probe_shape else torch.randn(())
-        encoded = encode_with(codec, params, probe)
+        key = (codec.name, canonical_json(params.model_dump(mode="json")), probe_shape)
+        encoded = _PROBES.get(key)
+        if encoded is None:
+            probe = torch.randn(probe_shape, generator=gen) if probe_shape else torch.randn(())
+            encoded = _PROBES[key] = encode_with(codec, params, probe)
+            if len(_PROBES) > 4096:
+                _PROBES.clear()
         entries[name] = {
             "role": role,
             "codec": codec.name,

@@ -268,16 +268,21 @@ def allocate_budget(
         )
 
     # The budget bounds the whole file: the header is estimated for the chosen specs and the
-    # payload target lowered by it, until the chosen specs' header fits what was set aside
-    # (codecs with more parts take more header).
-    reserve = header_of(split(total))
-    for _ in range(5):
-        chosen = split(max(0, total - reserve))
-        head = header_of(chosen)
-        if head <= reserve:
-            break
-        reserve = head
-    return chosen
+    # payload target lowered by it. Bisect the least reserve whose specs' header fits in it
+    # (more payload means more bands and parts, hence more header).
+    hi = header_of(split(total))
+    best = split(max(0, total - hi))
+    if header_of(best) > hi:  # cannot happen unless the header grows as the payload shrinks
+        return best
+    lo = 0
+    while hi - lo > max(64, hi // 256):
+        mid = (lo + hi) // 2
+        chosen = split(max(0, total - mid))
+        if header_of(chosen) <= mid:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    return best
 
 
 def check_same_layout(base: object, src: object) -> None:

@@ -133,9 +133,15 @@ class DiscreteRate(RateProfile):
     err: torch.Tensor
 
     def index(self, lam: float) -> int:
-        import torch
+        import numpy as np
 
-        return int(torch.argmin(self.err + lam * self.cost))
+        # numpy copies, refreshed when err is replaced (the allocator weighs it): called
+        # thousands of times per tensor, where torch's per-call overhead dominated
+        cached = getattr(self, "_np", None)
+        if cached is None or cached[0] is not self.err:
+            cached = (self.err, self.err.double().numpy(), self.cost.double().numpy())
+            self._np = cached
+        return int(np.argmin(cached[1] + lam * cached[2]))
 
     def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
         i = self.index(lam)

@@ -30,6 +30,7 @@ from graftbuild.compress.codecs._common import (
     numel,
     randomized_svd,
     svd,
+    descending_counts,
     torch_dtype,
     use_randomized,
     weighted_spectrum,
@@ -100,15 +101,17 @@ class LowRankRate(RateProfile):
     def __init__(self, name: str, spec: dict[str, Any], shape: tuple[int, ...], energy: Any):
         super().__init__(name, spec, shape)
         self.energy = energy  # shares of the (weighted) energy, descending σ
+        self.counts = descending_counts(energy)
         m, n = shape
         self.unit = (m + n) * DTYPE_NBYTES[spec.get("dtype") or "float16"]
 
     def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
         m, n = self.shape
         cap = max(1, 4 * m * n // self.unit)  # beyond this the codec would store it exactly
-        k = min(cap, max(1, int((self.energy > lam * self.unit).sum())))
+        above, left = self.counts
+        k = min(cap, max(1, above(lam * self.unit)))
         spec = {k_: v for k_, v in self.spec.items() if k_ not in ("energy", "max_rank")}
-        err = max(0.0, float(self.energy.sum() - self.energy[:k].sum()))
+        err = left(k)
         return k * self.unit, err, {**spec, "rank": k, "energy": None, "max_rank": None}
 
 

@@ -16,6 +16,7 @@ from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
     ValueDType,
     as_float32,
+    descending_counts,
     expect_params,
     not_low_rank,
     numel,
@@ -73,12 +74,14 @@ class PruneRate(RateProfile):
     ) -> None:
         super().__init__(name, spec, shape)
         self.energy, self.stride, self.numel = energy, stride, numel(shape)
+        self.counts = descending_counts(energy)
         self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (4 if self.numel < 2**31 else 8)
 
     def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
-        count = int((self.energy > lam * self.unit).sum())
+        above, left = self.counts
+        count = above(lam * self.unit)
         k = max(1, min(self.numel, count * self.stride))
-        err = max(0.0, float(self.energy.sum() - self.energy[:count].sum()) * self.stride)
+        err = left(count) * self.stride
         return k * self.unit, err, {**self.spec, "keep": k / self.numel}
 
 

@@ -1,0 +1,202 @@
+"""Issue 22: the seeded-sparse codec, the loss-aware allocator's floors, and budgets that bound
+the whole pack file (header included)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LLAMA, make_base, make_source
+
+from graftbuild.compress.budget import (
+    FLOOR_SHARE,
+    allocate_sized,
+    fp16_delta_nbytes,
+    loss_aware_profile,
+    seeded,
+    uniform_floors,
+    uniform_split,
+)
+from graftbuild.compress.codecs import get_codec, parse_spec
+from graftbuild.compress.codecs.sparse import seeded_mask, threshold_of
+from graftbuild.compress.roles import classify
+from graftbuild.recipe import CompressionProfile
+from graftbuild.skillpack import PackReader
+from graftbuild.skillpack.format import PACK_FILE
+from graftbuild.steps.base import StepContext
+from graftbuild.steps.pack import PackStep
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB = REPO / "recipes" / "quickstart" / "data" / "general.train.txt"
+
+
+def _delta(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return 0.01 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (4097,), (3, 40, 50)])
+def test_sparse_round_trips(shape: tuple[int, ...]) -> None:
+    delta = _delta(shape)
+    codec, params = parse_spec({"method": "sparse", "keep": 0.2, "seed": 3})
+    enc = codec.encode(delta, params)
+    n = delta.numel()
+    kept = enc.meta["kept"]
+    assert set(enc.parts) == {"values"}  # no indices stored
+    assert abs(kept - 0.2 * n) <= 5 * math.sqrt(0.2 * 0.8 * n)
+    assert enc.nbytes == 2 * kept == codec.expected_nbytes(enc.meta, shape)
+    out = codec.decode(enc.parts, enc.meta, shape)
+    mask = seeded_mask(3, n, threshold_of(0.2)).reshape(shape)
+    # Kept entries come back as their float16 value × n / kept, every other entry is zero.
+    expected = torch.where(mask, delta.half().float() * (n / kept), torch.zeros(()))
+    assert torch.allclose(out, expected, rtol=1e-6, atol=0)
+    assert int((out != 0).sum()) == kept
+    # Another seed keeps another subset; without rescaling the values are the delta's own.
+    other = codec.encode(delta, parse_spec({"method": "sparse", "keep": 0.2, "seed": 4})[1])
+    assert not torch.equal(
+        codec.decode(other.parts, other.meta, shape) != 0, out != 0
+    )
+    plain = codec.encode(delta, parse_spec({"method": "sparse", "keep": 0.2, "rescale": False})[1])
+    decoded = codec.decode(plain.parts, plain.meta, shape)
+    assert torch.equal(decoded[decoded != 0], delta.half().float()[decoded != 0])
+
+
+def test_sparse_keeps_the_delta_in_expectation() -> None:
+    """Rescaled, the mean of many seeds' decodes approaches the delta (DARE's unbiasedness)."""
+    delta = _delta((64, 64), seed=1)
+    codec = get_codec("sparse")
+    total = torch.zeros_like(delta)
+    for seed in range(200):
+        enc = codec.encode(delta, parse_spec({"method": "sparse", "keep": 0.25, "seed": seed})[1])
+        total += codec.decode(enc.parts, enc.meta, (64, 64))
+    err = float((total / 200 - delta).norm() / delta.norm())
+    assert err < 0.15, err  # one seed alone: sqrt((1 - p) / p) ≈ 1.7
+
+
+def test_sparse_bytes_identical_across_thread_counts() -> None:
+    # > 2**22 entries: the mask is made in several chunks
+    delta = _delta((2100, 2100), seed=2)
+    codec, params = parse_spec({"method": "sparse", "keep": 0.05, "seed": 11})
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            enc = codec.encode(delta, params)
+            out = codec.decode(enc.parts, enc.meta, tuple(delta.shape))
+            h = hashlib.sha256(enc.parts["values"].numpy().tobytes())
+            h.update(repr(sorted(enc.meta.items())).encode())
+            h.update(out.numpy().tobytes())
+            digests.append(h.hexdigest())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(digests)) == 1
+
+
+def test_tensor_seeds_differ_and_are_stable() -> None:
+    spec = {"method": "sparse", "keep": 0.1, "seed": 0, "rescale": True, "dtype": "float16"}
+    a, b = seeded("layers.0.mlp.up_proj.weight", spec), seeded("layers.1.mlp.up_proj.weight", spec)
+    assert a["seed"] != b["seed"] and a == seeded("layers.0.mlp.up_proj.weight", spec)
+    assert seeded("x", {"method": "lowrank", "rank": 2}) == {"method": "lowrank", "rank": 2}
+
+
+def _profiles(sensitivity: dict[str, float] | None) -> list:
+    gen = torch.Generator().manual_seed(0)
+    deltas = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=gen),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=gen),
+        "model.layers.1.mlp.down_proj.weight": torch.randn(64, 128, generator=gen),
+        "model.layers.0.input_layernorm.weight": torch.randn(64, generator=gen),
+    }
+    profile = CompressionProfile.model_validate({"attn": {"method": "lowrank"}}).normalised()
+    return [
+        loss_aware_profile(
+            name,
+            d,
+            profile[classify(name, d.ndim)],
+            None,
+            None if sensitivity is None else sensitivity.get(name, 1.0),
+            ["sparse", "lowrank"],
+        )
+        for name, d in deltas.items()
+    ]
+
+
+def test_allocator_never_starves_a_tensor_below_its_floor() -> None:
+    starved = "model.layers.0.mlp.up_proj.weight"
+    sens = {starved: 1e-12}  # a tensor the loss barely notices
+    profiles = _profiles(sens)
+    target = fp16_delta_nbytes([p.shape for p in profiles]) // 16
+    floors = uniform_floors(profiles, target, FLOOR_SHARE)
+    with_floor = allocate_sized(profiles, target, floors)
+    without = allocate_sized(_profiles(sens), target)
+    assert set(floors) == {p.name for p in profiles if len(p.shape) == 2}
+    for name, floor in floors.items():
+        assert with_floor[name][0] >= floor, (name, with_floor[name][0], floor)
+    assert without[starved][0] < floors[starved]  # the floor is what keeps it
+    assert sum(b for b, _ in with_floor.values()) <= target
+    # The heavy tensors get more than their uniform share when another tensor weighs nothing.
+    uniform = uniform_split(_profiles(None), target)
+    assert uniform.keys() == with_floor.keys()
+
+
+@pytest.fixture(scope="module")
+def medium_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama big enough that 1/128 of its delta is more than its pack's header."""
+    root = tmp_path_factory.mktemp("medium")
+    config = dict(
+        TINY_LLAMA,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_key_value_heads=4,
+    )
+    make_base(root / "base", config=config)
+    make_source(root / "x", root / "base", seed=1)
+    return root
+
+
+def _pack(models: Path, out: Path, options: dict) -> Path:
+    profile = CompressionProfile.model_validate(options)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StepContext(
+        node_id="pack:x",
+        config={"profile": profile.normalised()},
+        inputs={"base": models / "base", "source": models / "x"},
+        input_hashes={"base": "b", "source": "s"},
+        files={"calibration": CALIB},
+        out=out,
+    )
+    PackStep().run(ctx)
+    return out / PACK_FILE
+
+
+@pytest.mark.parametrize(
+    ("budget", "options"),
+    [
+        (1 / 4, {}),
+        (1 / 128, {}),
+        (
+            1 / 32,
+            {
+                "calibration": {"data": CALIB, "samples": 4, "seq_len": 32},
+                "mix": ["sparse", "lowrank", "mixed"],
+            },
+        ),
+    ],
+)
+def test_pack_file_within_five_percent_of_its_budget(
+    medium_models: Path, tmp_path: Path, budget: float, options: dict
+) -> None:
+    path = _pack(medium_models, tmp_path / "p", {**options, "budget": budget})
+    with PackReader(path) as r:
+        fp16 = fp16_delta_nbytes([tuple(e["shape"]) for e in r.entries.values()])
+        header = path.stat().st_size - r.payload_nbytes()
+        codecs = {e["codec"] for e in r.entries.values()}
+    size = path.stat().st_size
+    assert abs(size - budget * fp16) <= 0.05 * budget * fp16, (size, budget * fp16, header)
+    assert header > 0.02 * size or budget > 1 / 64  # the header is a real share at small budgets
+    if options.get("mix"):
+        assert codecs - {"exact", "prune"}  # matrices took the mix's codecs
