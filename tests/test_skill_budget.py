@@ -26,6 +26,7 @@ from graftbuild.compress.roles import classify
 from graftbuild.recipe import CompressionProfile
 from graftbuild.skillpack import PackReader
 from graftbuild.skillpack.format import PACK_FILE
+from graftbuild.skillpack.report import pack_report
 from graftbuild.steps.base import StepContext
 from graftbuild.steps.pack import PackStep
 
@@ -198,5 +199,8 @@ def test_pack_file_within_five_percent_of_its_budget(
     size = path.stat().st_size
     assert abs(size - budget * fp16) <= 0.05 * budget * fp16, (size, budget * fp16, header)
     assert header > 0.02 * size or budget > 1 / 64  # the header is a real share at small budgets
+    report = pack_report(path, None, None)  # what `graftbuild inspect` shows
+    assert report["header_bytes"] == header and report["payload_bytes"] + header == size
+    assert abs(report["file_vs_budget"] - 1) <= 0.05
     if options.get("mix"):
         assert codecs - {"exact", "prune"}  # matrices took the mix's codecs

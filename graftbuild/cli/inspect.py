@@ -105,7 +105,12 @@ def inspect(
     out.print(
         f"{report['pack']}: format {report['format_version']}, {report['payload_bytes']:,} bytes "
         f"of payload ({report['size_vs_fp16']:.2%} of the fp16 delta), file "
-        f"{report['file_bytes']:,} bytes"
+        f"{report['file_bytes']:,} bytes (header {report['header_bytes']:,})"
+        + (
+            f", {report['file_vs_budget']:.1%} of its budget"
+            if report.get("file_vs_budget") is not None
+            else ""
+        )
         + (f", relative error {report['rel_error']:.4f}" if with_err else "")
     )
     cols = ["tensor", "layer", "role", "codec", "rank", "bits per band", "keep", "bytes", "share"]

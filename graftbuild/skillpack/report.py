@@ -75,10 +75,14 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
             "header": reader.header,
             "file_bytes": pack.stat().st_size,
             "payload_bytes": total,
+            "header_bytes": pack.stat().st_size - total,
             "fp16_delta_bytes": fp16,
             "size_vs_fp16": total / fp16 if fp16 else 0.0,
             "tensors": tensors,
         }
+    budget = report["header"].get("budget")
+    if budget and fp16:  # a budget bounds the whole file, header included
+        report["file_vs_budget"] = report["file_bytes"] / (budget * fp16)
     for t in tensors:
         t["share"] = t["bytes"] / total if total else 0.0
     report["by_role"] = _group(tensors, "role", total)
