@@ -204,3 +204,15 @@ def test_pack_file_within_five_percent_of_its_budget(
     assert abs(report["file_vs_budget"] - 1) <= 0.05
     if options.get("mix"):
         assert codecs - {"exact", "prune"}  # matrices took the mix's codecs
+
+
+def test_budget_packs_key_the_allocator_and_others_do_not() -> None:
+    from graftbuild.steps.pack import BUDGET_ALLOCATOR_VERSION, codec_components
+
+    plain = codec_components(CompressionProfile().normalised())
+    assert not any(k.startswith("allocator") for k in plain)
+    budget = codec_components(
+        CompressionProfile.model_validate({"budget": 0.1, "mix": ["sparse"]}).normalised()
+    )
+    assert budget["allocator:budget"] == BUDGET_ALLOCATOR_VERSION
+    assert "codec:sparse" in budget

@@ -336,9 +336,19 @@ def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
 
 
 def codec_components(profile: dict[str, Any]) -> dict[str, int]:
-    """``codec:NAME`` -> version of every codec a (normalised) profile's roles name."""
+    """``codec:NAME`` -> version of every codec a (normalised) profile names (roles and
+    ``mix``), and the budget allocator's version for a profile with a budget."""
     from graftbuild.compress.codecs import get_codec
     from graftbuild.compress.roles import ROLES
 
     methods = {profile[role]["method"] for role in ROLES if role in profile}
-    return {f"codec:{m}": get_codec(m).version for m in sorted(methods)}
+    methods |= set(profile.get("mix") or [])
+    out = {f"codec:{m}": get_codec(m).version for m in sorted(methods)}
+    if profile.get("budget") is not None:
+        # 2: uniform split without calibration, loss-aware with; the budget bounds the file
+        out["allocator:budget"] = BUDGET_ALLOCATOR_VERSION
+    return out
+
+
+BUDGET_ALLOCATOR_VERSION = 2
+"""Of ``compress/budget.py`` as the pack step uses it: in the key of packs with a budget only."""
