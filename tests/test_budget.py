@@ -146,6 +146,13 @@ def test_built_packs_land_within_five_percent(built: Path) -> None:
             fp16 = fp16_delta_nbytes([tuple(e["shape"]) for e in r.entries.values()])
             assert abs(path.stat().st_size - fp16 / 4) <= 0.05 * fp16 / 4
             assert r.header["budget"] == 0.25
+            if name == "x":  # calibrated: the allocation with the lower calibration loss
+                alloc = r.header["allocation"]
+                losses = alloc["calibration_loss"]
+                assert set(losses) == {"loss-aware", "uniform"}
+                assert losses[alloc["chosen"]] == min(losses.values())
+            else:
+                assert "allocation" not in r.header
             quantizers = {e["meta"].get("quantizer") for e in r.entries.values()}
             assert quantizers == {None, "gptq" if name == "x" else "rtn"}
 

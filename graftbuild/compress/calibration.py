@@ -145,3 +145,40 @@ def collect_fisher(
         steps += 1
     del model
     return {name: (s / max(steps, 1)).cpu() for name, s in sums.items()}
+
+
+def calibration_loss(
+    model_dir: Path,
+    data: Path,
+    samples: int,
+    seq_len: int,
+    deltas: Any,
+    field: str = "text",
+    where: Placement | str | None = None,
+) -> float:
+    """Mean language-modelling loss on the calibration chunks of the model in ``model_dir``
+    with ``deltas`` added: an iterable of (parameter name, float32 delta) consumed one at a time
+    (names of tied parameters other than the first are skipped)."""
+    import torch
+
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
+    from graftbuild.weights.textdata import read_examples, token_chunks
+
+    tok = load_tokenizer(model_dir)
+    chunks = token_chunks(tok, read_examples(data, field), seq_len, data)[:samples]
+    placement = Placement.of(where)
+    model = load_causal_lm(model_dir, placement)
+    model.eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas:
+            p = params.get(name)
+            if p is not None:
+                p.add_(delta.to(p.device, p.dtype).reshape(p.shape))
+        losses = []
+        for i in range(0, len(chunks), 8):
+            ids = placement.put(chunks[i : i + 8])
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    del model
+    return sum(losses) / max(len(losses), 1)

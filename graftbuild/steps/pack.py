@@ -126,7 +126,12 @@ class PackStep:
                         cal["field"],
                         placement,
                     )
-                specs = allocate_budget(
+                if fisher:  # its final value, rounded alike, is known after the allocation
+                    header["allocation"] = {
+                        "chosen": "loss-aware",
+                        "calibration_loss": {"loss-aware": 9.87654, "uniform": 9.87654},
+                    }
+                specs, uniform = allocate_budget(
                     ctx,
                     base,
                     src,
@@ -139,6 +144,16 @@ class PackStep:
                     list(profile.get("mix") or []),
                 )
                 del fisher
+                if uniform is not None and cal is not None:
+                    candidates = {"loss-aware": specs, "uniform": uniform}
+                    chosen, losses = choose_by_loss(ctx, base, src, reference, cal, candidates)
+                    header["allocation"] = {"chosen": chosen, "calibration_loss": losses}
+                    specs = candidates[chosen]
+                    ctx.progress.log(
+                        f"{ctx.node_id}: budget allocation {chosen} (calibration loss "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                        + ")"
+                    )
             parsed = {name: parse(spec) for name, spec in specs.items()}
 
             def encode(name: str) -> tuple:
@@ -216,12 +231,13 @@ def allocate_budget(
     roles: dict[str, str] | None = None,
     header: dict[str, Any] | None = None,
     mix: list[str] | None = None,
-) -> dict[str, dict]:
+) -> tuple[dict[str, dict], dict[str, dict] | None]:
     """Per-tensor specs fitting ``budget`` × the fp16 delta, header included (a first pass over
-    the deltas). With calibration (``fisher``), the loss-aware allocation (compress/budget.py:
+    the deltas): with calibration (``fisher``), the loss-aware allocation (compress/budget.py:
     each tensor's error weighed by its Fisher-weighted delta energy, within it by the input
-    statistics, a floor per tensor); without, GraftLLM's uniform split. ``mix``: codecs a
-    matrix may take instead of its role's method where they cost less loss per byte."""
+    statistics, a floor per tensor) and GraftLLM's uniform split to check it against; without,
+    the uniform split and None. ``mix``: codecs a matrix may take instead of its role's method
+    where they cost less loss per byte."""
     from graftbuild.compress.budget import (
         FLOOR_SHARE,
         allocate,
@@ -247,10 +263,11 @@ def allocate_budget(
     total = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
     dtypes = {n: _DTYPE_NAMES[base.infos[n].dtype] for n in base.names()}
 
-    def split(payload: int) -> dict[str, dict]:
-        if not fisher:
-            return uniform_split(profiles, payload)
+    def loss_aware(payload: int) -> dict[str, dict]:
         return allocate(profiles, payload, uniform_floors(profiles, payload, FLOOR_SHARE))
+
+    def uniform(payload: int) -> dict[str, dict]:
+        return uniform_split(profiles, payload)
 
     def header_of(chosen: dict[str, dict]) -> int:
         return estimate_header_nbytes(
@@ -267,9 +284,18 @@ def allocate_budget(
             total,
         )
 
-    # The budget bounds the whole file: the header is estimated for the chosen specs and the
-    # payload target lowered by it. Bisect the least reserve whose specs' header fits in it
-    # (more payload means more bands and parts, hence more header).
+    uniform_specs = fit_header(uniform, total, header_of)
+    if not fisher:
+        return uniform_specs, None
+    return fit_header(loss_aware, total, header_of), uniform_specs
+
+
+def fit_header(split: Any, total: int, header_of: Any) -> dict[str, dict]:
+    """``split(payload)``'s specs for the largest payload whose header still fits in ``total``.
+
+    The budget bounds the whole file: the header is estimated for the chosen specs and the
+    payload target lowered by it. Bisect the least reserve whose specs' header fits in it (more
+    payload means more bands and parts, hence more header)."""
     hi = header_of(split(total))
     best = split(max(0, total - hi))
     if header_of(best) > hi:  # cannot happen unless the header grows as the payload shrinks
@@ -283,6 +309,45 @@ def allocate_budget(
         else:
             lo = mid
     return best
+
+
+def choose_by_loss(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    cal: dict[str, Any],
+    candidates: dict[str, dict[str, dict]],
+) -> tuple[str, dict[str, float]]:
+    """The candidate allocation whose graft has the least loss on the calibration text (each
+    encoded and decoded tensor by tensor): the loss-aware allocation is kept only where it
+    does better than the uniform split, so a budget never does worse than the uniform split
+    on that text. Returns the winner and every candidate's loss."""
+    from graftbuild.compress.calibration import calibration_loss
+    from graftbuild.compress.codecs import get_codec
+    from graftbuild.skillpack.writer import encode_tensor
+
+    def decoded(specs: dict[str, dict]) -> Iterator[tuple[str, Any]]:
+        for name, _dtype, delta in iter_deltas(base, src):
+            codec, _, enc = encode_tensor(delta, specs[name])
+            yield name, get_codec(codec).decode(enc.parts, enc.meta, tuple(delta.shape))
+
+    losses = {
+        label: round(
+            calibration_loss(
+                ctx.inputs[reference],
+                ctx.files["calibration"],
+                cal["samples"],
+                cal["seq_len"],
+                decoded(specs),
+                cal["field"],
+                ctx.placement,
+            ),
+            6,
+        )
+        for label, specs in candidates.items()
+    }
+    return min(losses, key=lambda k: (losses[k], k != "loss-aware")), losses
 
 
 def check_same_layout(base: object, src: object) -> None:
