@@ -216,3 +216,81 @@ def test_budget_packs_key_the_allocator_and_others_do_not() -> None:
     )
     assert budget["allocator:budget"] == BUDGET_ALLOCATOR_VERSION
     assert "codec:sparse" in budget
+
+
+# --- quality targets -------------------------------------------------------------------------
+
+TARGET_RECIPE = """
+[project]
+name = "t"
+cache = "cache"
+
+[base]
+path = "models/base"
+
+[compression.q]
+target = {{ keep = {keep}, data = "heldout.txt", samples = 4, seq_len = 32, evaluations = 3 }}
+budget = {budget}
+
+[sources.x]
+path = "models/x"
+compression = "q"
+"""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny base and a real fine-tune of it on text (it lowers the held-out loss)."""
+    from transformers import AutoModelForCausalLM
+
+    from graftbuild.weights.modeling import load_tokenizer
+    from graftbuild.weights.textdata import read_examples, token_chunks
+
+    root = tmp_path_factory.mktemp("tuned")
+    make_base(root / "models" / "base")
+    model = AutoModelForCausalLM.from_pretrained(str(root / "models" / "base"))
+    tok = load_tokenizer(root / "models" / "base")
+    data = token_chunks(tok, read_examples(CALIB), 32, CALIB)[:64]
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(20):
+        batch = data[(step * 8) % 64 : (step * 8) % 64 + 8]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(root / "models" / "x"))
+    for f in (root / "models" / "base").iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".model"):
+            (root / "models" / "x" / f.name).write_bytes(f.read_bytes())
+    (root / "heldout.txt").write_text(
+        (REPO / "recipes" / "quickstart" / "data" / "general.heldout.txt").read_text()
+    )
+    return root
+
+
+def test_a_quality_target_builds_the_smallest_pack_that_keeps_it(tuned: Path) -> None:
+    from helpers import make
+
+    recipe = tuned / "graftbuild.toml"
+    recipe.write_text(TARGET_RECIPE.format(keep=0.2, budget=0.5))  # tiny: the header is most
+    make(recipe, ["pack:x"])
+    with PackReader(tuned / "out" / "packs" / "x" / PACK_FILE) as r:
+        target = r.header["target"]
+    evals = target["evaluations"]
+    assert 2 <= len(evals) <= 3 and target["keep"] == 0.2
+    assert target["budget"] == min(e["budget"] for e in evals if e["keep"] >= 0.2)
+    assert all(e["keep"] < 0.2 for e in evals if e["budget"] < target["budget"])
+
+
+def test_an_unmeetable_quality_target_fails_with_exit_1(tuned: Path) -> None:
+    from click.testing import CliRunner
+
+    from graftbuild.cli.app import main
+
+    recipe = tuned / "graftbuild.toml"
+    recipe.write_text(TARGET_RECIPE.format(keep=1.0, budget=0.004))
+    result = CliRunner().invoke(main, ["make", str(recipe), "pack:x"])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "pack:x: target keep = 1.0 not met: the best share" in line
+    assert "at budget 0.004" in line

@@ -7,6 +7,7 @@ parts are written in name order whatever order the workers finish in.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,6 +39,8 @@ class PackStep:
             profile = recipe.profile(src.compression)
             normalised = profile.normalised()
             calib = {"calibration": profile.calibration.data} if profile.calibration else {}
+            if profile.target is not None:
+                calib["target"] = profile.target.data
             parent = {"parent": ids.start(src.parent)} if src.parent else {}
             nodes.append(
                 Node(
@@ -49,6 +52,7 @@ class PackStep:
                     labels={
                         "config.profile": f"compression profile '{src.compression}' changed",
                         "file:calibration": f"calibration data of '{src.compression}' changed",
+                        "file:target": f"held-out data of '{src.compression}' target changed",
                         "dep:source": f"source '{name}' weights changed",
                         "dep:base": "base model changed",
                         "dep:parent": f"parent model {ids.graft(src.parent or '')} changed",
@@ -112,7 +116,9 @@ class PackStep:
             # each tensor's role and codec, decided (and its spec validated) once
             roles = {n: classify(n, len(base.infos[n].shape), profile["roles"]) for n in names}
             specs = {name: seeded(name, profile[roles[name]]) for name in names}
-            if profile.get("budget") is not None:
+            if profile.get("target") is not None:
+                specs = search_target(ctx, base, src, reference, specs, roles, header, hessians)
+            elif profile.get("budget") is not None:
                 header["budget"] = profile["budget"]
                 fisher: dict[str, Any] = {}
                 if cal is not None:
@@ -145,15 +151,7 @@ class PackStep:
                 )
                 del fisher
                 if uniform is not None and cal is not None:
-                    candidates = {"loss-aware": specs, "uniform": uniform}
-                    chosen, losses = choose_by_loss(ctx, base, src, reference, cal, candidates)
-                    header["allocation"] = {"chosen": chosen, "calibration_loss": losses}
-                    specs = candidates[chosen]
-                    ctx.progress.log(
-                        f"{ctx.node_id}: budget allocation {chosen} (calibration loss "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                        + ")"
-                    )
+                    specs = pick_allocation(ctx, base, src, reference, cal, specs, uniform, header)
             parsed = {name: parse(spec) for name, spec in specs.items()}
 
             def encode(name: str) -> tuple:
@@ -202,6 +200,140 @@ class PackStep:
                     advance(1)
 
 
+def pick_allocation(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    cal: dict[str, Any],
+    loss_aware: dict[str, dict],
+    uniform: dict[str, dict],
+    header: dict[str, Any],
+) -> dict[str, dict]:
+    """The loss-aware or the uniform allocation, whichever grafts with the lower calibration
+    loss (recorded in ``header``)."""
+    candidates = {"loss-aware": loss_aware, "uniform": uniform}
+    chosen, losses = choose_by_loss(ctx, base, src, reference, cal, candidates)
+    header["allocation"] = {"chosen": chosen, "calibration_loss": losses}
+    ctx.progress.log(
+        f"{ctx.node_id}: budget allocation {chosen} (calibration loss "
+        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        + ")"
+    )
+    return candidates[chosen]
+
+
+def search_target(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    specs: dict[str, dict],
+    roles: dict[str, str],
+    header: dict[str, Any],
+    hessians: dict[str, Any],
+) -> dict[str, dict]:
+    """Specs of the smallest budget whose graft keeps the profile's ``target.keep`` of the
+    fine-tune's improvement on the target's held-out text: ``keep = (L_base − L_graft) /
+    (L_base − L_source)``, budgets bisected in log space between 1/256 and the profile's
+    ``budget`` (default 1/2), each evaluation recorded in the header. A build failure naming
+    the pack and the best share reached when even the largest budget falls short."""
+    import math
+
+    from graftbuild.compress.calibration import calibration_loss, collect_fisher
+    from graftbuild.errors import BuildError
+
+    profile = ctx.config["profile"]
+    target, cal = profile["target"], profile.get("calibration")
+    data = ctx.files["target"]
+
+    def loss(deltas: Any) -> float:
+        return calibration_loss(
+            ctx.inputs[reference],
+            data,
+            target["samples"],
+            target["seq_len"],
+            deltas,
+            target["field"],
+            ctx.placement,
+        )
+
+    loss_base = loss([])
+    loss_source = loss((name, delta) for name, _, delta in iter_deltas(base, src))
+    gain = loss_base - loss_source
+    if not gain > 0:
+        raise BuildError(
+            f"{ctx.node_id}: target: the source does not lower the loss on {data} (base "
+            f"{loss_base:.4f}, source {loss_source:.4f}); a quality target needs a fine-tune "
+            "that improves on its held-out data"
+        )
+    fisher: dict[str, Any] = {}
+    if cal is not None:
+        fisher = collect_fisher(
+            ctx.inputs[reference],
+            ctx.files["calibration"],
+            cal["samples"],
+            cal["seq_len"],
+            cal["field"],
+            ctx.placement,
+        )
+    evaluations: list[dict[str, float]] = []
+    header["target"] = {"keep": target["keep"], "evaluations": evaluations}
+    mix = list(profile.get("mix") or [])
+    cache: dict[str, Any] = {}
+
+    allocations: dict[float, Any] = {}
+
+    def at(budget: float) -> tuple[float, dict[str, dict]]:
+        header["budget"] = round(budget, 6)
+        chosen, uniform = allocate_budget(
+            ctx, base, src, specs, budget, hessians, fisher, roles, header, mix, cache
+        )
+        if uniform is not None and cal is not None:
+            chosen = pick_allocation(ctx, base, src, reference, cal, chosen, uniform, header)
+            allocations[budget] = header["allocation"]
+        graft = loss(decode_all(base, src, chosen))
+        kept = (loss_base - graft) / gain
+        evaluations.append({"budget": round(budget, 6), "keep": round(kept, 6)})
+        ctx.progress.log(f"{ctx.node_id}: target: budget {budget:.5f} keeps {kept:.1%}")
+        return kept, chosen
+
+    hi = float(profile.get("budget") or 0.5)
+    lo = 1 / 256
+    kept, best = at(hi)
+    if kept < target["keep"]:
+        raise BuildError(
+            f"{ctx.node_id}: target keep = {target['keep']} not met: the best share of the "
+            f"improvement on {data} is {kept:.1%}, at budget {hi} (the largest tried); raise "
+            "`budget` or lower `target.keep`"
+        )
+    best_budget = hi
+    for _ in range(int(target["evaluations"]) - 1):
+        if hi / lo < 1.15:
+            break
+        mid = math.sqrt(lo * hi)
+        kept, chosen = at(mid)
+        if kept >= target["keep"]:
+            hi, best, best_budget = mid, chosen, mid
+        else:
+            lo = mid
+    header["budget"] = round(best_budget, 6)
+    header["target"]["budget"] = round(best_budget, 6)
+    if best_budget in allocations:
+        header["allocation"] = allocations[best_budget]
+    return best
+
+
+def decode_all(base: Any, src: Any, specs: dict[str, dict]) -> Iterator[tuple[str, Any]]:
+    """(name, decoded delta) of every tensor under ``specs``, one at a time."""
+    from graftbuild.compress.codecs import get_codec
+    from graftbuild.skillpack.writer import encode_tensor
+
+    for name, _dtype, delta in iter_deltas(base, src):
+        codec, _, enc = encode_tensor(delta, specs[name])
+        yield name, get_codec(codec).decode(enc.parts, enc.meta, tuple(delta.shape))
+
+
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(name, original dtype name, float32 delta) of every tensor, one at a time."""
     import torch
@@ -231,6 +363,7 @@ def allocate_budget(
     roles: dict[str, str] | None = None,
     header: dict[str, Any] | None = None,
     mix: list[str] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict] | None]:
     """Per-tensor specs fitting ``budget`` × the fp16 delta, header included (a first pass over
     the deltas): with calibration (``fisher``), the loss-aware allocation (compress/budget.py:
@@ -248,9 +381,9 @@ def allocate_budget(
     )
     from graftbuild.skillpack.writer import estimate_header_nbytes
 
-    profiles = []
-    with ctx.progress.task(f"budget {ctx.node_id}", len(specs)) as advance:
-        for name, _dtype, delta in iter_deltas(base, src):
+    profiles: list[Any] = [] if cache is None else cache.setdefault("profiles", [])
+    with ctx.progress.task(f"budget {ctx.node_id}", 0 if profiles else len(specs)) as advance:
+        for name, _dtype, delta in [] if profiles else iter_deltas(base, src):
             d = ctx.placement.put(delta)
             weight = None
             if fisher:
@@ -324,13 +457,8 @@ def choose_by_loss(
     does better than the uniform split, so a budget never does worse than the uniform split
     on that text. Returns the winner and every candidate's loss."""
     from graftbuild.compress.calibration import calibration_loss
-    from graftbuild.compress.codecs import get_codec
-    from graftbuild.skillpack.writer import encode_tensor
 
-    def decoded(specs: dict[str, dict]) -> Iterator[tuple[str, Any]]:
-        for name, _dtype, delta in iter_deltas(base, src):
-            codec, _, enc = encode_tensor(delta, specs[name])
-            yield name, get_codec(codec).decode(enc.parts, enc.meta, tuple(delta.shape))
+    decoded = partial(decode_all, base, src)
 
     losses = {
         label: round(
@@ -409,7 +537,7 @@ def codec_components(profile: dict[str, Any]) -> dict[str, int]:
     methods = {profile[role]["method"] for role in ROLES if role in profile}
     methods |= set(profile.get("mix") or [])
     out = {f"codec:{m}": get_codec(m).version for m in sorted(methods)}
-    if profile.get("budget") is not None:
+    if profile.get("budget") is not None or profile.get("target") is not None:
         # 2: uniform split without calibration, loss-aware with; the budget bounds the file
         out["allocator:budget"] = BUDGET_ALLOCATOR_VERSION
     return out
