@@ -56,9 +56,7 @@ def test_sparse_round_trips(shape: tuple[int, ...]) -> None:
     assert int((out != 0).sum()) == kept
     # Another seed keeps another subset; without rescaling the values are the delta's own.
     other = codec.encode(delta, parse_spec({"method": "sparse", "keep": 0.2, "seed": 4})[1])
-    assert not torch.equal(
-        codec.decode(other.parts, other.meta, shape) != 0, out != 0
-    )
+    assert not torch.equal(codec.decode(other.parts, other.meta, shape) != 0, out != 0)
     plain = codec.encode(delta, parse_spec({"method": "sparse", "keep": 0.2, "rescale": False})[1])
     decoded = codec.decode(plain.parts, plain.meta, shape)
     assert torch.equal(decoded[decoded != 0], delta.half().float()[decoded != 0])
@@ -294,3 +292,29 @@ def test_an_unmeetable_quality_target_fails_with_exit_1(tuned: Path) -> None:
     line = " ".join(result.output.split())
     assert "pack:x: target keep = 1.0 not met: the best share" in line
     assert "at budget 0.004" in line
+
+
+def test_inspect_shows_the_share_of_the_improvement_kept(tuned: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from graftbuild.cli.app import main
+
+    models = tuned / "models"
+    shares = {}
+    for label, options in (
+        ("exact", {r: "exact" for r in ("embed", "head", "attn", "mlp")}),
+        ("lossy", {"budget": 0.3}),
+    ):
+        path = _pack(models, tmp_path / label, options)
+        args = ["inspect", str(path), "--base", str(models / "base"), "--source", str(models / "x")]
+        result = CliRunner().invoke(
+            main, [*args, "--heldout", str(tuned / "heldout.txt"), "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        held = json.loads(result.stdout)["heldout"]
+        assert held["loss_source"] < held["loss_base"]
+        shares[label] = held["keep"]
+    assert shares["exact"] == pytest.approx(1.0, abs=1e-3)  # the exact graft is the source
+    assert shares["lossy"] < shares["exact"]

@@ -79,6 +79,11 @@ def resolve_pack(
     type=click.Path(path_type=Path, file_okay=False),
     help="Source model folder (with --base: show relative errors).",
 )
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Held-out text: show the graft's share of the fine-tune's improvement in loss on it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def inspect(
     pack: str,
@@ -86,6 +91,7 @@ def inspect(
     cache: Path | None,
     base: Path | None,
     source: Path | None,
+    heldout: Path | None,
     as_json: bool,
 ) -> None:
     """Show a SkillPack's codecs, ranks, bits, bytes and errors per tensor, layer and role."""
@@ -95,6 +101,12 @@ def inspect(
 
     path, rbase, rsource = resolve_pack(pack, recipe, cache)
     report = pack_report(path, base or rbase, source or rsource)
+    if heldout is not None:
+        from graftbuild.skillpack.report import improvement_kept
+
+        if (base or rbase) is None or (source or rsource) is None:
+            raise UserError("--heldout needs the delta's models: pack:NAME, or --base and --source")
+        report["heldout"] = improvement_kept(path, base or rbase, source or rsource, heldout)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -113,6 +125,13 @@ def inspect(
         )
         + (f", relative error {report['rel_error']:.4f}" if with_err else "")
     )
+    if report.get("heldout"):
+        h = report["heldout"]
+        out.print(
+            f"held-out {h['data']}: loss base {h['loss_base']:.4f}, source "
+            f"{h['loss_source']:.4f}, graft {h['loss_graft']:.4f}: the graft keeps "
+            f"{h['keep']:.1%} of the fine-tune's improvement"
+        )
     cols = ["tensor", "layer", "role", "codec", "rank", "bits per band", "keep", "bytes", "share"]
     table = Table(*cols, *(["rel err"] if with_err else []), box=None, pad_edge=False)
     for t in report["tensors"]:
