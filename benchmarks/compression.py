@@ -242,8 +242,16 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--damp", type=float, default=CALIB["damp"], help="GPTQ damping")
+    ap.add_argument("--calib-samples", type=int, default=CALIB["samples"])
+    ap.add_argument(
+        "--calib-model",
+        choices=("base", "source"),
+        default="base",
+        help="whose activations mixed-gptq's Hessians come from (the fine-tuned: 'source')",
+    )
     args = ap.parse_args()
     CALIB["damp"] = args.damp
+    CALIB["samples"] = args.calib_samples
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     ratios = [int(r) for r in args.ratios.split(",")]
@@ -267,7 +275,8 @@ def main() -> None:
         norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
         log(f"{skill}: loss base {loss_base:.4f}, source {loss_src:.4f}")
         calib = DATA / f"{skill}.train.txt"
-        hessians = collect_statistics(folders["base"], calib, CALIB["samples"], CALIB["seq_len"])
+        calib_model = folders["base"] if args.calib_model == "base" else folders[skill]
+        hessians = collect_statistics(calib_model, calib, CALIB["samples"], CALIB["seq_len"])
         total_fp16 = sum(2 * d.numel() for d in deltas.values())
         with tempfile.TemporaryDirectory() as work:
             pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work))
