@@ -44,7 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench_models import DATA, build_models, chunks
 
 RATIOS = (4, 8, 16, 32, 64)
-METHODS = ("svd", "magnitude", "dare", "bitdelta", "mixed-rtn", "mixed-gptq", "budget-pack")
+PACKS: dict[str, dict[str, Any]] = {
+    # graftbuild's real pack step under `budget = 1/r`; bytes are the whole pack file's
+    "alloc": {"roles": "mixed", "calibration": True},  # the loss-aware allocator
+    "uniform": {"roles": "mixed", "calibration": False},  # no calibration: the uniform split
+    "sparse": {"roles": "sparse", "calibration": False},  # seeded-sparse everywhere, uniform
+    "mix": {"roles": "mixed", "calibration": True, "mix": ["sparse", "lowrank", "mixed"]},
+}
+METHODS = ("svd", "magnitude", "dare", "bitdelta", "mixed-rtn", "mixed-gptq", *PACKS)
 SETTINGS = {
     "base_steps": 200,
     "skill_steps": 300,
@@ -159,8 +166,8 @@ def compress(
     pack: Any,
 ) -> tuple[dict[str, Any], int]:
     """(reconstructed deltas, bytes) of one method at 1/ratio of the fp16 delta."""
-    if method == "budget-pack":
-        return pack(ratio)
+    if method in PACKS:
+        return pack(method, ratio)
     total_fp16 = sum(2 * d.numel() for d in deltas.values())
     target = total_fp16 / ratio
     fixed = sum(4 * d.numel() for d in deltas.values() if d.ndim != 2)
@@ -195,15 +202,16 @@ def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> An
     from graftbuild.steps.base import StepContext
     from graftbuild.steps.pack import PackStep
 
-    def run(ratio: int) -> tuple[dict[str, Any], int]:
-        profile = CompressionProfile.model_validate(
-            {
-                **{role: {"method": "mixed"} for role in ("embed", "head", "attn", "mlp")},
-                "calibration": {"data": calib, **CALIB},
-                "budget": 1 / ratio,
-            }
-        )
-        out = work / f"pack-{ratio}"
+    def run(method: str, ratio: int) -> tuple[dict[str, Any], int]:
+        spec = PACKS[method]
+        roles = ("embed", "head", "attn", "mlp")
+        options: dict[str, Any] = {role: {"method": spec["roles"]} for role in roles}
+        if spec["calibration"]:
+            options["calibration"] = {"data": calib, **CALIB}
+        if spec.get("mix"):
+            options["mix"] = spec["mix"]
+        profile = CompressionProfile.model_validate({**options, "budget": 1 / ratio})
+        out = work / f"pack-{method}-{ratio}"
         out.mkdir(parents=True, exist_ok=True)
         ctx = StepContext(
             node_id=f"pack:{ratio}",
@@ -216,7 +224,7 @@ def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> An
         PackStep().run(ctx)
         with PackReader(out / PACK_FILE) as reader:
             rec = {name: reader.decode(name) for name in reader.names()}
-            return rec, reader.payload_nbytes()
+        return rec, (out / PACK_FILE).stat().st_size  # the whole file, header included
 
     return run
 
@@ -232,11 +240,21 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--damp", type=float, default=CALIB["damp"], help="GPTQ damping")
+    ap.add_argument("--calib-samples", type=int, default=CALIB["samples"])
+    ap.add_argument(
+        "--calib-model",
+        choices=("base", "source"),
+        default="base",
+        help="whose activations mixed-gptq's Hessians come from (the fine-tuned: 'source')",
+    )
     args = ap.parse_args()
     CALIB["damp"] = args.damp
+    CALIB["samples"] = args.calib_samples
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
+    ratios = [int(r) for r in args.ratios.split(",")]
     t0 = time.time()
 
     def log(msg: str) -> None:
@@ -257,11 +275,12 @@ def main() -> None:
         norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
         log(f"{skill}: loss base {loss_base:.4f}, source {loss_src:.4f}")
         calib = DATA / f"{skill}.train.txt"
-        hessians = collect_statistics(folders["base"], calib, CALIB["samples"], CALIB["seq_len"])
+        calib_model = folders["base"] if args.calib_model == "base" else folders[skill]
+        hessians = collect_statistics(calib_model, calib, CALIB["samples"], CALIB["seq_len"])
         total_fp16 = sum(2 * d.numel() for d in deltas.values())
         with tempfile.TemporaryDirectory() as work:
             pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work))
-            for ratio in RATIOS:
+            for ratio in ratios:
                 for method in methods:
                     if method == "bitdelta" and ratio != 16:
                         continue
@@ -292,11 +311,11 @@ def main() -> None:
         results.append({"skill": skill, "loss_base": loss_base, "loss_source": loss_src})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(table(results, methods))
+    print(table(results, methods, ratios))
     log("done")
 
 
-def table(results: list[dict[str, Any]], methods: list[str]) -> str:
+def table(results: list[dict[str, Any]], methods: list[str], ratios: list[int]) -> str:
     rows = [r for r in results if "method" in r]
     skills = sorted({r["skill"] for r in rows})
     lines = []
@@ -306,11 +325,11 @@ def table(results: list[dict[str, Any]], methods: list[str]) -> str:
             f"\n**{skill}** (held-out loss: base {info['loss_base']:.3f}, "
             f"fine-tuned {info['loss_source']:.3f}). Cells: keep (relative error, size × fp16)\n"
         )
-        lines.append("| method | " + " | ".join(f"1/{r}" for r in RATIOS) + " |")
-        lines.append("|---|" + "---|" * len(RATIOS))
+        lines.append("| method | " + " | ".join(f"1/{r}" for r in ratios) + " |")
+        lines.append("|---|" + "---|" * len(ratios))
         for method in methods:
             cells = []
-            for ratio in RATIOS:
+            for ratio in ratios:
                 hit = [
                     r
                     for r in rows

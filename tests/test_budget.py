@@ -110,12 +110,12 @@ path = "models/base"
 
 [compression.small]
 attn = { method = "mixed" }
-budget = 0.0625
+budget = 0.25
 calibration = { data = "calib.txt", samples = 8, seq_len = 32 }
 
 [compression.rtn]
 attn = { method = "mixed" }
-budget = 0.0625
+budget = 0.25
 
 [sources.x]
 path = "models/x"
@@ -139,11 +139,20 @@ def built(tmp_path_factory: pytest.TempPathFactory, model_folders: Path) -> Path
 
 
 def test_built_packs_land_within_five_percent(built: Path) -> None:
+    # The budget bounds the whole file: on these tiny models the header is most of it.
     for name in ("x", "y"):
-        with PackReader(built.parent / "out" / "packs" / name / "skillpack.safetensors") as r:
+        path = built.parent / "out" / "packs" / name / "skillpack.safetensors"
+        with PackReader(path) as r:
             fp16 = fp16_delta_nbytes([tuple(e["shape"]) for e in r.entries.values()])
-            assert abs(r.payload_nbytes() - fp16 / 16) <= 0.05 * fp16 / 16
-            assert r.header["budget"] == 0.0625
+            assert abs(path.stat().st_size - fp16 / 4) <= 0.05 * fp16 / 4
+            assert r.header["budget"] == 0.25
+            if name == "x":  # calibrated: the allocation with the lower calibration loss
+                alloc = r.header["allocation"]
+                losses = alloc["calibration_loss"]
+                assert set(losses) == {"loss-aware", "uniform"}
+                assert losses[alloc["chosen"]] == min(losses.values())
+            else:
+                assert "allocation" not in r.header
             quantizers = {e["meta"].get("quantizer") for e in r.entries.values()}
             assert quantizers == {None, "gptq" if name == "x" else "rtn"}
 

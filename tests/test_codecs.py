@@ -311,6 +311,11 @@ def test_mixed_uses_gptq_only_with_calibration() -> None:
 LADDERS: dict[str, list[dict[str, Any]]] = {
     "exact": [{"method": "exact"}],
     "prune": [{"method": "prune", "keep": k, "dtype": "float32"} for k in (0.02, 0.1, 0.4, 1.0)],
+    # one seed: the kept sets are nested (kept iff hash < keep · 2³²); not rescaled, so exact
+    "sparse": [
+        {"method": "sparse", "keep": k, "rescale": False, "dtype": "float32"}
+        for k in (0.02, 0.1, 0.4, 1.0)
+    ],
     "lowrank": [{"method": "lowrank", "rank": r, "dtype": "float32"} for r in (1, 3, 8, 20)],
     "mixed": [
         {"method": "mixed", "bands": [{"rank": r, "bits": b}], "group_size": 16}
@@ -390,7 +395,7 @@ def test_shapes_and_dtypes_are_preserved(
 
 
 def test_registry_and_defaults() -> None:
-    assert set(CODECS) == {"exact", "prune", "lowrank", "mixed", "zero"}
+    assert set(CODECS) == {"exact", "prune", "lowrank", "mixed", "sparse", "zero"}
     assert get_codec("mixed").name == "mixed"
     _, p = parse_spec({"method": "lowrank"})
     assert p.model_dump() == {"energy": 0.9, "rank": None, "max_rank": None, "dtype": "float16"}

@@ -79,6 +79,11 @@ def resolve_pack(
     type=click.Path(path_type=Path, file_okay=False),
     help="Source model folder (with --base: show relative errors).",
 )
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Held-out text: show the graft's share of the fine-tune's improvement in loss on it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option(
     "--plot",
@@ -92,6 +97,7 @@ def inspect(
     cache: Path | None,
     base: Path | None,
     source: Path | None,
+    heldout: Path | None,
     as_json: bool,
     plot: Path | None = None,
 ) -> None:
@@ -102,6 +108,12 @@ def inspect(
 
     path, rbase, rsource = resolve_pack(pack, recipe, cache)
     report = pack_report(path, base or rbase, source or rsource)
+    if heldout is not None:
+        from graftbuild.skillpack.report import improvement_kept
+
+        if (base or rbase) is None or (source or rsource) is None:
+            raise UserError("--heldout needs the delta's models: pack:NAME, or --base and --source")
+        report["heldout"] = improvement_kept(path, base or rbase, source or rsource, heldout)
     if plot is not None:
         from graftbuild.skillpack.plot import plot_report
 
@@ -116,9 +128,21 @@ def inspect(
     out.print(
         f"{report['pack']}: format {report['format_version']}, {report['payload_bytes']:,} bytes "
         f"of payload ({report['size_vs_fp16']:.2%} of the fp16 delta), file "
-        f"{report['file_bytes']:,} bytes"
+        f"{report['file_bytes']:,} bytes (header {report['header_bytes']:,})"
+        + (
+            f", {report['file_vs_budget']:.1%} of its budget"
+            if report.get("file_vs_budget") is not None
+            else ""
+        )
         + (f", relative error {report['rel_error']:.4f}" if with_err else "")
     )
+    if report.get("heldout"):
+        h = report["heldout"]
+        out.print(
+            f"held-out {h['data']}: loss base {h['loss_base']:.4f}, source "
+            f"{h['loss_source']:.4f}, graft {h['loss_graft']:.4f}: the graft keeps "
+            f"{h['keep']:.1%} of the fine-tune's improvement"
+        )
     cols = ["tensor", "layer", "role", "codec", "rank", "bits per band", "keep", "bytes", "share"]
     table = Table(*cols, *(["rel err"] if with_err else []), box=None, pad_edge=False)
     for t in report["tensors"]:

@@ -104,3 +104,81 @@ def collect_statistics(
     for name, f in freqs.items():
         out[f"{name}.weight"] = f / f.sum()
     return out
+
+
+def collect_fisher(
+    model_dir: Path,
+    data: Path,
+    samples: int,
+    seq_len: int,
+    field: str = "text",
+    where: Placement | str | None = None,
+    batch: int = 8,
+) -> dict[str, torch.Tensor]:
+    """``{weight tensor name: diagonal empirical Fisher}`` of the model in ``model_dir`` on the
+    calibration text: the mean over batches of ``samples`` chunks of the squared gradient of
+    the language-modelling loss. ``Σ_j F_j Δ_j²`` is then a tensor's delta's effect on the loss
+    to second order (what the loss-aware budget allocator weighs each tensor by). Memory: the
+    model, its gradients and one float32 copy of the parameters."""
+    import torch
+
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
+    from graftbuild.weights.textdata import read_examples, token_chunks
+
+    tok = load_tokenizer(model_dir)
+    chunks = token_chunks(tok, read_examples(data, field), seq_len, data)[:samples]
+    placement = Placement.of(where)
+    model = load_causal_lm(model_dir, placement)
+    model.eval()  # no dropout: the same statistics on every run
+    params = dict(model.named_parameters(remove_duplicate=False))
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for i in range(0, len(chunks), batch):
+        ids = placement.put(chunks[i : i + batch])
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                g = p.grad.detach().to(torch.float32).pow(2)
+                sums[name] = sums[name] + g if name in sums else g
+        steps += 1
+    del model
+    return {name: (s / max(steps, 1)).cpu() for name, s in sums.items()}
+
+
+def calibration_loss(
+    model_dir: Path,
+    data: Path,
+    samples: int,
+    seq_len: int,
+    deltas: Any,
+    field: str = "text",
+    where: Placement | str | None = None,
+) -> float:
+    """Mean language-modelling loss on the calibration chunks of the model in ``model_dir``
+    with ``deltas`` added: an iterable of (parameter name, float32 delta) consumed one at a time
+    (names of tied parameters other than the first are skipped)."""
+    import torch
+
+    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.placement import Placement
+    from graftbuild.weights.textdata import read_examples, token_chunks
+
+    tok = load_tokenizer(model_dir)
+    chunks = token_chunks(tok, read_examples(data, field), seq_len, data)[:samples]
+    placement = Placement.of(where)
+    model = load_causal_lm(model_dir, placement)
+    model.eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas:
+            p = params.get(name)
+            if p is not None:
+                p.add_(delta.to(p.device, p.dtype).reshape(p.shape))
+        losses = []
+        for i in range(0, len(chunks), 8):
+            ids = placement.put(chunks[i : i + 8])
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    del model
+    return sum(losses) / max(len(losses), 1)

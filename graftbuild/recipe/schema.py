@@ -241,6 +241,19 @@ class CalibrationSpec(Model):
     act_order: bool = False
 
 
+class QualityTarget(Model):
+    """The smallest pack whose graft keeps ``keep`` of the fine-tune's improvement in loss on
+    held-out text ``data`` (its first ``samples`` chunks of ``seq_len`` tokens): the budget is
+    searched in at most ``evaluations`` grafts, up to the profile's ``budget`` (default 1/2)."""
+
+    keep: float = Field(gt=0, le=1)
+    data: RelPath
+    field: str = "text"
+    samples: int = Field(default=32, gt=0)
+    seq_len: int = Field(default=64, gt=1)
+    evaluations: int = Field(default=6, ge=2, le=16)
+
+
 class CompressionProfile(Model):
     embed: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["embed"]))
     head: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_PROFILE["head"]))
@@ -263,6 +276,11 @@ class CompressionProfile(Model):
     budget: float | None = Field(default=None, gt=0, le=1)
     """Pack size as a fraction of the fp16 delta; ranks, bands and keep fractions are then
     allocated across tensors (graftbuild/compress/budget.py), the roles' methods kept."""
+    target: QualityTarget | None = None
+    """A quality target instead of (or under) a fixed budget: see ``QualityTarget``."""
+    mix: list[Literal["lowrank", "mixed", "sparse", "prune"]] = Field(default_factory=list)
+    """Under a budget: codecs a matrix may take instead of its role's method, per tensor,
+    where they cost the least error per byte (compress/budget.py ``loss_aware_profile``)."""
 
     @field_validator(
         "embed", "head", "attn", "mlp", "expert", "router", "norm", "other", mode="before"
@@ -292,8 +310,10 @@ class CompressionProfile(Model):
     def normalised(self) -> dict[str, Any]:
         """The profile as it goes into a pack's key: the calibration file is a declared input of
         the node (hashed by content), so its path is left out; unset options are omitted."""
-        out = self.model_dump(mode="json", exclude={"calibration": {"data"}})
-        return {k: v for k, v in out.items() if v is not None or k not in ("calibration", "budget")}
+        out = self.model_dump(mode="json", exclude={"calibration": {"data"}, "target": {"data"}})
+        dropped = ("calibration", "budget", "target")
+        out = {k: v for k, v in out.items() if v is not None or k not in dropped}
+        return {k: v for k, v in out.items() if k != "mix" or v}  # unset: keys as before
 
 
 class FuseSpec(Model):

@@ -107,6 +107,19 @@ def render(info: dict[str, Any]) -> str:
     out += _table(
         ["pack", "weight", "profile", "size", "of fp16 delta", "codecs by role", "hash"], rows
     )
+    for p in packs:
+        target = p.get("target")
+        if target:  # how a quality target chose the pack's size
+            tried = ", ".join(
+                f"{e['budget']:.4g} → {e['keep']:.1%}"
+                for e in sorted(target["evaluations"], key=lambda e: e["budget"])
+            )
+            out += [
+                "",
+                f"`{p['name']}` was sized by a quality target: keep ≥ {target['keep']:.0%} of the "
+                f"fine-tune's improvement on held-out data; budget {target['budget']:.4g} chosen "
+                f"after these evaluations (budget → share kept): {tried}.",
+            ]
 
     for ev in info["evals"]:
         metrics = ev["metrics"]

@@ -23,7 +23,7 @@ from graftbuild.errors import UserError
 PACK_FILE = "skillpack.safetensors"
 """The file a pack node's object holds."""
 
-FORMAT_VERSION = "1.1"  # 1.1: the `zero` codec, `added_rows`, the header's `vocab`
+FORMAT_VERSION = "1.1"  # 1.1: the `zero` and `sparse` codecs, `added_rows`, the header's `vocab`
 SUPPORTED_MAJOR = 1
 METADATA_KEY = "graftbuild.skillpack"
 PART_SEP = "::"

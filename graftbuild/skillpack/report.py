@@ -80,10 +80,14 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
             "header": reader.header,
             "file_bytes": pack.stat().st_size,
             "payload_bytes": total,
+            "header_bytes": pack.stat().st_size - total,
             "fp16_delta_bytes": fp16,
             "size_vs_fp16": total / fp16 if fp16 else 0.0,
             "tensors": tensors,
         }
+    budget = report["header"].get("budget")
+    if budget and fp16:  # a budget bounds the whole file, header included
+        report["file_vs_budget"] = report["file_bytes"] / (budget * fp16)
     for t in tensors:
         t["share"] = t["bytes"] / total if total else 0.0
     report["by_role"] = _group(tensors, "role", total)
@@ -143,3 +147,36 @@ def _group(tensors: list[dict[str, Any]], key: str, total: int) -> list[dict[str
         else (lambda r: r[key])
     )
     return sorted(out, key=order)
+
+
+def improvement_kept(
+    pack: Path, base: Path, source: Path, data: Path, samples: int = 32, seq_len: int = 64
+) -> dict[str, Any]:
+    """The graft's share of the fine-tune's improvement in language-modelling loss on held-out
+    ``data``: ``(L_base − L_graft) / (L_base − L_source)`` (causal LMs), with the three losses."""
+    from graftbuild.compress.calibration import calibration_loss
+    from graftbuild.skillpack.reader import PackReader
+    from graftbuild.weights.tensors import ModelWeights
+
+    def loss(deltas: Any) -> float:
+        return calibration_loss(base, data, samples, seq_len, deltas)
+
+    def source_deltas() -> Any:
+        with ModelWeights(base) as b, ModelWeights(source) as s:
+            for name in b.names():
+                yield name, s.get(name).float() - b.get(name).float()
+
+    def graft_deltas() -> Any:
+        with PackReader(pack) as reader:
+            for name in reader.names():
+                yield name, reader.decode(name)
+
+    loss_base, loss_source, loss_graft = loss([]), loss(source_deltas()), loss(graft_deltas())
+    gain = loss_base - loss_source
+    return {
+        "data": str(data),
+        "loss_base": loss_base,
+        "loss_source": loss_source,
+        "loss_graft": loss_graft,
+        "keep": (loss_base - loss_graft) / gain if gain else float("nan"),
+    }

@@ -421,3 +421,57 @@ class PackWriter:
                 self.close()
         else:
             self.abort()
+
+
+_PROBES: dict[tuple[str, str, tuple[int, ...]], Encoded] = {}
+"""Probe encodings by (codec, params, probe shape): a budget's header is estimated many times
+over while its reserve is bisected, mostly for the same specs."""
+
+
+def estimate_header_nbytes(
+    header: dict[str, Any],
+    tensors: Mapping[str, tuple[str, Spec, tuple[int, ...], str]],
+    payload: int = 10**9,
+) -> int:
+    """Bytes the safetensors header of a pack of ``tensors`` (name -> (role, spec, shape,
+    dtype)) will take, within a few bytes per tensor: each spec is encoded on a small random
+    matrix to learn its metadata and part names (numbers in them differ in length only), and
+    the header is laid out as ``PackWriter`` lays it, every offset as long as ``payload`` (an
+    upper bound of the payload's size) and 4 bytes of slack per part for the real shapes. Lets
+    a size budget bound the whole file."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    entries: dict[str, Any] = {}
+    st: dict[str, Any] = {}
+    slack = 0
+    for name, (role, spec, shape, dtype) in sorted(tensors.items()):
+        codec, params = parse(spec)
+        probe_shape = tuple(min(int(d), 64) for d in shape) or ()
+        key = (codec.name, canonical_json(params.model_dump(mode="json")), probe_shape)
+        encoded = _PROBES.get(key)
+        if encoded is None:
+            probe = torch.randn(probe_shape, generator=gen) if probe_shape else torch.randn(())
+            encoded = _PROBES[key] = encode_with(codec, params, probe)
+            if len(_PROBES) > 4096:
+                _PROBES.clear()
+        entries[name] = {
+            "role": role,
+            "codec": codec.name,
+            "codec_version": codec.version,
+            "params": params.model_dump(mode="json"),
+            "shape": [int(d) for d in shape],
+            "dtype": dtype,
+            "meta": encoded.meta,
+            "parts": sorted(encoded.parts),
+        }
+        for part, t in encoded.parts.items():
+            st[part_key(name, part)] = {
+                "dtype": torch_dtype_to_st(t.dtype),
+                "shape": list(t.shape),
+                "data_offsets": [payload, payload],
+            }
+            slack += 4
+    doc = {"format_version": FORMAT_VERSION, "header": header, "tensors": entries}
+    head = canonical_json({"__metadata__": {METADATA_KEY: canonical_json(doc)}, **st})
+    return 8 + len(head.encode("utf-8")) + slack

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,6 +44,8 @@ class PackStep:
             profile = recipe.profile(src.compression)
             normalised = profile.normalised()
             calib = {"calibration": profile.calibration.data} if profile.calibration else {}
+            if profile.target is not None:
+                calib["target"] = profile.target.data
             parent = {"parent": ids.start(src.parent)} if src.parent else {}
             nodes.append(
                 Node(
@@ -54,6 +57,7 @@ class PackStep:
                     labels={
                         "config.profile": f"compression profile '{src.compression}' changed",
                         "file:calibration": f"calibration data of '{src.compression}' changed",
+                        "file:target": f"held-out data of '{src.compression}' target changed",
                         "dep:source": f"source '{name}' weights changed",
                         "dep:base": "base model changed",
                         "dep:parent": f"parent model {ids.graft(src.parent or '')} changed",
@@ -65,6 +69,8 @@ class PackStep:
         return nodes
 
     def run(self, ctx: StepContext) -> None:
+
+        from graftbuild.compress.budget import seeded
         from graftbuild.compress.codecs import Encoded
         from graftbuild.compress.codecs.zero import is_zero
         from graftbuild.compress.gptq import Calibration
@@ -118,10 +124,43 @@ class PackStep:
                 header["vocab"] = vocab
             # each tensor's role and codec, decided (and its spec validated) once
             roles = {n: classify(n, len(base.infos[n].shape), profile["roles"]) for n in names}
-            specs = {name: profile[roles[name]] for name in names}
-            if profile.get("budget") is not None:
-                specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
+            specs = {name: seeded(name, profile[roles[name]]) for name in names}
+            if profile.get("target") is not None:
+                specs = search_target(ctx, base, src, reference, specs, roles, header, hessians)
+            elif profile.get("budget") is not None:
                 header["budget"] = profile["budget"]
+                fisher: dict[str, Any] = {}
+                if cal is not None:
+                    from graftbuild.compress.calibration import collect_fisher
+
+                    fisher = collect_fisher(
+                        ctx.inputs[reference],
+                        ctx.files["calibration"],
+                        cal["samples"],
+                        cal["seq_len"],
+                        cal["field"],
+                        placement,
+                    )
+                if fisher:  # its final value, rounded alike, is known after the allocation
+                    header["allocation"] = {
+                        "chosen": "loss-aware",
+                        "calibration_loss": {"loss-aware": 9.87654, "uniform": 9.87654},
+                    }
+                specs, uniform = allocate_budget(
+                    ctx,
+                    base,
+                    src,
+                    specs,
+                    float(profile["budget"]),
+                    hessians,
+                    fisher,
+                    roles,
+                    header,
+                    list(profile.get("mix") or []),
+                )
+                del fisher
+                if uniform is not None and cal is not None:
+                    specs = pick_allocation(ctx, base, src, reference, cal, specs, uniform, header)
             else:
                 specs = {n: low_rank_spec(spec, src.rank(n)) for n, spec in specs.items()}
             parsed = {name: parse(spec) for name, spec in specs.items()}
@@ -390,6 +429,140 @@ def note_buffers(base: Any, ctx: StepContext, carried: list[str]) -> None:
         )
 
 
+def pick_allocation(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    cal: dict[str, Any],
+    loss_aware: dict[str, dict],
+    uniform: dict[str, dict],
+    header: dict[str, Any],
+) -> dict[str, dict]:
+    """The loss-aware or the uniform allocation, whichever grafts with the lower calibration
+    loss (recorded in ``header``)."""
+    candidates = {"loss-aware": loss_aware, "uniform": uniform}
+    chosen, losses = choose_by_loss(ctx, base, src, reference, cal, candidates)
+    header["allocation"] = {"chosen": chosen, "calibration_loss": losses}
+    ctx.progress.log(
+        f"{ctx.node_id}: budget allocation {chosen} (calibration loss "
+        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        + ")"
+    )
+    return candidates[chosen]
+
+
+def search_target(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    specs: dict[str, dict],
+    roles: dict[str, str],
+    header: dict[str, Any],
+    hessians: dict[str, Any],
+) -> dict[str, dict]:
+    """Specs of the smallest budget whose graft keeps the profile's ``target.keep`` of the
+    fine-tune's improvement on the target's held-out text: ``keep = (L_base − L_graft) /
+    (L_base − L_source)``, budgets bisected in log space between 1/256 and the profile's
+    ``budget`` (default 1/2), each evaluation recorded in the header. A build failure naming
+    the pack and the best share reached when even the largest budget falls short."""
+    import math
+
+    from graftbuild.compress.calibration import calibration_loss, collect_fisher
+    from graftbuild.errors import BuildError
+
+    profile = ctx.config["profile"]
+    target, cal = profile["target"], profile.get("calibration")
+    data = ctx.files["target"]
+
+    def loss(deltas: Any) -> float:
+        return calibration_loss(
+            ctx.inputs[reference],
+            data,
+            target["samples"],
+            target["seq_len"],
+            deltas,
+            target["field"],
+            ctx.placement,
+        )
+
+    loss_base = loss([])
+    loss_source = loss((name, delta) for name, _, delta in iter_deltas(base, src))
+    gain = loss_base - loss_source
+    if not gain > 0:
+        raise BuildError(
+            f"{ctx.node_id}: target: the source does not lower the loss on {data} (base "
+            f"{loss_base:.4f}, source {loss_source:.4f}); a quality target needs a fine-tune "
+            "that improves on its held-out data"
+        )
+    fisher: dict[str, Any] = {}
+    if cal is not None:
+        fisher = collect_fisher(
+            ctx.inputs[reference],
+            ctx.files["calibration"],
+            cal["samples"],
+            cal["seq_len"],
+            cal["field"],
+            ctx.placement,
+        )
+    evaluations: list[dict[str, float]] = []
+    header["target"] = {"keep": target["keep"], "evaluations": evaluations}
+    mix = list(profile.get("mix") or [])
+    cache: dict[str, Any] = {}
+
+    allocations: dict[float, Any] = {}
+
+    def at(budget: float) -> tuple[float, dict[str, dict]]:
+        header["budget"] = round(budget, 6)
+        chosen, uniform = allocate_budget(
+            ctx, base, src, specs, budget, hessians, fisher, roles, header, mix, cache
+        )
+        if uniform is not None and cal is not None:
+            chosen = pick_allocation(ctx, base, src, reference, cal, chosen, uniform, header)
+            allocations[budget] = header["allocation"]
+        graft = loss(decode_all(base, src, chosen))
+        kept = (loss_base - graft) / gain
+        evaluations.append({"budget": round(budget, 6), "keep": round(kept, 6)})
+        ctx.progress.log(f"{ctx.node_id}: target: budget {budget:.5f} keeps {kept:.1%}")
+        return kept, chosen
+
+    hi = float(profile.get("budget") or 0.5)
+    lo = 1 / 256
+    kept, best = at(hi)
+    if kept < target["keep"]:
+        raise BuildError(
+            f"{ctx.node_id}: target keep = {target['keep']} not met: the best share of the "
+            f"improvement on {data} is {kept:.1%}, at budget {hi} (the largest tried); raise "
+            "`budget` or lower `target.keep`"
+        )
+    best_budget = hi
+    for _ in range(int(target["evaluations"]) - 1):
+        if hi / lo < 1.15:
+            break
+        mid = math.sqrt(lo * hi)
+        kept, chosen = at(mid)
+        if kept >= target["keep"]:
+            hi, best, best_budget = mid, chosen, mid
+        else:
+            lo = mid
+    header["budget"] = round(best_budget, 6)
+    header["target"]["budget"] = round(best_budget, 6)
+    if best_budget in allocations:
+        header["allocation"] = allocations[best_budget]
+    return best
+
+
+def decode_all(base: Any, src: Any, specs: dict[str, dict]) -> Iterator[tuple[str, Any]]:
+    """(name, decoded delta) of every tensor under ``specs``, one at a time."""
+    from graftbuild.compress.codecs import get_codec
+    from graftbuild.skillpack.writer import encode_tensor
+
+    for name, _dtype, delta in iter_deltas(base, src):
+        codec, _, enc = encode_tensor(delta, specs[name])
+        yield name, get_codec(codec).decode(enc.parts, enc.meta, tuple(delta.shape))
+
+
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(name, original dtype name, float32 delta) of every float tensor, one at a time (a
     source's added token rows apart: they are stored exactly)."""
@@ -414,25 +587,129 @@ def allocate_budget(
     specs: dict[str, dict],
     budget: float,
     statistics: dict[str, Any],
-) -> dict[str, dict]:
-    """Per-tensor specs fitting ``budget`` × the fp16 delta (a first pass over the deltas);
-    errors are weighted by the calibration ``statistics`` where there are some."""
-    from graftbuild.compress.budget import allocate, fp16_delta_nbytes, rate_profile
+    fisher: dict[str, Any] | None = None,
+    roles: dict[str, str] | None = None,
+    header: dict[str, Any] | None = None,
+    mix: list[str] | None = None,
+    cache: dict[str, Any] | None = None,
+) -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """Per-tensor specs fitting ``budget`` × the fp16 delta, header included (a first pass over
+    the deltas): with calibration (``fisher``), the loss-aware allocation (compress/budget.py:
+    each tensor's error weighed by its Fisher-weighted delta energy, within it by the input
+    statistics, a floor per tensor) and GraftLLM's uniform split to check it against; without,
+    the uniform split and None. ``mix``: codecs a matrix may take instead of its role's method
+    where they cost less loss per byte."""
+    from graftbuild.compress.budget import (
+        FLOOR_SHARE,
+        allocate,
+        fp16_delta_nbytes,
+        loss_aware_profile,
+        uniform_floors,
+        uniform_split,
+    )
     from graftbuild.compress.codecs.base import FixedRate
     from graftbuild.compress.codecs.zero import is_zero
+    from graftbuild.skillpack.writer import estimate_header_nbytes
 
-    profiles = []
-    with ctx.progress.task(f"budget {ctx.node_id}", len(specs), unit="tensor") as advance:
-        for name, _dtype, delta in iter_deltas(base, src):
+    profiles: list[Any] = [] if cache is None else cache.setdefault("profiles", [])
+    with ctx.progress.task(f"budget {ctx.node_id}", 0 if profiles else len(specs)) as advance:
+        for name, _dtype, delta in [] if profiles else iter_deltas(base, src):
             if is_zero(delta):  # stored as a zero delta whatever its spec: nothing to spend
                 profiles.append(FixedRate(name, specs[name], tuple(delta.shape), 0))
-            else:
-                profiles.append(
-                    rate_profile(name, ctx.placement.put(delta), specs[name], statistics.get(name))
-                )
+                advance(1)
+                continue
+            d = ctx.placement.put(delta)
+            weight = None
+            if fisher:
+                f = fisher.get(name)
+                weight = float((f.to(d.device) * d.pow(2)).sum()) if f is not None else 0.0
+            profiles.append(
+                loss_aware_profile(name, d, specs[name], statistics.get(name), weight, mix or [])
+            )
             advance(1)
-    target = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
-    return allocate(profiles, target)
+    total = int(budget * fp16_delta_nbytes([p.shape for p in profiles]))
+    dtypes = {n: _DTYPE_NAMES[base.infos[n].dtype] for n in base.names()}
+
+    def loss_aware(payload: int) -> dict[str, dict]:
+        return allocate(profiles, payload, uniform_floors(profiles, payload, FLOOR_SHARE))
+
+    def uniform(payload: int) -> dict[str, dict]:
+        return uniform_split(profiles, payload)
+
+    def header_of(chosen: dict[str, dict]) -> int:
+        return estimate_header_nbytes(
+            header or {},
+            {
+                p.name: (
+                    (roles or {}).get(p.name, "other"),
+                    chosen[p.name],
+                    p.shape,
+                    dtypes[p.name],
+                )
+                for p in profiles
+            },
+            total,
+        )
+
+    uniform_specs = fit_header(uniform, total, header_of)
+    if not fisher:
+        return uniform_specs, None
+    return fit_header(loss_aware, total, header_of), uniform_specs
+
+
+def fit_header(split: Any, total: int, header_of: Any) -> dict[str, dict]:
+    """``split(payload)``'s specs for the largest payload whose header still fits in ``total``.
+
+    The budget bounds the whole file: the header is estimated for the chosen specs and the
+    payload target lowered by it. Bisect the least reserve whose specs' header fits in it (more
+    payload means more bands and parts, hence more header)."""
+    hi = header_of(split(total))
+    best = split(max(0, total - hi))
+    if header_of(best) > hi:  # cannot happen unless the header grows as the payload shrinks
+        return best
+    lo = 0
+    while hi - lo > max(64, hi // 256):
+        mid = (lo + hi) // 2
+        chosen = split(max(0, total - mid))
+        if header_of(chosen) <= mid:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    return best
+
+
+def choose_by_loss(
+    ctx: StepContext,
+    base: Any,
+    src: Any,
+    reference: str,
+    cal: dict[str, Any],
+    candidates: dict[str, dict[str, dict]],
+) -> tuple[str, dict[str, float]]:
+    """The candidate allocation whose graft has the least loss on the calibration text (each
+    encoded and decoded tensor by tensor): the loss-aware allocation is kept only where it
+    does better than the uniform split, so a budget never does worse than the uniform split
+    on that text. Returns the winner and every candidate's loss."""
+    from graftbuild.compress.calibration import calibration_loss
+
+    decoded = partial(decode_all, base, src)
+
+    losses = {
+        label: round(
+            calibration_loss(
+                ctx.inputs[reference],
+                ctx.files["calibration"],
+                cal["samples"],
+                cal["seq_len"],
+                decoded(specs),
+                cal["field"],
+                ctx.placement,
+            ),
+            6,
+        )
+        for label, specs in candidates.items()
+    }
+    return min(losses, key=lambda k: (losses[k], k != "loss-aware")), losses
 
 
 def check_same_layout(base: object, src: object) -> dict[str, int]:
@@ -505,10 +782,20 @@ def note_dtype_differences(base: object, src: object, ctx: StepContext) -> None:
 
 
 def codec_components(profile: dict[str, Any]) -> dict[str, int]:
-    """``codec:NAME`` -> version of every codec a (normalised) profile's roles name."""
+    """``codec:NAME`` -> version of every codec a (normalised) profile names (roles and
+    ``mix``), and the budget allocator's version for a profile with a budget."""
     from graftbuild.compress.codecs import get_codec
     from graftbuild.compress.roles import ROLES
 
     # `zero` stores any all-zero delta, whatever the profile
     methods = {profile[role]["method"] for role in ROLES if role in profile} | {"zero"}
-    return {f"codec:{m}": get_codec(m).version for m in sorted(methods)}
+    methods |= set(profile.get("mix") or [])
+    out = {f"codec:{m}": get_codec(m).version for m in sorted(methods)}
+    if profile.get("budget") is not None or profile.get("target") is not None:
+        # 2: uniform split without calibration, loss-aware with; the budget bounds the file
+        out["allocator:budget"] = BUDGET_ALLOCATOR_VERSION
+    return out
+
+
+BUDGET_ALLOCATOR_VERSION = 2
+"""Of ``compress/budget.py`` as the pack step uses it: in the key of packs with a budget only."""

@@ -145,6 +145,7 @@ def _pack_info(folder: Path, digest: str) -> dict[str, Any]:
         "pack_bytes": path.stat().st_size,
         "delta_bytes": delta,
         "codecs": codecs,
+        "target": doc["header"].get("target"),  # a quality target's evaluations, if any
     }
 
 

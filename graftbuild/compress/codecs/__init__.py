@@ -10,11 +10,14 @@ from graftbuild.compress.codecs.exact import ExactCodec
 from graftbuild.compress.codecs.lowrank import LowRankCodec
 from graftbuild.compress.codecs.mixed import MixedCodec
 from graftbuild.compress.codecs.prune import PruneCodec
+from graftbuild.compress.codecs.sparse import SparseCodec
 from graftbuild.compress.codecs.zero import ZeroCodec
 
 CODECS: dict[str, Codec] = {
     codec.name: codec
-    for codec in (ExactCodec(), PruneCodec(), LowRankCodec(), MixedCodec(), ZeroCodec())
+    for codec in (
+        ExactCodec(), PruneCodec(), LowRankCodec(), MixedCodec(), SparseCodec(), ZeroCodec()
+    )
 }
 
 

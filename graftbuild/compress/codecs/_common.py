@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from graftbuild.compress.codecs.base import CodecParams
 
@@ -139,3 +139,23 @@ def weighted_spectrum(
 def not_low_rank(codec: str) -> str:
     """Why an entry stored by ``codec`` has no LoRA factors."""
     return f"stored with {codec} (not low-rank): LoRA cannot express it at low rank"
+
+
+
+def descending_counts(energy: torch.Tensor) -> tuple[Any, Any]:
+    """For a descending 1-D tensor: ``above(x)``, how many entries exceed x, and ``left(k)``,
+    the sum of all entries after the first k (numpy binary search on a copy: the budget
+    allocator asks these thousands of times per tensor, torch's per-call overhead dominated)."""
+    import numpy as np
+
+    values = energy.detach().double().cpu().numpy()
+    tail = np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])
+    neg = -values
+
+    def above(x: float) -> int:
+        return int(np.searchsorted(neg, -x, side="left"))
+
+    def left(k: int) -> float:
+        return max(0.0, float(tail[min(k, len(values))]))
+
+    return above, left

@@ -103,7 +103,13 @@ class RateProfile:
         self.name, self.spec, self.shape = name, spec, shape
 
     def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
-        raise TypeError(f"{type(self).__name__} does not define choose()")
+        nbytes, _, spec = self.point(lam)
+        return nbytes, spec
+
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
+        """(bytes, error, codec spec) minimising ``error + lam · bytes``: the error lets the
+        allocator compare codecs on one tensor and weigh tensors by their effect on the loss."""
+        raise TypeError(f"{type(self).__name__} does not define point()")
 
 
 class FixedRate(RateProfile):
@@ -113,8 +119,8 @@ class FixedRate(RateProfile):
         super().__init__(name, spec, shape)
         self.nbytes = nbytes
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
-        return self.nbytes, self.spec
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
+        return self.nbytes, 0.0, self.spec
 
 
 class DiscreteRate(RateProfile):
@@ -127,12 +133,20 @@ class DiscreteRate(RateProfile):
     err: torch.Tensor
 
     def index(self, lam: float) -> int:
-        import torch
+        import numpy as np
 
-        return int(torch.argmin(self.err + lam * self.cost))
+        # numpy copies, refreshed when err is replaced (the allocator weighs it): called
+        # thousands of times per tensor, where torch's per-call overhead dominated
+        cached = getattr(self, "_np", None)
+        if cached is None or cached[0] is not self.err:
+            cached = (self.err, self.err.double().numpy(), self.cost.double().numpy())
+            self._np = cached
+        return int(np.argmin(cached[1] + lam * cached[2]))
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
-        return self.at(self.index(lam))
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
+        i = self.index(lam)
+        nbytes, spec = self.at(i)
+        return nbytes, float(self.err[i]), spec
 
     def at(self, index: int) -> tuple[int, dict[str, Any]]:
         raise TypeError(f"{type(self).__name__} does not define at()")

@@ -26,6 +26,7 @@ from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
     ValueDType,
     as_float32,
+    descending_counts,
     expect_params,
     numel,
     randomized_svd,
@@ -100,15 +101,18 @@ class LowRankRate(RateProfile):
     def __init__(self, name: str, spec: dict[str, Any], shape: tuple[int, ...], energy: Any):
         super().__init__(name, spec, shape)
         self.energy = energy  # shares of the (weighted) energy, descending σ
+        self.counts = descending_counts(energy)
         m, n = shape
         self.unit = (m + n) * DTYPE_NBYTES[spec.get("dtype") or "float16"]
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
         m, n = self.shape
         cap = max(1, 4 * m * n // self.unit)  # beyond this the codec would store it exactly
-        k = min(cap, max(1, int((self.energy > lam * self.unit).sum())))
+        above, left = self.counts
+        k = min(cap, max(1, above(lam * self.unit)))
         spec = {k_: v for k_, v in self.spec.items() if k_ not in ("energy", "max_rank")}
-        return k * self.unit, {**spec, "rank": k, "energy": None, "max_rank": None}
+        err = left(k)
+        return k * self.unit, err, {**spec, "rank": k, "energy": None, "max_rank": None}
 
 
 class LowRankCodec:

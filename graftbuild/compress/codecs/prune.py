@@ -16,6 +16,7 @@ from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
     ValueDType,
     as_float32,
+    descending_counts,
     expect_params,
     not_low_rank,
     numel,
@@ -73,14 +74,15 @@ class PruneRate(RateProfile):
     ) -> None:
         super().__init__(name, spec, shape)
         self.energy, self.stride, self.numel = energy, stride, numel(shape)
-        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (
-            4 if self.numel < 2**31 else 8
-        )
+        self.counts = descending_counts(energy)
+        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (4 if self.numel < 2**31 else 8)
 
-    def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
-        k = int((self.energy > lam * self.unit).sum()) * self.stride
-        k = max(1, min(self.numel, k))
-        return k * self.unit, {**self.spec, "keep": k / self.numel}
+    def point(self, lam: float) -> tuple[int, float, dict[str, Any]]:
+        above, left = self.counts
+        count = above(lam * self.unit)
+        k = max(1, min(self.numel, count * self.stride))
+        err = left(count) * self.stride
+        return k * self.unit, err, {**self.spec, "keep": k / self.numel}
 
 
 class PruneCodec:
