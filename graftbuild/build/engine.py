@@ -327,11 +327,21 @@ class Engine:
         if not self._dry:
             self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(visit.reasons)}")
         hashes = {r: outputs[d] for r, d in node.deps.items()}
+        inputs = {r: self.artifact_path(d, hashes[r]) for r, d in node.deps.items()}  # type: ignore[arg-type]
+        # What an input's step forwards (a reference pack's source: ``pack.0.source``): read by
+        # this node, not part of its key (the input's own bytes name it by content hash).
+        for r, d in node.deps.items():
+            upstream = self.graph.node(d)
+            for inner in getattr(STEPS.get(upstream.step), "forwards", ()):
+                dd = upstream.deps.get(inner)
+                if dd is not None and outputs.get(dd) is not None:
+                    hashes[f"{r}.{inner}"] = outputs[dd]
+                    inputs[f"{r}.{inner}"] = self.artifact_path(dd, outputs[dd])  # type: ignore[arg-type]
         return Job(
             node_id=node.id,
             step=node.step,
             config=node.config,
-            inputs={r: self.artifact_path(d, hashes[r]) for r, d in node.deps.items()},  # type: ignore[arg-type]
+            inputs=inputs,
             input_hashes=hashes,  # type: ignore[arg-type]
             files=dict(node.files),
             uses_accelerator=STEPS[node.step].uses_accelerator,

@@ -1,10 +1,26 @@
-"""Reading SkillPack files: ``PackReader`` decodes one tensor at a time."""
+"""Reading SkillPack files: ``PackReader`` decodes one tensor at a time.
+
+A pack is either *stored* (format 1.x: every tensor's encoded delta is in the file) or a
+*reference* (format 2.x: a lossless pack that names its source's weights by content hash and
+stores no payload; each delta is computed when read, as ``source - base`` in float32, exactly the
+values the ``exact`` codec would have stored). Both answer the same questions, so a fusion
+strategy need not know which it has:
+
+- ``decode(name)``: the float32 delta;
+- ``source_tensor(name)``: the fine-tuned tensor itself (read from the source for a reference
+  pack; base + delta for a stored one; both need the base folder).
+
+A reference pack needs its source and base model folders (``PackReader(path, base=...,
+source=...)`` or ``attach``); a build passes them (the engine hands a node that reads a pack the
+pack's own source as ``ROLE.source``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -16,11 +32,12 @@ from graftbuild.errors import UserError
 from graftbuild.skillpack.format import (
     FORMAT_VERSION,
     METADATA_KEY,
-    SUPPORTED_MAJOR,
+    READABLE_MAJORS,
+    REFERENCE_MAJOR,
     parse_version,
     part_key,
 )
-from graftbuild.weights.tensors import ST_ITEMSIZE, TensorFile
+from graftbuild.weights.tensors import ST_ITEMSIZE, ModelWeights, TensorFile
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +47,19 @@ if TYPE_CHECKING:
 class PackReader:
     """Reads a SkillPack lazily: metadata at open, each tensor's parts only when decoded."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        base: str | os.PathLike[str] | None = None,
+        source: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``base`` and ``source``: the model folders a reference pack's deltas are computed
+        from (ignored by a stored pack, except ``base`` for ``source_tensor``)."""
         self.path = Path(path)
+        self._base: ModelWeights | None = None
+        self._source: ModelWeights | None = None
+        self._folders: dict[str, Path | None] = {"base": None, "source": None}
+        self._opening = threading.Lock()  # -j workers may ask for the same folder at once
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such SkillPack file")
         try:
@@ -44,6 +72,7 @@ class PackReader:
             # Parts are read with pread, not through safe_open's memory map: a pack as large as
             # the model would otherwise count, page by page, as this process's memory.
             self._raw = TensorFile(self.path)
+            self.attach(base, source)
         except BaseException:
             self.close()
             raise
@@ -64,11 +93,22 @@ class PackReader:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{self.path}: corrupt SkillPack metadata ({exc})") from exc
         major, _minor = parse_version(self.path, version)
-        if major != SUPPORTED_MAJOR:
+        if major not in READABLE_MAJORS:
             raise UserError(
                 f"{self.path}: SkillPack format version {version} is not supported "
-                f"(this graftbuild reads {SUPPORTED_MAJOR}.x, writes {FORMAT_VERSION})"
+                f"(this graftbuild reads {', '.join(f'{m}.x' for m in READABLE_MAJORS)}, "
+                f"writes {FORMAT_VERSION})"
             )
+        reference = header.get("reference") if major == REFERENCE_MAJOR else None
+        if major == REFERENCE_MAJOR:
+            ok = isinstance(reference, dict) and isinstance(reference.get("source"), str)
+            stored = [n for n, e in entries.items() if e.get("parts") or e.get("codec") != "exact"]
+            if not ok or stored:
+                raise UserError(
+                    f"{self.path}: corrupt reference SkillPack (a 2.x pack names its source in "
+                    "header.reference and stores no parts; every entry is exact)"
+                )
+        self._reference: dict[str, Any] | None = reference
         keys = set(self._f.keys())
         for name, entry in entries.items():
             missing = [p for p in entry.get("parts", []) if part_key(name, p) not in keys]
@@ -92,6 +132,98 @@ class PackReader:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    @property
+    def is_reference(self) -> bool:
+        """A reference pack: no stored deltas; they are read from the source (module doc)."""
+        return self._reference is not None
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """``{"source": weights digest, "files": {file: hash}}`` of a reference pack, else None."""
+        return self._reference
+
+    def attach(
+        self,
+        base: str | os.PathLike[str] | None = None,
+        source: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Give the reader the model folders it reads tensors from (opened lazily, once)."""
+        if base is not None:
+            self._folders["base"] = Path(base)
+        if source is not None:
+            self._folders["source"] = Path(source)
+
+    def _model(self, role: str, name: str) -> ModelWeights:
+        """The base or source model folder, opened on first use; a clear error without it."""
+        current = self._base if role == "base" else self._source
+        if current is not None:
+            return current
+        with self._opening:
+            return self._open(role, name)
+
+    def _open(self, role: str, name: str) -> ModelWeights:
+        current = self._base if role == "base" else self._source
+        if current is not None:
+            return current
+        folder = self._folders[role]
+        if folder is None:
+            what = (
+                f"a reference pack (lossless, source weights {self._reference['source'][:16]}…, "
+                "stored as a pointer)"
+                if self._reference is not None
+                else "a pack"
+            )
+            raise UserError(
+                f"{self.path}: tensor {name!r}: {what}; reading it needs its {role} model "
+                f"folder, which was not given"
+            )
+        opened = ModelWeights(folder)
+        if role == "base":
+            self._base = opened
+        else:
+            self._source = opened
+        return opened
+
+    def _computed_delta(self, name: str, placement: Placement) -> torch.Tensor:
+        """A reference pack's delta: ``source - base`` in float32, computed exactly as the
+        ``exact`` codec's pack step computes the delta it stores (same values, bit for bit)."""
+        import torch
+
+        from graftbuild.weights.memory import empty_like
+        from graftbuild.weights.tensors import all_finite
+
+        entry = self._entry(name)
+        base, source = self._model("base", name), self._model("source", name)
+        for m in (base, source):
+            info = m.infos.get(name)
+            if info is None or list(info.shape) != list(entry["shape"]):
+                raise UserError(
+                    f"{self.path}: tensor {name!r}: {m.folder} does not hold it with shape "
+                    f"{entry['shape']} (is this the pack's {'base' if m is base else 'source'}?)"
+                )
+        b = placement.put(base.map(name), torch.float32)
+        x = placement.put(source.map(name), torch.float32)
+        delta = torch.sub(x, b, out=empty_like(x))
+        del b, x
+        if not all_finite(delta):
+            raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
+        return delta
+
+    def source_tensor(self, name: str, device: Placement | str | None = None) -> torch.Tensor:
+        """The fine-tuned (source) tensor ``name`` in float32 on ``device``: read from the
+        source folder for a reference pack, base + decoded delta for a stored one (then only
+        the base folder is needed). For fusion strategies that need the source's weights."""
+        import torch
+
+        from graftbuild.weights.placement import Placement
+
+        placement = Placement.of(device)
+        self._entry(name)
+        if self._reference is not None:
+            return placement.put(self._model("source", name).map(name), torch.float32).clone()
+        base = placement.put(self._model("base", name).map(name), torch.float32)
+        return torch.add(base, self.decode(name, placement))
 
     def _entry(self, name: str) -> dict[str, Any]:
         if name not in self._entries:
@@ -121,12 +253,14 @@ class PackReader:
         if self._f is None:
             raise ValueError(f"{self.path}: the reader is closed")
         entry = self._entry(name)
+        placement = Placement.of(device)
+        if self._reference is not None:
+            return self._computed_delta(name, placement)
         codec = self._codec(name, entry)
         shape = tuple(int(d) for d in entry["shape"])
         assert self._raw is not None
         # copy-on-write maps: a codec that only reads its parts copies nothing
         parts = {p: self._raw.map(part_key(name, p)) for p in entry["parts"]}
-        placement = Placement.of(device)
         if placement.on_accelerator:
             parts = {p: placement.put(t) for p, t in parts.items()}
         out = codec.decode(parts, entry.get("meta", {}), shape)
@@ -179,6 +313,10 @@ class PackReader:
         if getattr(self, "_raw", None) is not None:
             self._raw.close()  # type: ignore[union-attr]
         self._raw = None
+        for m in (getattr(self, "_base", None), getattr(self, "_source", None)):
+            if m is not None:
+                m.close()
+        self._base = self._source = None
 
     def __enter__(self) -> PackReader:
         return self

@@ -80,7 +80,16 @@ class FuseStep:
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
-            readers = [stack.enter_context(PackReader(ctx.inputs[r] / PACK_FILE)) for r in roles]
+            # a reference pack reads its deltas from its source (forwarded by the engine as
+            # ``pack.N.source``) and the base
+            readers = [
+                stack.enter_context(
+                    PackReader(
+                        ctx.inputs[r] / PACK_FILE, ctx.inputs["base"], ctx.inputs.get(f"{r}.source")
+                    )
+                )
+                for r in roles
+            ]
             for r, reader in zip(roles, readers, strict=True):
                 if reader.header.get("base") != ctx.input_hashes["base"]:
                     raise BuildError(

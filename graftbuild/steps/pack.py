@@ -27,8 +27,13 @@ class PackStep:
     name: ClassVar[str] = "pack"
     # 2: lowrank encodes small rank budgets with a randomized SVD
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
-    version: ClassVar[int] = 3
+    # 4: a lossless (all-exact) pack of a source is a reference pack (no model-sized copy)
+    version: ClassVar[int] = 4
     uses_accelerator: ClassVar[bool] = True
+    forwards: ClassVar[tuple[str, ...]] = ("source",)
+    """Inputs that a node reading a pack also receives (as ``pack.N.source``): a reference
+    pack's deltas are read from its source. Not part of the reader's key: the pack's bytes
+    name the source's weights by content hash."""
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
         """``pack:NAME`` of every source: its delta against the base (or its parent's graft),
@@ -115,6 +120,9 @@ class PackStep:
                 specs = allocate_budget(ctx, base, src, specs, float(profile["budget"]), hessians)
                 header["budget"] = profile["budget"]
             parsed = {name: parse(spec) for name, spec in specs.items()}
+            if REFERENCE_LOSSLESS and reference == "base" and lossless(parsed):
+                write_reference(ctx, base, src, roles, header)
+                return
 
             def encode(name: str) -> tuple:
                 """One tensor's delta, encoded (runs on a -j worker; reads only its tensor)."""
@@ -160,6 +168,39 @@ class PackStep:
                     writer.add(name, roles[name], codec, params, shape, dtype, encoded)
                     del encoded  # not alive while the next one is computed
                     advance(1)
+
+
+REFERENCE_LOSSLESS = True
+"""Lossless packs of a source (against the base) are written as reference packs. False: as
+stored exact packs, as before version 4 (tests compare the two; the result is the same bytes)."""
+
+
+def lossless(parsed: dict[str, tuple[Any, Any]]) -> bool:
+    """Every tensor's codec is ``exact``: the delta is source - base, nothing lost."""
+    return bool(parsed) and all(codec.name == "exact" for codec, _ in parsed.values())
+
+
+def write_reference(
+    ctx: StepContext, base: Any, src: Any, roles: dict[str, str], header: dict[str, Any]
+) -> None:
+    """A reference pack: the base's hash, the source's weight files by content hash, and each
+    tensor's entry, with no payload; the fuse computes each delta from base and source. Its
+    bytes change exactly when the source's weight files do (a new README leaves them: early
+    cutoff), so a fuse keyed by them is keyed by the source's weights."""
+    from graftbuild.cache.hashing import combine, hash_file
+    from graftbuild.skillpack.writer import PackWriter, reference_layout
+
+    folder = Path(src.folder)
+    files = {p.relative_to(folder).as_posix(): hash_file(p) for p in src.files}
+    header = header | {"reference": {"source": combine(files), "files": files}}
+    layout = {
+        n: reference_layout(roles[n], tuple(base.infos[n].shape), _DTYPE_NAMES[base.infos[n].dtype])
+        for n in base.names()
+    }
+    with ctx.progress.task(f"pack {ctx.node_id}", 1) as advance:
+        with PackWriter(ctx.out / PACK_FILE, header, layout):
+            pass
+        advance(1)
 
 
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
