@@ -185,7 +185,13 @@ class PackReader:
             self._source = opened
         return opened
 
-    def _computed_delta(self, name: str, placement: Placement) -> torch.Tensor:
+    def _computed_delta(
+        self,
+        name: str,
+        placement: Placement,
+        base_tensor: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """A reference pack's delta: ``source - base`` in float32, computed exactly as the
         ``exact`` codec's pack step computes the delta it stores (same values, bit for bit)."""
         import torch
@@ -202,9 +208,12 @@ class PackReader:
                     f"{self.path}: tensor {name!r}: {m.folder} does not hold it with shape "
                     f"{entry['shape']} (is this the pack's {'base' if m is base else 'source'}?)"
                 )
-        b = placement.put(base.map(name), torch.float32)
+        if base_tensor is not None:
+            b = placement.put(base_tensor, torch.float32)
+        else:
+            b = placement.put(base.map(name), torch.float32)
         x = placement.put(source.map(name), torch.float32)
-        delta = torch.sub(x, b, out=empty_like(x))
+        delta = torch.sub(x, b, out=empty_like(x) if out is None else out)
         del b, x
         if not all_finite(delta):
             raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
@@ -242,10 +251,20 @@ class PackReader:
             )
         return codec
 
-    def decode(self, name: str, device: Placement | str | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        name: str,
+        device: Placement | str | None = None,
+        base_tensor: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The float32 delta of ``name`` in its original shape, decoded on ``device`` (a
         Placement or a device name; default the CPU): the stored parts are moved there first
-        and the codec decodes there."""
+        and the codec decodes there.
+
+        For a reference pack only (a stored one ignores them): ``base_tensor``, the base's
+        tensor if the caller holds it already (not read again), and ``out``, a float32 buffer
+        of the tensor's shape on ``device`` to compute the delta into (else a fresh one)."""
         import torch
 
         from graftbuild.weights.placement import Placement
@@ -255,7 +274,7 @@ class PackReader:
         entry = self._entry(name)
         placement = Placement.of(device)
         if self._reference is not None:
-            return self._computed_delta(name, placement)
+            return self._computed_delta(name, placement, base_tensor, out)
         codec = self._codec(name, entry)
         shape = tuple(int(d) for d in entry["shape"])
         assert self._raw is not None

@@ -113,13 +113,16 @@ class FuseStep:
                     packs = [(r, w) for r, w in weighted if name in r.entries]
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         r, w = packs.pop(0)  # added straight from the base into ``out``
-                        delta = r.decode(name, placement)  # decoded on the device
-                        acc = fold_first(placement.put(b), delta, w, params, name, out)
-                        del delta
+                        bp = placement.put(b)
+                        # decoded on the device; a reference pack's delta is computed into
+                        # ``out`` itself (fold_first adds the base to it element by element)
+                        delta = r.decode(name, placement, base_tensor=bp, out=out)
+                        acc = fold_first(bp, delta, w, params, name, out)
+                        del delta, bp
                     else:
                         acc = out.copy_(b)
                     for r, w in packs:
-                        acc = fold(acc, r.decode(name, placement), w, params, name)
+                        acc = fold(acc, r.decode(name, placement, base_tensor=b), w, params, name)
                     return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
                 deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]

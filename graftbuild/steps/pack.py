@@ -187,11 +187,12 @@ def write_reference(
     tensor's entry, with no payload; the fuse computes each delta from base and source. Its
     bytes change exactly when the source's weight files do (a new README leaves them: early
     cutoff), so a fuse keyed by them is keyed by the source's weights."""
-    from graftbuild.cache.hashing import combine, hash_file
+    from graftbuild.cache.hashing import combine, hash_known
     from graftbuild.skillpack.writer import PackWriter, reference_layout
 
     folder = Path(src.folder)
-    files = {p.relative_to(folder).as_posix(): hash_file(p) for p in src.files}
+    # hashed by the engine already in this process (the stat cache's test), else read here
+    files = {p.relative_to(folder).as_posix(): hash_known(p) for p in src.files}
     header = header | {"reference": {"source": combine(files), "files": files}}
     layout = {
         n: reference_layout(roles[n], tuple(base.infos[n].shape), _DTYPE_NAMES[base.infos[n].dtype])
