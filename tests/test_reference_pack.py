@@ -16,6 +16,7 @@ from helpers import engine, load_weights, make
 
 from graftbuild.errors import UserError
 from graftbuild.skillpack import PackReader, write_stored
+from graftbuild.skillpack import reader as reader_module
 from graftbuild.skillpack.format import PACK_FILE, REFERENCE_FORMAT_VERSION
 from graftbuild.steps import pack as pack_step
 
@@ -74,9 +75,12 @@ def _fused_bytes(recipe: Path) -> bytes:
     return (recipe.parent / "out" / "fused" / "release" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])
 def test_reference_pipeline_gives_the_stored_exact_path_bytes(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path, monkeypatch: pytest.MonkeyPatch, chunk: int | None
 ) -> None:
+    if chunk is not None:  # the second source folded in pieces, not vector-aligned ones
+        monkeypatch.setattr(reader_module, "DELTA_CHUNK", chunk)
     make(project)
     by_reference = _fused_bytes(project)
     pack_x = _object(project, "pack:x") / PACK_FILE

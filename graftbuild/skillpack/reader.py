@@ -21,6 +21,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,10 @@ from graftbuild.skillpack.format import (
     parse_version,
     part_key,
 )
-from graftbuild.weights.tensors import ST_ITEMSIZE, ModelWeights, TensorFile
+from graftbuild.weights.tensors import ST_ITEMSIZE, ModelWeights, TensorFile, all_finite
+
+DELTA_CHUNK = 1 << 20
+"""Entries per piece of a reference pack's delta in ``delta_chunks`` (4 MiB of float32)."""
 
 if TYPE_CHECKING:
     import torch
@@ -218,6 +222,43 @@ class PackReader:
         if not all_finite(delta):
             raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
         return delta
+
+    def delta_chunks(
+        self,
+        name: str,
+        device: Placement | str | None = None,
+        base_tensor: torch.Tensor | None = None,
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, delta[start:stop])`` over the flattened delta of ``name``: a stored
+        pack's decoded delta in one piece; a reference pack's in pieces of ``DELTA_CHUNK``
+        entries computed into one small buffer, so that folding a second source into an
+        accumulator costs no tensor-sized delta (same values as ``decode``)."""
+        import torch
+
+        from graftbuild.weights.placement import Placement
+
+        placement = Placement.of(device)
+        if self._reference is None:
+            delta = self.decode(name, placement)
+            yield 0, delta.numel(), delta.reshape(-1)
+            return
+        self._entry(name)
+        base, source = self._model("base", name), self._model("source", name)
+        b = (base_tensor if base_tensor is not None else base.map(name)).reshape(-1)
+        x = source.map(name).reshape(-1)
+        if b.numel() != x.numel():
+            raise UserError(f"{self.path}: tensor {name!r}: base and source sizes differ")
+        buf = placement.put(torch.empty(0)).new_empty(min(DELTA_CHUNK, x.numel()))
+        for lo in range(0, x.numel(), DELTA_CHUNK):
+            hi = min(lo + DELTA_CHUNK, x.numel())
+            d = torch.sub(
+                placement.put(x[lo:hi], torch.float32),
+                placement.put(b[lo:hi], torch.float32),
+                out=buf[: hi - lo],
+            )
+            if not all_finite(d):
+                raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
+            yield lo, hi, d
 
     def source_tensor(self, name: str, device: Placement | str | None = None) -> torch.Tensor:
         """The fine-tuned (source) tensor ``name`` in float32 on ``device``: read from the

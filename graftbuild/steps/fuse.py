@@ -77,6 +77,7 @@ class FuseStep:
         params = strategy.Params.model_validate(cfg["options"])
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         fold_first = getattr(strategy, "fold_first", None) if fold is not None else None
+        elementwise = fold is not None and getattr(strategy, "elementwise", False)
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
@@ -122,7 +123,14 @@ class FuseStep:
                     else:
                         acc = out.copy_(b)
                     for r, w in packs:
-                        acc = fold(acc, r.decode(name, placement, base_tensor=b), w, params, name)
+                        if elementwise and r.is_reference:  # no tensor-sized delta
+                            flat = acc.view(-1)
+                            for lo, hi, d in r.delta_chunks(name, placement, base_tensor=b):
+                                fold(flat[lo:hi], d, w, params, name)
+                        else:
+                            delta = r.decode(name, placement, base_tensor=b)
+                            acc = fold(acc, delta, w, params, name)
+                            del delta
                     return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
                 deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]
