@@ -115,11 +115,18 @@ class FuseStep:
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         r, w = packs.pop(0)  # added straight from the base into ``out``
                         bp = placement.put(b)
-                        # decoded on the device; a reference pack's delta is computed into
-                        # ``out`` itself (fold_first adds the base to it element by element)
-                        delta = r.decode(name, placement, base_tensor=bp, out=out)
-                        acc = fold_first(bp, delta, w, params, name, out)
-                        del delta, bp
+                        if elementwise and r.is_reference:
+                            # piece by piece, each piece's delta still in the CPU's cache when
+                            # it is added: no tensor-sized delta, no second pass over memory
+                            of, bf = out.view(-1), bp.reshape(-1)
+                            for lo, hi, d in r.delta_chunks(name, placement, base_tensor=bp):
+                                fold_first(bf[lo:hi], d, w, params, name, of[lo:hi])
+                            acc = out
+                        else:
+                            delta = r.decode(name, placement)  # decoded on the device
+                            acc = fold_first(bp, delta, w, params, name, out)
+                            del delta
+                        del bp
                     else:
                         acc = out.copy_(b)
                     for r, w in packs:
