@@ -163,3 +163,20 @@ def test_a_new_file_beside_the_source_weights_cuts_off_at_the_pack(project: Path
     result = make(project)
     assert result.built == ["source:x", "pack:x"]  # same reference bytes: the fuse is reused
     assert "fuse:release" in result.reused
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_or_inf_in_a_reference_source_names_the_tensor(project: Path, bad: str) -> None:
+    from conftest import save_model
+    from safetensors.torch import load_file
+
+    models = project.parent / "models"
+    state = load_file(str(models / "y" / "model.safetensors"))
+    state["model.layers.1.self_attn.v_proj.weight"][3, 4] = float(bad)
+    save_model(models / "y", state, config_from=models / "base")
+    with pytest.raises(
+        UserError,
+        match=r"models/y: tensor 'model\.layers\.1\.self_attn\.v_proj"
+        r"\.weight': NaN or Inf in the delta",
+    ):
+        make(project)

@@ -229,11 +229,14 @@ class PackReader:
         name: str,
         device: Placement | str | None = None,
         base_tensor: torch.Tensor | None = None,
+        check_finite: bool = True,
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(start, stop, delta[start:stop])`` over the flattened delta of ``name``: a stored
         pack's decoded delta in one piece; a reference pack's in pieces of ``DELTA_CHUNK``
         entries computed into one small buffer, so that folding a second source into an
-        accumulator costs no tensor-sized delta (same values as ``decode``)."""
+        accumulator costs no tensor-sized delta (same values as ``decode``). A non-finite
+        entry is an error unless ``check_finite`` is False (the caller checks what it makes of
+        the pieces instead: a NaN or infinity in a delta reaches any weighted sum of it)."""
         import torch
 
         from graftbuild.weights.placement import Placement
@@ -257,7 +260,7 @@ class PackReader:
                 placement.put(b[lo:hi], torch.float32),
                 out=buf[: hi - lo],
             )
-            if not all_finite(d):
+            if check_finite and not all_finite(d):
                 raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
             yield lo, hi, d
 

@@ -112,6 +112,7 @@ class FuseStep:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
                     weighted = zip(readers, cfg["weights"], strict=True)
                     packs = [(r, w) for r, w in weighted if name in r.entries]
+                    weighted_all = list(packs)
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         r, w = packs.pop(0)  # added straight from the base into ``out``
                         bp = placement.put(b)
@@ -119,7 +120,8 @@ class FuseStep:
                             # piece by piece, each piece's delta still in the CPU's cache when
                             # it is added: no tensor-sized delta, no second pass over memory
                             of, bf = out.view(-1), bp.reshape(-1)
-                            for lo, hi, d in r.delta_chunks(name, placement, base_tensor=bp):
+                            chunks = r.delta_chunks(name, placement, bp, check_finite=False)
+                            for lo, hi, d in chunks:
                                 fold_first(bf[lo:hi], d, w, params, name, of[lo:hi])
                             acc = out
                         else:
@@ -132,12 +134,15 @@ class FuseStep:
                     for r, w in packs:
                         if elementwise and r.is_reference:  # no tensor-sized delta
                             flat = acc.view(-1)
-                            for lo, hi, d in r.delta_chunks(name, placement, base_tensor=b):
+                            chunks = r.delta_chunks(name, placement, b, check_finite=False)
+                            for lo, hi, d in chunks:
                                 fold(flat[lo:hi], d, w, params, name)
                         else:
                             delta = r.decode(name, placement, base_tensor=b)
                             acc = fold(acc, delta, w, params, name)
                             del delta
+                    if elementwise and any(r.is_reference for r, _ in weighted_all):
+                        check_reference_deltas(name, acc, weighted_all, b, placement)
                     return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
                 deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]
@@ -158,6 +163,23 @@ class FuseStep:
             infos = [base.infos[n] for n in names]
             copy_non_weight_files(ctx.inputs["base"], ctx.out)
             write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
+
+
+def check_reference_deltas(
+    name: str, acc: torch.Tensor, packs: list, base: torch.Tensor, placement: object
+) -> None:
+    """Reference packs' deltas are folded unchecked: a NaN or infinity in one reaches the sum,
+    so one pass over the result suffices; only when it is not finite are the deltas checked one
+    by one, for the error that names the source (a sum that overflows from finite deltas is
+    left as it was before)."""
+    from graftbuild.weights.tensors import all_finite
+
+    if all_finite(acc):
+        return
+    for r, _ in packs:
+        if r.is_reference:
+            for _ in r.delta_chunks(name, placement, base):
+                pass  # raises on the first non-finite piece
 
 
 def strategy_components(strategy: str) -> dict[str, int]:
