@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--lr-scale", type=float, default=0.005)
-    ap.add_argument("--noise", type=float, default=0.01)
+    ap.add_argument("--noise", type=float, default=0.002)
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--exact-svd", choices=["none", "small", "all"], default="all")
