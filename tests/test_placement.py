@@ -57,15 +57,7 @@ def node_context(recipe: Path, node_id: str, out: Path, placement: Placement | N
     e = engine(recipe)
     outputs = {n.id: n.output_hash for n in e.plan()}
     node = e.graph.node(node_id)
-    hashes = {r: outputs[d] for r, d in node.deps.items()}
-    inputs = {r: e.artifact_path(d, hashes[r]) for r, d in node.deps.items()}
-    for r, d in node.deps.items():  # what the engine forwards: a reference pack's source
-        upstream = e.graph.node(d)
-        for inner in getattr(STEPS.get(upstream.step), "forwards", ()):
-            if inner in upstream.deps:
-                dd = upstream.deps[inner]
-                hashes[f"{r}.{inner}"] = outputs[dd]
-                inputs[f"{r}.{inner}"] = e.artifact_path(dd, outputs[dd])
+    inputs, hashes = e.job_inputs(node, outputs)  # a reference pack's source forwarded too
     out.mkdir(parents=True)
     return StepContext(
         node_id, node.config, inputs, hashes, dict(node.files), out, placement_=placement
