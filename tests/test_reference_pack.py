@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_base, make_source, write_recipe
+from conftest import make_source, write_recipe
 from helpers import engine, load_weights, make
 
 from graftbuild.errors import UserError
@@ -49,18 +49,10 @@ weights = { x = 1.0, y = 0.5 }
 """
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("refmodels")
-    make_base(root / "base")
-    make_source(root / "x", root / "base", seed=1)
-    make_source(root / "y", root / "base", seed=2)
-    return root
-
-
 @pytest.fixture
-def project(tmp_path: Path, models: Path) -> Path:
-    shutil.copytree(models, tmp_path / "models")
+def project(tmp_path: Path, model_folders: Path) -> Path:
+    """The shared test models (conftest), with both sources packed losslessly."""
+    shutil.copytree(model_folders, tmp_path / "models")
     return write_recipe(tmp_path / "graftbuild.toml", RECIPE)
 
 
