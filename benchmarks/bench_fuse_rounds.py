@@ -11,11 +11,19 @@ same work with its output made durable.
 
     python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
     python benchmarks/bench_fuse_rounds.py /tmp/gb-bench/m07 --work /tmp/gb-bench/r07 --rounds 3
+
+The physical floor (issue 21): ``--floor`` adds to every round ``cp -r`` of the base folder (read
+and write one model) and ``cat`` of base + sources to /dev/null (read the inputs once), the least
+any fuse can do. ``--baseline SRC`` runs graftbuild's fuse alone and cold make a second time from
+another source tree (``git archive COMMIT | tar -x -C SRC``: the code before a change), in the same
+rounds, for time and peak RSS side by side; the fused bytes of both are compared.
+``--no-fsync`` leaves out the ``--fsync`` variants (shorter rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import statistics
 import subprocess
@@ -23,7 +31,21 @@ import time
 from pathlib import Path
 
 from bench_fuse import MERGEKIT, WEIGHTS, write_recipe
-from common import Run, competitor, graftbuild, publish, timed
+from common import PYTHON, Run, competitor, graftbuild, publish, timed
+
+
+def baseline_graftbuild(src: Path, *args: str) -> list[str]:
+    """graftbuild run from another source tree (``env`` overrides the benchmark's PYTHONPATH)."""
+    return ["env", f"PYTHONPATH={src}", PYTHON, "-m", "graftbuild", *args]
+
+
+def file_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def synced(label: str, cmd: list[str], cwd: Path, syncs: dict[str, list[float]]) -> Run:
@@ -43,6 +65,9 @@ def main() -> None:
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--results", type=Path)
     ap.add_argument("--clean", action="store_true", help="delete --work afterwards")
+    ap.add_argument("--floor", action="store_true", help="cp of the base, cat of all inputs")
+    ap.add_argument("--baseline", type=Path, help="another graftbuild source tree, same rounds")
+    ap.add_argument("--no-fsync", action="store_true", help="leave out the --fsync variants")
     args = ap.parse_args()
     models, work = args.models.resolve(), args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -53,23 +78,51 @@ def main() -> None:
     recipe = write_recipe(work / "gb", models, "exact")
     syncs: dict[str, list[float]] = {}
     synced("packs", graftbuild("make", str(recipe), *j), work, syncs)
-    runs: dict[str, list[Run]] = {
-        k: [] for k in ("mergekit", "fuse", "fuse_fsync", "end_to_end", "end_to_end_fsync")
-    }
+    base_src = args.baseline.resolve() if args.baseline else None
+    if base_src is not None:  # the baseline's packs, in a cache of its own
+        cmd = baseline_graftbuild(base_src, "make", str(recipe), "--cache", "base-cache", *j)
+        synced("baseline_packs", cmd, work / "gb", syncs)
+    fsync_variants = [] if args.no_fsync else [["--fsync"]]
+    labels = ["mergekit", "fuse", "end_to_end"]
+    labels += [] if args.no_fsync else ["fuse_fsync", "end_to_end_fsync"]
+    labels += ["baseline_fuse", "baseline_end_to_end"] if base_src else []
+    labels += ["cp_base", "cat_inputs"] if args.floor else []
+    runs: dict[str, list[Run]] = {k: [] for k in labels}
+    inputs = sorted(str(f) for m in ("base", "x", "y") for f in (models / m).glob("*.safetensors"))
+    digests: dict[str, set[str]] = {}
     for i in range(args.rounds):
+        if args.floor:
+            shutil.rmtree(work / "cp", ignore_errors=True)
+            cmd = ["cp", "-r", str(models / "base"), str(work / "cp")]
+            runs["cp_base"].append(synced("cp_base", cmd, work, syncs))
+            cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *inputs]
+            runs["cat_inputs"].append(synced("cat_inputs", cmd, work, syncs))
         shutil.rmtree(work / "mk", ignore_errors=True)
         runs["mergekit"].append(
             synced("mergekit", competitor("mergekit-yaml", str(cfg), str(work / "mk")), work, syncs)
         )
-        for label, flags in (("fuse", []), ("fuse_fsync", ["--fsync"])):
+        sides = [("fuse", graftbuild, "cache", [])]
+        sides += [("fuse_fsync", graftbuild, "cache", f) for f in fsync_variants]
+        if base_src is not None:
+            sides.append(
+                ("baseline_fuse", lambda *a: baseline_graftbuild(base_src, *a), "base-cache", [])
+            )
+        for n, (label, tool, cache, flags) in enumerate(sides):
             # a new shard size changes only the fuse's key: the packs are reused
-            write_recipe(work / "gb", models, "exact", shard_size=2**40 + 2 * i + len(flags) + 1)
+            write_recipe(work / "gb", models, "exact", shard_size=2**40 + 8 * i + n + 1)
             shutil.rmtree(work / "gb" / "out", ignore_errors=True)  # materialised afresh
-            cmd = graftbuild("make", str(recipe), *j, *flags)
+            cmd = tool("make", str(recipe), "--cache", cache, *j, *flags)
             runs[label].append(synced(label, cmd, work / "gb", syncs))
-        for label, flags in (("end_to_end", []), ("end_to_end_fsync", ["--fsync"])):
+            digests.setdefault(label, set()).add(
+                file_digest(work / "gb" / "out" / "fused" / "fused")
+            )
+        sides = [("end_to_end", graftbuild, [])]
+        sides += [("end_to_end_fsync", graftbuild, f) for f in fsync_variants]
+        if base_src is not None:
+            sides.append(("baseline_end_to_end", lambda *a: baseline_graftbuild(base_src, *a), []))
+        for label, tool, flags in sides:
             shutil.rmtree(work / "gb" / "out", ignore_errors=True)
-            cmd = graftbuild("make", str(recipe), "--cache", "cold-cache", *j, *flags)
+            cmd = tool("make", str(recipe), "--cache", "cold-cache", *j, *flags)
             runs[label].append(synced(label, cmd, work / "gb", syncs))
             shutil.rmtree(work / "gb" / "cold-cache")
     med = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
@@ -79,25 +132,42 @@ def main() -> None:
         )
     rss = {k: max(r.peak_rss_mb for r in v) for k, v in runs.items()}
     mk, mks = med["mergekit"], med["mergekit_plus_sync"]
+    ratios = {
+        "fuse_only_wall": round(med["fuse"] / mk, 3),
+        "end_to_end_wall": round(med["end_to_end"] / mk, 3),
+        "fuse_only_plus_sync_vs_mergekit_plus_sync": round(med["fuse_plus_sync"] / mks, 3),
+        "end_to_end_plus_sync_vs_mergekit_plus_sync": round(med["end_to_end_plus_sync"] / mks, 3),
+        "fuse_only_peak_rss": round(rss["fuse"] / rss["mergekit"], 3),
+        "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),
+    }
+    if not args.no_fsync:
+        ratios["fuse_only_fsync_wall"] = round(med["fuse_fsync"] / mk, 3)
+        ratios["end_to_end_fsync_wall"] = round(med["end_to_end_fsync"] / mk, 3)
+    if base_src is not None:
+        ratios["baseline_fuse_only_wall"] = round(med["baseline_fuse"] / mk, 3)
+        ratios["baseline_end_to_end_wall"] = round(med["baseline_end_to_end"] / mk, 3)
+    floor = {}
+    if args.floor:
+        floor = {
+            "fuse_vs_cp_base": round(med["fuse"] / med["cp_base"], 3),
+            "fuse_plus_sync_vs_cp_plus_sync": round(
+                med["fuse_plus_sync"] / med["cp_base_plus_sync"], 3
+            ),
+            "fuse_vs_cat_inputs": round(med["fuse"] / med["cat_inputs"], 3),
+            "mergekit_vs_cp_base": round(mk / med["cp_base"], 3),
+        }
     res = {
         "model_bytes": sum(f.stat().st_size for f in (models / "base").glob("*.safetensors")),
         "rounds": args.rounds,
+        "baseline": str(base_src) if base_src else None,
         "runs": {k: [r.__dict__ for r in v] for k, v in runs.items()},
         "median_wall_s": med,
         "syncs_s": syncs,
         "max_peak_rss_mb": rss,
-        "ratios_vs_mergekit": {
-            "fuse_only_wall": round(med["fuse"] / mk, 3),
-            "fuse_only_fsync_wall": round(med["fuse_fsync"] / mk, 3),
-            "end_to_end_wall": round(med["end_to_end"] / mk, 3),
-            "end_to_end_fsync_wall": round(med["end_to_end_fsync"] / mk, 3),
-            "fuse_only_plus_sync_vs_mergekit_plus_sync": round(med["fuse_plus_sync"] / mks, 3),
-            "end_to_end_plus_sync_vs_mergekit_plus_sync": round(
-                med["end_to_end_plus_sync"] / mks, 3
-            ),
-            "fuse_only_peak_rss": round(rss["fuse"] / rss["mergekit"], 3),
-            "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),
-        },
+        "ratios_vs_mergekit": ratios,
+        "floor": floor,
+        "fused_digests": {k: sorted(v) for k, v in digests.items()},
+        "same_fused_bytes": len(set().union(*digests.values())) == 1 if digests else None,
     }
     publish(res, args.results)
     if args.clean:

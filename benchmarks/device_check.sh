@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# The CUDA path in one short run (under 5 minutes on one GPU), for a lent GPU machine:
+# The CUDA path in one short run (under 5 minutes on one GPU), for a lent GPU machine.
+#
+#   bash benchmarks/device_check.sh --slice   # issue 21: a 7B-shaped slice (4 Llama-8B layers,
+#       real dimensions, bf16) packed and fused on the CPU and with --device cuda: seconds per
+#       node, peak GPU memory, CPU/GPU max relative difference of decoded deltas and fused
+#       weights, exact vs randomized SVD per layer shape (benchmarks/device_slice.py). With
+#       DEVICE_CHECK_DEVICE=cpu it rehearses on the CPU alone with SLICE_LAYERS (default 1) layers
+#       and a SLICE_VOCAB (default 8192) vocabulary. Writes $OUT/device_slice.{md,json}.
+#
+# Without --slice (issue 17):
 #   1. the quickstart built from scratch with --device cuda twice and on the CPU once, each into
 #      its own cache: per node, are the two GPU builds byte-identical, and how far is the GPU
 #      build from the CPU one (max relative difference per tensor, against GPU_TOLERANCE);
 #   2. the fuse under --device cuda decodes its packs on the device (PackReader.decode's results).
-# DEVICE_CHECK_DEVICE=cpu rehearses it here, without a GPU (every "GPU" build then runs on the CPU).
+# DEVICE_CHECK_DEVICE=cpu rehearses it here, without a GPU (every "GPU" build then runs on the CPU);
+# DEVICE_CHECK_NO_INSTALL=1 installs nothing (a shared development venv: PYTHONPATH instead).
 # Prints a table and writes it to $OUT (or ./device_check) as device_check.md and .json.
 #
 # On the device tool: the machine has torch with CUDA but neither pydantic, trl nor datasets,
@@ -30,12 +40,24 @@ fi
 RESULTS="${OUT:-$REPO/device_check}"
 mkdir -p "$RESULTS"
 PY="${PY:-python3}"
-if [ -d .device-wheels ]; then
-  "$PY" -m pip install --quiet --no-index --find-links .device-wheels --no-deps .device-wheels/*.whl
+if [ "${DEVICE_CHECK_NO_INSTALL:-0}" = 1 ]; then  # a shared dev venv: install nothing
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+else
+  if [ -d .device-wheels ]; then
+    "$PY" -m pip install --quiet --no-index --find-links .device-wheels --no-deps .device-wheels/*.whl
+  fi
+  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
+    || export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
-  || export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY=PASSIVE
+if [ "${1:-}" = "--slice" ]; then
+  if [ "${DEVICE_CHECK_DEVICE:-cuda}" = "cpu" ]; then
+    exec "$PY" benchmarks/device_slice.py --out "$RESULTS" --devices cpu \
+      --layers "${SLICE_LAYERS:-1}" --vocab "${SLICE_VOCAB:-8192}" --exact-svd small
+  fi
+  exec "$PY" benchmarks/device_slice.py --out "$RESULTS" --devices cpu,cuda \
+    --layers "${SLICE_LAYERS:-4}" --vocab "${SLICE_VOCAB:-128256}" --exact-svd all
+fi
 "$PY" - "$RESULTS" <<'EOF'
 import json, os, sys, tempfile, time
 from pathlib import Path

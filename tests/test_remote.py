@@ -189,6 +189,9 @@ def test_push_and_pull_commands(path_project: Path, tmp_path: Path) -> None:
     code, out, err = run("push", str(a), "--json")
     assert code == 0, err
     assert json.loads(out)["pushed"] == BUILT
+    # pack:y (exact profile) is a reference pack: the remote has its source's hash, not weights
+    (note,) = json.loads(out)["notes"]
+    assert note.startswith("note: pack:y is a reference pack") and "models/y" in note
 
     b = machine(path_project, "b", url)
     code, out, err = run("pull", str(b), "--json")
@@ -221,3 +224,20 @@ def test_credentials_in_the_recipe_are_refused(path_project: Path) -> None:
     path_project.write_text(text)
     code, _, err = run("make", str(path_project))
     assert code == 2 and "project.remote" in err and "credentials" in err
+
+
+def test_another_machine_fuses_from_a_pulled_reference_pack_with_its_own_source(
+    path_project: Path, tmp_path: Path
+) -> None:
+    url = (tmp_path / "remote").as_uri()
+    a = machine(path_project, "a", url)
+    make(a)
+    b = machine(path_project, "b", url)
+    text = b.read_text().replace("y = 0.5", "y = 0.25")  # a fuse the remote does not have
+    b.write_text(text)
+    result, _ = make(b)
+    assert built(result) == ["fuse:release"]  # both packs pulled, pack:y a reference
+    assert result.node("pack:y").action == "pulled"
+    a.write_text(a.read_text().replace("y = 0.5", "y = 0.25"))
+    make(a)
+    assert outputs(b) == outputs(a)

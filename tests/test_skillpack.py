@@ -187,10 +187,17 @@ def _forge(path: Path, version: str, **extra: Any) -> None:
 
 def test_refuses_newer_major_version(tmp_path: Path) -> None:
     path = tmp_path / "future.safetensors"
-    _forge(path, "2.0")
-    with pytest.raises(UserError, match=r"future\.safetensors.*version 2\.0.*1\.x") as info:
+    _forge(path, "3.0")  # 2.x is the reference pack (read since pack step version 4)
+    with pytest.raises(UserError, match=r"future\.safetensors.*version 3\.0.*1\.x, 2\.x") as info:
         PackReader(path)
     assert info.value.exit_code == 2
+
+
+def test_a_2x_pack_that_stores_parts_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.safetensors"
+    _forge(path, "2.0")  # no header.reference, and a stored part
+    with pytest.raises(UserError, match=r"odd\.safetensors: corrupt reference SkillPack"):
+        PackReader(path)
 
 
 def test_reads_newer_minor_version(tmp_path: Path) -> None:

@@ -398,16 +398,33 @@ class Engine:
         if not self._dry:
             self.reporter.log(f"[bold]build[/] {node.id}: {'; '.join(visit.reasons)}")
             self.reporter.event("started", node=node.id, step=node.step, reasons=visit.reasons)
-        hashes = {r: outputs[d] for r, d in node.deps.items()}
+        inputs, hashes = self.job_inputs(node, outputs)
         return Job(
             node_id=node.id,
             step=node.step,
             config=node.config,
-            inputs={r: self.artifact_path(d, hashes[r]) for r, d in node.deps.items()},  # type: ignore[arg-type]
+            inputs=inputs,
             input_hashes=hashes,  # type: ignore[arg-type]
             files=dict(node.files),
             uses_accelerator=STEPS[node.step].uses_accelerator,
         )
+
+    def job_inputs(
+        self, node: Node, outputs: dict[str, str | None]
+    ) -> tuple[dict[str, Path], dict[str, str]]:
+        """(role -> folder, role -> content hash) a node's step reads: its dependencies, and what
+        their steps forward (a reference pack's source, as ``pack.0.source``), which is read by
+        this node but not part of its key (the dependency's own bytes name it by hash)."""
+        hashes: dict[str, str] = {r: outputs[d] for r, d in node.deps.items()}  # type: ignore[misc]
+        inputs = {r: self.artifact_path(d, hashes[r]) for r, d in node.deps.items()}
+        for r, d in node.deps.items():
+            upstream = self.graph.node(d)
+            for inner in getattr(STEPS.get(upstream.step), "forwards", ()):
+                dd = upstream.deps.get(inner)
+                if dd is not None and outputs.get(dd) is not None:
+                    hashes[f"{r}.{inner}"] = outputs[dd]  # type: ignore[assignment]
+                    inputs[f"{r}.{inner}"] = self.artifact_path(dd, outputs[dd])  # type: ignore[arg-type]
+        return inputs, hashes
 
     def artifact_path(self, node_id: str, digest: str) -> Path:
         """Where a built (or input) node's artifact is read from."""

@@ -212,10 +212,12 @@ class StatCache:
         self.seen[key] = sig
         hit = self.entries.get(key)
         if hit is not None and hit[0] == sig:
+            _KNOWN[key] = (sig, hit[1])
             return hit[1]
         digest = hash_file(path)
         self.hashed.append(path)
         self.entries[key] = [sig, digest]
+        _KNOWN[key] = (sig, digest)
         self.dirty = True
         return digest
 
@@ -301,6 +303,22 @@ def tree_hash_uncached(
     Every file but our markers counts (``is_object_file``)."""
     files = {rel: hasher(p) for rel, p in iter_files(root, keep)}
     return TreeHash(combine(files), files)
+
+
+# Files whose hash a stat cache of this process took or confirmed: absolute path -> (stat
+# signature, hash). A step that needs an input file's hash (a reference pack names its source's
+# weight files) gets it from here when the file has not changed since, instead of reading it.
+_KNOWN: dict[str, tuple[list[int], str]] = {}
+
+
+def hash_known(path: Path) -> str:
+    """The hash of ``path``: as this process's stat cache took it when the file's signature
+    (size, mtime, ctime, inode) is still the one it was taken under, else read."""
+    key = os.path.abspath(path)
+    hit = _KNOWN.get(key)
+    if hit is not None and hit[0] == signature(key):
+        return hit[1]
+    return hash_file(Path(key))
 
 
 # Files this process wrote in one sequential pass, hashing exactly the bytes it wrote

@@ -50,3 +50,6 @@ class Strategy(Protocol):
 # for the first delta of a tensor: ``base`` must not be modified (it may be a mapping of the
 # base model's file), ``out`` is a fresh float32 buffer shaped like it, and the result must equal
 # ``fold(base as float32, delta, ...)``. It saves copying the base into the accumulator first.
+# A folding strategy whose ``fold`` works entry by entry and in place may set
+# ``elementwise = True``: the fuse then folds a reference pack's delta piece by piece
+# (``PackReader.delta_chunks``) instead of computing a whole tensor-sized delta first.

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 class SumStrategy:
     name: ClassVar[str] = "sum"
     version: ClassVar[int] = 1
+    elementwise: ClassVar[bool] = True
+    """``fold`` works entry by entry, in place: it may be applied to pieces of a tensor."""
 
     class Params(StrategyParams):
         pass

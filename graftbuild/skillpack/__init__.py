@@ -12,7 +12,14 @@ from graftbuild.skillpack.format import (
     part_key,
 )
 from graftbuild.skillpack.reader import PackReader
-from graftbuild.skillpack.writer import PackWriter, TensorLayout, encode_tensor, plan_layout
+from graftbuild.skillpack.writer import (
+    PackWriter,
+    TensorLayout,
+    encode_tensor,
+    plan_layout,
+    reference_layout,
+    write_stored,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -27,4 +34,6 @@ __all__ = [
     "encode_tensor",
     "part_key",
     "plan_layout",
+    "reference_layout",
+    "write_stored",
 ]

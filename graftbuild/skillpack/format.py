@@ -25,6 +25,12 @@ PACK_FILE = "skillpack.safetensors"
 
 FORMAT_VERSION = "1.1"  # 1.1: the `zero` and `sparse` codecs, `added_rows`, the header's `vocab`
 SUPPORTED_MAJOR = 1
+REFERENCE_FORMAT_VERSION = "2.0"
+"""A reference pack (a lossless delta stored as a pointer to its source, no payload: section 8
+of docs/SKILLPACK_FORMAT.md). Major 2 so that a 1.x reader refuses it instead of misreading it;
+stored packs are still written as 1.0."""
+REFERENCE_MAJOR = 2
+READABLE_MAJORS = (SUPPORTED_MAJOR, REFERENCE_MAJOR)
 METADATA_KEY = "graftbuild.skillpack"
 PART_SEP = "::"
 ADDED_ROWS = "added_rows"

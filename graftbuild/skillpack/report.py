@@ -34,7 +34,7 @@ def pack_report(pack: Path, base: Path | None, source: Path | None) -> dict[str,
     from graftbuild.skillpack.reader import PackReader
 
     weights: tuple[Any, Any] | None = None
-    with PackReader(pack) as reader:
+    with PackReader(pack, base, source) as reader:  # a reference pack decodes from them
         if base is not None and source is not None:
             from graftbuild.weights.adapter import AdapterDeltas, is_adapter
             from graftbuild.weights.tensors import ModelWeights

@@ -24,6 +24,7 @@ from graftbuild.skillpack.format import (
     FORMAT_VERSION,
     METADATA_KEY,
     PART_SEP,
+    REFERENCE_FORMAT_VERSION,
     UMASK,
     canonical_json,
     part_key,
@@ -98,6 +99,38 @@ def plan_layout(spec: Spec, role: str, shape: tuple[int, ...], dtype: str) -> Te
     meta, parts = known
     dumped = params.model_dump(mode="json")
     return TensorLayout(role, codec.name, dumped, tuple(shape), dtype, meta, parts)
+
+
+def reference_layout(role: str, shape: tuple[int, ...], dtype: str) -> TensorLayout:
+    """A reference pack's entry for one tensor: ``exact``, no parts (the delta is read from the
+    source). A ``PackWriter`` given a header with a ``reference`` key and only such entries writes
+    a reference pack (format 2.0): its header and entries, no payload."""
+    return TensorLayout(role, "exact", {}, tuple(shape), dtype, {}, {})
+
+
+def write_stored(reader: Any, path: str | os.PathLike[str]) -> int:
+    """A reference pack (``reader``, given its base and source folders) rewritten as a stored
+    1.0 pack at ``path``: exactly the bytes the pack step writes for the same lossless delta
+    (same header less ``reference``). For when a pack must stand alone (a runtime bundle).
+    Returns the file's size."""
+    from graftbuild.compress.codecs.exact import encode_exact
+
+    if not reader.is_reference:
+        raise ValueError(f"{reader.path}: not a reference pack")
+    header = {k: v for k, v in reader.header.items() if k != "reference"}
+    exact = {"method": "exact"}
+    layout = {
+        name: plan_layout(exact, e["role"], tuple(e["shape"]), e["dtype"])
+        for name, e in reader.entries.items()
+    }
+    with PackWriter(path, header, layout) as writer:  # type: ignore[arg-type]
+        assert writer.order is not None
+        for name in writer.order:
+            e = reader.entries[name]
+            encoded = encode_exact(reader.decode(name))
+            writer.add(name, e["role"], "exact", {}, e["shape"], e["dtype"], encoded)
+            del encoded
+        return writer.close()
 
 
 class PackWriter:
@@ -317,7 +350,9 @@ class PackWriter:
 
     def _st_header(self) -> tuple[bytes, list[str], int]:
         """(safetensors header bytes, part keys in file order, payload bytes)."""
-        doc = {"format_version": FORMAT_VERSION, "header": self.header, "tensors": self._entries}
+        # a header naming a source ("reference") makes a reference pack: see reference_layout
+        version = REFERENCE_FORMAT_VERSION if "reference" in self.header else FORMAT_VERSION
+        doc = {"format_version": version, "header": self.header, "tensors": self._entries}
         # Widest dtypes first keeps every tensor aligned to its element size.
         order = sorted(self._parts, key=lambda k: (-self._parts[k][4], k))
         st_header: dict[str, Any] = {"__metadata__": {METADATA_KEY: canonical_json(doc)}}

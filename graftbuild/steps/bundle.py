@@ -78,7 +78,7 @@ class BundleStep:
     def run(self, ctx: StepContext) -> None:
         from graftbuild.runtime.bundle import write_bundle
         from graftbuild.runtime.router import BASE, Router
-        from graftbuild.skillpack import PackReader
+        from graftbuild.skillpack import PackReader, write_stored
         from graftbuild.weights.modeling import load_causal_lm, load_tokenizer, set_threads
         from graftbuild.weights.tensors import copy_non_weight_files, weight_files
         from graftbuild.weights.textdata import read_examples
@@ -98,7 +98,8 @@ class BundleStep:
         packs: list[dict[str, Any]] = []
         for i, (name, weight) in enumerate(zip(cfg["packs"], cfg["weights"], strict=True)):
             src = ctx.inputs[f"pack.{i}"] / PACK_FILE
-            with PackReader(src) as reader:
+            dest = ctx.out / "packs" / f"{name}.safetensors"
+            with PackReader(src, base_in, ctx.inputs.get(f"pack.{i}.source")) as reader:
                 if reader.header.get("base") != ctx.input_hashes["base"]:
                     raise BuildError(f"{ctx.node_id}: {name} was packed against another base model")
                 added = (reader.header.get("vocab") or {}).get("tokens") or []
@@ -110,7 +111,10 @@ class BundleStep:
                         f"({', '.join(repr(t['content']) for t in added[:5])}); a routed bundle "
                         "keeps the base's vocabulary: fuse it with sum, ties or dare instead"
                     )
-            shutil.copyfile(src, ctx.out / "packs" / f"{name}.safetensors")
+                if reader.is_reference:  # a bundle stands alone: the stored pack's bytes
+                    write_stored(reader, dest)
+            if not dest.exists():
+                shutil.copyfile(src, dest)
             packs.append(
                 {
                     "name": name,

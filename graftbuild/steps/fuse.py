@@ -80,10 +80,20 @@ class FuseStep:
         params = strategy.Params.model_validate(cfg["options"])
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         fold_first = getattr(strategy, "fold_first", None) if fold is not None else None
+        elementwise = fold is not None and getattr(strategy, "elementwise", False)
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
         with ExitStack() as stack:
             base = stack.enter_context(ModelWeights(ctx.inputs["base"]))
-            readers = [stack.enter_context(PackReader(ctx.inputs[r] / PACK_FILE)) for r in roles]
+            # a reference pack reads its deltas from its source (forwarded by the engine as
+            # ``pack.N.source``) and the base
+            readers = [
+                stack.enter_context(
+                    PackReader(
+                        ctx.inputs[r] / PACK_FILE, ctx.inputs["base"], ctx.inputs.get(f"{r}.source")
+                    )
+                )
+                for r in roles
+            ]
             for r, reader in zip(roles, readers, strict=True):
                 if reader.header.get("base") != ctx.input_hashes["base"]:
                     raise BuildError(
@@ -118,11 +128,13 @@ class FuseStep:
                 b = base.map(name)  # read, never written: no copy of the stored bytes
                 if not b.is_floating_point():
                     return name, b.clone()  # a buffer (position_ids): the base's, as it is
+
+                b0 = b  # the base's own rows: a reference pack's deltas are against them
                 if name in rows:
                     b = torch.cat([b, b.new_zeros((rows[name] - b.shape[0], *b.shape[1:]))])
 
                 def decode(r: PackReader, i: int) -> torch.Tensor:
-                    d = r.decode(name, placement)  # decoded on the device
+                    d = r.decode(name, placement, base_tensor=b0)  # decoded on the device
                     return widen(r, name, d, i) if name in rows else d
 
                 out = placement.empty_like(b, torch.float32)
@@ -130,15 +142,40 @@ class FuseStep:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
                     weighted = zip(range(len(readers)), readers, cfg["weights"], strict=True)
                     packs = [(i, r, w) for i, r, w in weighted if name in r.entries]
+                    weighted_all = [(r, w) for _, r, w in packs]
+                    # a reference pack's delta folded piece by piece (not when another pack
+                    # widens this tensor with added token rows)
+                    chunked = elementwise and name not in rows
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         i, r, w = packs.pop(0)  # added straight from the base into ``out``
-                        delta = decode(r, i)
-                        acc = fold_first(placement.put(b), delta, w, params, name, out)
-                        del delta
+                        bp = placement.put(b)
+                        if chunked and r.is_reference:
+                            # piece by piece, each piece's delta still in the CPU's cache when
+                            # it is added: no tensor-sized delta, no second pass over memory
+                            of, bf = out.view(-1), bp.reshape(-1)
+                            chunks = r.delta_chunks(name, placement, bp, check_finite=False)
+                            for lo, hi, d in chunks:
+                                fold_first(bf[lo:hi], d, w, params, name, of[lo:hi])
+                            acc = out
+                        else:
+                            delta = decode(r, i)  # decoded on the device
+                            acc = fold_first(bp, delta, w, params, name, out)
+                            del delta
+                        del bp
                     else:
                         acc = out.copy_(b)
                     for i, r, w in packs:
-                        acc = fold(acc, decode(r, i), w, params, name)
+                        if chunked and r.is_reference:  # no tensor-sized delta
+                            flat = acc.view(-1)
+                            chunks = r.delta_chunks(name, placement, b, check_finite=False)
+                            for lo, hi, d in chunks:
+                                fold(flat[lo:hi], d, w, params, name)
+                        else:
+                            delta = decode(r, i)
+                            acc = fold(acc, delta, w, params, name)
+                            del delta
+                    if chunked and any(r.is_reference for r, _ in weighted_all):
+                        check_reference_deltas(name, acc, weighted_all, b, placement)
                     return name, placement.host(acc, b.dtype)
                 acc = out.copy_(b)
                 deltas = [
@@ -205,6 +242,23 @@ def fused_vocabulary(
         f"({', '.join(repr(t['content']) for t in tokens[:5])}{', ...' if len(tokens) > 5 else ''})"
     )
     return {"tokens": tokens, "maps": maps, "rows": widened, "size": size}
+
+
+def check_reference_deltas(
+    name: str, acc: torch.Tensor, packs: list, base: torch.Tensor, placement: object
+) -> None:
+    """Reference packs' deltas are folded unchecked: a NaN or infinity in one reaches the sum,
+    so one pass over the result suffices; only when it is not finite are the deltas checked one
+    by one, for the error that names the source (a sum that overflows from finite deltas is
+    left as it was before)."""
+    from graftbuild.weights.tensors import all_finite
+
+    if all_finite(acc):
+        return
+    for r, _ in packs:
+        if r.is_reference:
+            for _ in r.delta_chunks(name, placement, base):
+                pass  # raises on the first non-finite piece
 
 
 def strategy_components(strategy: str) -> dict[str, int]:

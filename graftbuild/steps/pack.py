@@ -32,9 +32,14 @@ class PackStep:
     name: ClassVar[str] = "pack"
     # 2: lowrank encodes small rank budgets with a randomized SVD
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
-    # 4: zero deltas stored as `zero`; buffers skipped; added token rows; LoRA adapter sources
+    # 4: zero deltas stored as `zero`; buffers skipped; added token rows; LoRA adapter sources;
+    #    a lossless (all-exact) pack of a source is a reference pack (no model-sized copy)
     version: ClassVar[int] = 4
     uses_accelerator: ClassVar[bool] = True
+    forwards: ClassVar[tuple[str, ...]] = ("source",)
+    """Inputs that a node reading a pack also receives (as ``pack.N.source``): a reference
+    pack's deltas are read from its source. Not part of the reader's key: the pack's bytes
+    name the source's weights by content hash."""
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
         """``pack:NAME`` of every source: its delta against the base (or its parent's graft),
@@ -164,6 +169,18 @@ class PackStep:
             else:
                 specs = {n: low_rank_spec(spec, src.rank(n)) for n, spec in specs.items()}
             parsed = {name: parse(spec) for name, spec in specs.items()}
+            if (
+                REFERENCE_LOSSLESS
+                and reference == "base"
+                and isinstance(src, _ModelSource)
+                and not src.rows
+                and vocab is None
+                and lossless(parsed)
+            ):
+                # a model folder's lossless delta: named, not copied (no added rows: every
+                # delta is source - base of one shape)
+                write_reference(ctx, base, src, names, roles, header)
+                return
             zero_codec = parse({"method": "zero"})
 
             # When every tensor's entry is known before encoding (exact codec), the pack's header
@@ -561,6 +578,45 @@ def decode_all(base: Any, src: Any, specs: dict[str, dict]) -> Iterator[tuple[st
     for name, _dtype, delta in iter_deltas(base, src):
         codec, _, enc = encode_tensor(delta, specs[name])
         yield name, get_codec(codec).decode(enc.parts, enc.meta, tuple(delta.shape))
+
+
+REFERENCE_LOSSLESS = True
+"""Lossless packs of a source (against the base) are written as reference packs. False: as
+stored exact packs, as before version 4 (tests compare the two; the result is the same bytes)."""
+
+
+def lossless(parsed: dict[str, tuple[Any, Any]]) -> bool:
+    """Every tensor's codec is ``exact``: the delta is source - base, nothing lost."""
+    return bool(parsed) and all(codec.name == "exact" for codec, _ in parsed.values())
+
+
+def write_reference(
+    ctx: StepContext,
+    base: Any,
+    src: _ModelSource,
+    names: list[str],
+    roles: dict[str, str],
+    header: dict[str, Any],
+) -> None:
+    """A reference pack: the base's hash, the source's weight files by content hash, and each
+    tensor's entry, with no payload; the fuse computes each delta from base and source. Its
+    bytes change exactly when the source's weight files do (a new README leaves them: early
+    cutoff), so a fuse keyed by them is keyed by the source's weights."""
+    from graftbuild.cache.hashing import combine, hash_known
+    from graftbuild.skillpack.writer import PackWriter, reference_layout
+
+    folder = Path(src.folder)
+    # hashed by the engine already in this process (the stat cache's test), else read here
+    files = {p.relative_to(folder).as_posix(): hash_known(p) for p in src.weights.files}
+    header = header | {"reference": {"source": combine(files), "files": files}}
+    layout = {
+        n: reference_layout(roles[n], tuple(base.infos[n].shape), _DTYPE_NAMES[base.infos[n].dtype])
+        for n in names  # float weights the source has (buffers are carried from the base)
+    }
+    with ctx.progress.task(f"pack {ctx.node_id}", 1) as advance:
+        with PackWriter(ctx.out / PACK_FILE, header, layout):
+            pass
+        advance(1)
 
 
 def iter_deltas(base: Any, src: Any) -> Iterator[tuple[str, str, torch.Tensor]]:
