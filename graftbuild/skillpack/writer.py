@@ -212,8 +212,12 @@ class PackWriter:
             raise
         self._planned = entries
         self._added: set[str] = set()
-        # tensors without parts (a zero delta) have no place in the file: they come last
-        self.order = runs + sorted(n for n, t in layout.items() if not t.parts)
+        # tensors without parts (a zero delta) have no place in the file: they come last; a
+        # reference pack's entries (no parts either) are complete as planned, never added
+        partless = [] if "reference" in self.header else sorted(
+            n for n, t in layout.items() if not t.parts
+        )
+        self.order = runs + partless
 
     def _entry(
         self,
