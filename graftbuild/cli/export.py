@@ -27,6 +27,7 @@ class Resolved:
     base: Path | None = None
     data: Path | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    sources: list[Path | None] | None = None  # each pack's source (a reference pack reads it)
 
 
 def resolve_pack(pack: str, recipe: Path, cache: Path | None) -> Path:
@@ -60,6 +61,11 @@ def resolve_export(pack: str, recipe: Path, cache: Path | None) -> Resolved:
         (engine.artifact_path(n, found[n].output_hash) / PACK_FILE, 1.0)  # type: ignore[arg-type]
         for n in chain
     ]
+    sources: list[Path | None] = []
+    for n in chain:
+        dep = engine.graph.node(n).deps.get("source")
+        digest = found[dep].output_hash if dep in found else None
+        sources.append(engine.artifact_path(dep, digest) if dep and digest else None)
     base_hash = found[ids.BASE].output_hash
     base = engine.artifact_path(ids.BASE, base_hash)  # type: ignore[arg-type]
     data = next((e.data[name] for e in r.eval if name in e.data), None)
@@ -69,7 +75,7 @@ def resolve_export(pack: str, recipe: Path, cache: Path | None) -> Resolved:
         ],
         "base": base_hash,
     }
-    return Resolved(layers, base, data, provenance)
+    return Resolved(layers, base, data, provenance, sources)
 
 
 TARGET = click.option(
@@ -212,6 +218,7 @@ def peft(
         data=data or got.data,
         samples=samples,
         provenance=got.provenance,
+        sources=got.sources,
     )
     _print_report(out, report)
 

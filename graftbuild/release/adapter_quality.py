@@ -67,15 +67,21 @@ def _metric(model: Any, tok: Any, texts: list[str], causal: bool, data: Path) ->
     return torch.stack(rows)
 
 
-def _apply(model: Any, layers: list[tuple[Path, float]], sign: float) -> None:
+def _apply(
+    model: Any,
+    layers: list[tuple[Path, float]],
+    sign: float,
+    base: Path,
+    sources: list[Path | None],
+) -> None:
     import torch
 
     from graftbuild.skillpack import PackReader
 
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
-        for path, weight in layers:
-            with PackReader(path) as reader:
+        for (path, weight), source in zip(layers, sources, strict=True):
+            with PackReader(path, base, source) as reader:
                 for name in reader.names():
                     p = params[name]
                     p.copy_((p.float() + sign * weight * reader.decode(name)).to(p.dtype))
@@ -97,6 +103,7 @@ def measure(
     layout: Layout,
     data: Path,
     samples: int = 64,
+    sources: list[Path | None] | None = None,
 ) -> dict[str, Any]:
     """The quality card's numbers (see the module docstring)."""
     import torch
@@ -112,9 +119,10 @@ def measure(
     try:
         with torch.no_grad():
             at_base = _metric(model, tok, texts, causal, data)
-            _apply(model, layers, 1.0)
+            srcs = list(sources) if sources is not None else [None] * len(layers)
+            _apply(model, layers, 1.0, base, srcs)
             at_graft = _metric(model, tok, texts, causal, data)
-            _apply(model, layers, -1.0)
+            _apply(model, layers, -1.0, base, srcs)
             wrapped = PeftModel.from_pretrained(
                 model, str(adapter), local_files_only=True, trust_remote_code=False
             ).eval()

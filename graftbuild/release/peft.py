@@ -242,9 +242,12 @@ def export_adapter(
     data: Path | None = None,
     samples: int = 64,
     provenance: dict[str, Any] | None = None,
+    sources: list[Path | None] | None = None,
 ) -> ExportReport:
     """Write the adapter of ``layers`` (pack files and their weights, root of a chain first)
-    into ``out``; see the module docstring. ``data``: held-out text for the quality card."""
+    into ``out``; see the module docstring. ``data``: held-out text for the quality card.
+    ``sources``: each layer's source folder, which a reference pack (a lossless pack that names
+    its source's weights) reads its deltas from, with ``base``."""
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -265,7 +268,8 @@ def export_adapter(
         raise UserError(f"--tolerance {tolerance}: expected a relative error in [0, 1)")
     cap = spec.cap(max_rank)
     out_dtype = torch_dtype(dtype)
-    readers = [PackReader(p) for p, _ in layers]
+    srcs = list(sources) if sources is not None else [None] * len(layers)
+    readers = [PackReader(p, base, s) for (p, _), s in zip(layers, srcs, strict=True)]
     try:
         for (path, _), r in zip(layers, readers, strict=True):
             added = (r.header.get("vocab") or {}).get("tokens") or []
@@ -398,7 +402,7 @@ def export_adapter(
     if data is not None and base is not None:
         from graftbuild.release.adapter_quality import measure
 
-        report.quality = measure(base, layers, out, layout, data, samples)
+        report.quality = measure(base, layers, out, layout, data, samples, srcs)
     from graftbuild.release.adapter_card import write_card
 
     (out / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")

@@ -75,4 +75,5 @@ class ExportStep:
             data=ctx.files.get("data"),
             samples=cfg["samples"],
             provenance=provenance,
+            sources=[ctx.inputs.get(f"pack.{i}.source") for i in range(len(chain))],
         )
