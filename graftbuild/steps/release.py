@@ -70,8 +70,13 @@ class ReleaseStep:
             | {"name": p, "weight": fuse["weights"][i], "profile": cfg["compression"][p]}
             for i, p in enumerate(fuse["packs"])
         ]
+        from graftbuild.weights.modeling import auto_class, read_config
+
+        model_dir = ctx.inputs["model"]
         text = render(
             {
+                "auto_class": auto_class(read_config(model_dir)),
+                "sentence_transformers": (model_dir / "modules.json").is_file(),
                 "project": cfg["project"]["name"],
                 "version": cfg["project"]["version"],
                 "release": ctx.node_id.split(":", 1)[1],
