@@ -203,7 +203,11 @@ def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
         files["base_card"] = recipe.base.path / "README.md"  # license etc. (not in the base hash)
     config = {
         "project": {"name": recipe.project.name, "version": recipe.project.version},
-        "card": {"license": r.license, "base_model": r.base_model, "tags": r.tags},
+        "card": {
+            "license": r.license,
+            "base_model": r.base_model or recipe.base.model,  # a hub id names the base
+            "tags": r.tags,
+        },
         "fuse": {
             "name": fuse.name,
             "packs": fuse.packs,
