@@ -19,14 +19,15 @@ from graftbuild.errors import UserError
 QUICK = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 
 
-def _bf16(folder: Path) -> None:
+def _int8(folder: Path) -> None:
+    """One weight stored quantised (int8), as a quantised checkpoint would be."""
     import torch
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(folder / "model.safetensors"))
-    save_file(
-        {k: v.to(torch.bfloat16) for k, v in state.items()}, str(folder / "model.safetensors")
-    )
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = (state[name] * 127).round().clamp(-127, 127).to(torch.int8)
+    save_file(state, str(folder / "model.safetensors"))
 
 
 def _added_rows_and_buffer(folder: Path) -> None:
@@ -52,7 +53,7 @@ MISMATCHES = {
     "hidden": (TINY_LLAMA | {"hidden_size": 48}, None, r"hidden size is 48, the base's is 32"),
     "vocab": (TINY_LLAMA | {"vocab_size": 500}, None, r"vocabulary \(vocab_size\) is 500"),
     "tied": (TINY_LLAMA | {"tie_word_embeddings": True}, None, r"tie_word_embeddings"),
-    "dtype": (None, _bf16, r"tensor '.*' is BF16, the base's is F32"),
+    "dtype": (None, _int8, r"tensor '.*up_proj.weight' is I8, the base's is F32"),
 }
 
 

@@ -4,10 +4,11 @@
 ``check`` refuses a source that cannot be a fine-tune of the base (exit 2, naming the source,
 the field and both values) at plan time, so that a mismatch is found before hours of training or
 packing, not by the pack step at the end: the model type, the number of layers, the hidden size,
-whether the head is tied to the embeddings, a smaller vocabulary, a tensor of another shape or a
-floating-point tensor of another dtype. What is legitimate passes: a larger vocabulary whose
-extra rows are added tokens, and tensors present in one model only (non-float buffers such as
-BERT's ``position_ids``); the pack step handles both. Folders without a ``config.json`` (PEFT
+whether the head is tied to the embeddings, a smaller vocabulary, a tensor of another shape, or
+an integer (quantised) tensor where the base's is float. What is legitimate passes: a larger
+vocabulary whose extra rows are added tokens, tensors present in one model only (non-float
+buffers such as BERT's ``position_ids``), and a float dtype other than the base's (the delta is
+taken in float32 and the pack says so); the pack step handles them. Folders without a ``config.json`` (PEFT
 adapter folders) are left to the pack step.
 
 ``estimates`` gives ``plan`` a rough cost of each node: peak memory, bytes written, and time
@@ -153,20 +154,25 @@ def _compare_configs(where: str, base: dict[str, Any], src: dict[str, Any]) -> N
 def _compare_tensors(where: str, base: ModelFacts, src: ModelFacts) -> None:
     assert base.tensors is not None and src.tensors is not None
     vocab = base.config.get("vocab_size")
+    shapes = []
     for name in sorted(set(base.tensors) & set(src.tensors)):
         (da, sa), (db, sb) = base.tensors[name], src.tensors[name]
         if sa != sb:
-            added_rows = sa[0] == vocab and sb[0] > sa[0] and sa[1:] == sb[1:] if sa else False
+            added_rows = bool(sa) and sa[0] == vocab and sb[0] > sa[0] and sa[1:] == sb[1:]
             if not added_rows:
-                raise UserError(
-                    f"{where}: tensor {name!r} has shape {sb}, the base's is {sa} "
-                    "(refused before anything was built)"
-                )
-        if da != db and da in FLOATS and db in FLOATS:
+                shapes.append(f"{name} {sa} vs {sb}")
+        elif da in FLOATS and db not in FLOATS:
             raise UserError(
-                f"{where}: tensor {name!r} is {db}, the base's is {da}; save the fine-tune in "
-                "the base's dtype (refused before anything was built)"
+                f"{where}: tensor {name!r} is {db}, the base's is {da}: a quantised checkpoint "
+                "has no meaningful delta; give the fine-tune in a float dtype (refused before "
+                "anything was built)"
             )
+    if shapes:
+        raise UserError(
+            f"{where}: does not have the base's architecture (shapes differ: {shapes[:5]}); a "
+            "source of another architecture needs a transfer step, not a delta (refused before "
+            "anything was built)"
+        )
 
 
 @dataclass
