@@ -23,7 +23,7 @@ def test_init_writes_a_recipe_that_builds(tmp_path: Path, model_folders: Path) -
     shutil.copytree(model_folders, tmp_path / "models")
     recipe = tmp_path / "project" / "graftbuild.toml"
     m = tmp_path / "models"
-    code, out, err = run(
+    code, _, err = run(
         "init",
         "--base",
         str(m / "base"),

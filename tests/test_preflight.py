@@ -53,7 +53,7 @@ MISMATCHES = {
     "hidden": (TINY_LLAMA | {"hidden_size": 48}, None, r"hidden size is 48, the base's is 32"),
     "vocab": (TINY_LLAMA | {"vocab_size": 500}, None, r"vocabulary \(vocab_size\) is 500"),
     "tied": (TINY_LLAMA | {"tie_word_embeddings": True}, None, r"tie_word_embeddings"),
-    "dtype": (None, _int8, r"tensor '.*up_proj.weight' is I8, the base's is F32"),
+    "dtype": (None, _int8, r"'.*up_proj.weight' has non-float dtype I8 where the base has F32"),
 }
 
 

@@ -8,8 +8,8 @@ whether the head is tied to the embeddings, a smaller vocabulary, a tensor of an
 an integer (quantised) tensor where the base's is float. What is legitimate passes: a larger
 vocabulary whose extra rows are added tokens, tensors present in one model only (non-float
 buffers such as BERT's ``position_ids``), and a float dtype other than the base's (the delta is
-taken in float32 and the pack says so); the pack step handles them. Folders without a ``config.json`` (PEFT
-adapter folders) are left to the pack step.
+taken in float32 and the pack says so); the pack step handles them. Folders without a
+``config.json`` (PEFT adapter folders) are left to the pack step.
 
 ``estimates`` gives ``plan`` a rough cost of each node: peak memory, bytes written, and time
 where ``docs/BENCHMARKS.md`` measured a rate.
@@ -163,9 +163,9 @@ def _compare_tensors(where: str, base: ModelFacts, src: ModelFacts) -> None:
                 shapes.append(f"{name} {sa} vs {sb}")
         elif da in FLOATS and db not in FLOATS:
             raise UserError(
-                f"{where}: tensor {name!r} is {db}, the base's is {da}: a quantised checkpoint "
-                "has no meaningful delta; give the fine-tune in a float dtype (refused before "
-                "anything was built)"
+                f"{where}: tensor {name!r} has non-float dtype {db} where the base has {da}: a "
+                "quantised checkpoint has no meaningful delta; give the fine-tune in a float "
+                "dtype (refused before anything was built)"
             )
     if shapes:
         raise UserError(
