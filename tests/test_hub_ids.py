@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import make_base, make_source, read_json
-from helpers import make
+from helpers import engine, make
 
 from graftbuild.cli.app import main
 from graftbuild.errors import UserError
@@ -34,14 +34,14 @@ name = "release"
 """
 
 
-def cache_snapshot(cache: Path, repo_id: str, folder: Path) -> str:
+def cache_snapshot(cache: Path, repo_id: str, folder: Path, commit: str | None = None) -> str:
     """Put ``folder`` into a Hugging Face cache as huggingface_hub lays it out (blobs named by
     hash, a snapshot of symlinks, refs/main), with huggingface_hub's own helpers; returns the
     commit."""
     from huggingface_hub.file_download import _create_symlink, repo_folder_name
 
     repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
     for f in sorted(folder.iterdir()):
         data = f.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
@@ -89,6 +89,10 @@ def test_a_hub_id_resolves_from_the_local_cache_and_is_pinned(
     assert "path" not in lock["base"]  # not this machine's cache path
     card = (tmp_path / "out" / "release" / "release" / "README.md").read_text()
     assert "base_model: tiny-org/base" in card
+    # the cache's main moves to another snapshot: --locked names both commits
+    moved = cache_snapshot(cache, "tiny-org/x", tmp_path / "m" / "x", commit="1" * 40)
+    with pytest.raises(UserError, match=f"tiny-org/x resolves to revision {moved}, the lock pins"):
+        engine(recipe).make(locked=True)
     # a pinned revision that the cache does not hold is refused like a missing model
     recipe.write_text(RECIPE.replace('"tiny-org/x"', f'"tiny-org/x"\nrevision = "{"0" * 40}"'))
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
