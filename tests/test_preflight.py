@@ -99,7 +99,7 @@ def test_plan_shows_an_estimate_per_node(path_project: Path) -> None:
     fuse = est["fuse:release"]
     assert 0.9 * base <= fuse["written"] <= 1.1 * base  # a fused model the size of the base
     assert 0 < est["pack:x"]["written"] < base / 2 and est["pack:x"]["peak"] > 0
-    assert fuse["seconds"] is not None and est["base"] == {"peak": 0, "written": 0, "seconds": None}
+    assert fuse["seconds"] is not None
     result = CliRunner().invoke(main, ["plan", str(path_project)])
     assert "peak mem" in result.stdout and "writes" in result.stdout
     shutil.rmtree(path_project.parent / "cache", ignore_errors=True)

@@ -29,7 +29,9 @@ def plan(args: tuple[str, ...], cache: Path | None, as_json: bool) -> None:
     est = estimates(engine.recipe, [engine.graph.node(n.id) for n in nodes])
     if as_json:
         doc = {"nodes": [n.to_json() for n in nodes]}
-        doc["estimates"] = {k: vars(v) for k, v in est.items() if k in {n.id for n in nodes}}
+        stale = {n.id: vars(est[n.id]) for n in nodes if n.state != "fresh" and n.id in est}
+        if stale:  # what building the stale nodes would cost (none: the no-op answer's shape)
+            doc["estimates"] = stale
         click.echo(json.dumps(doc))
         return
     table = Table("node", "state", "peak mem", "writes", "time", "why", box=None, pad_edge=False)
