@@ -89,10 +89,18 @@ def test_a_hub_id_resolves_from_the_local_cache_and_is_pinned(
     assert "path" not in lock["base"]  # not this machine's cache path
     card = (tmp_path / "out" / "release" / "release" / "README.md").read_text()
     assert "base_model: tiny-org/base" in card
+    # the no-op fast path answers while nothing moved, and not once the cache's main moved
+    runner = CliRunner()
+    assert runner.invoke(main, ["make", str(recipe)]).exit_code == 0
+    assert "fresh" in runner.invoke(main, ["plan", str(recipe)]).stdout
+    from graftbuild.build.noop import check
+
+    assert check(recipe, [], None) is not None  # a record the fast path would answer from
     # the cache's main moves to another snapshot: --locked names both commits
     moved = cache_snapshot(cache, "tiny-org/x", tmp_path / "m" / "x", commit="1" * 40)
     with pytest.raises(UserError, match=f"tiny-org/x resolves to revision {moved}, the lock pins"):
         engine(recipe).make(locked=True)
+    assert check(recipe, [], None) is None  # the record is void: the planner decides
     # a pinned revision that the cache does not hold is refused like a missing model
     recipe.write_text(RECIPE.replace('"tiny-org/x"', f'"tiny-org/x"\nrevision = "{"0" * 40}"'))
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
