@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import PATH_RECIPE, TINY_LLAMA, make_base, write_recipe
+from conftest import PATH_RECIPE, write_recipe
 from helpers import engine, make, plan
 
 import graftbuild.build.engine as engine_module
@@ -138,8 +138,15 @@ path = "models/bad"
 
 
 def failing_project(root: Path, model_folders: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(model_folders, root / "models")
-    make_base(root / "models" / "bad", seed=4, config={**TINY_LLAMA, "intermediate_size": 48})
+    # a source that passes pre-flight (same architecture) and fails in its pack step
+    shutil.copytree(root / "models" / "x", root / "models" / "bad")
+    weights = root / "models" / "bad" / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, str(weights))
     text = PATH_RECIPE.replace('packs = ["x", "y"]', 'packs = ["x", "bad"]')
     text = text.replace("weights = { x = 1.0, y = 0.5 }", "weights = { x = 1.0 }")
     text += BAD + '\n[[fuse]]\nname = "good"\npacks = ["y"]\n'
@@ -148,7 +155,7 @@ def failing_project(root: Path, model_folders: Path) -> Path:
 
 def test_local_runner_stops_at_the_first_failure(tmp_path: Path, model_folders: Path) -> None:
     recipe = failing_project(tmp_path, model_folders)
-    with pytest.raises(UserError, match=r"^pack:bad: .*does not have the base's architecture"):
+    with pytest.raises(UserError, match=r"^pack:bad: .*NaN or Inf in the delta"):
         make(recipe)
     p = plan(recipe)
     assert p["pack:bad"].state == "stale" and p["fuse:release"].state == "stale"

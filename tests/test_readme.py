@@ -135,12 +135,6 @@ def test_readme_commands_hold_as_written(shell: dict) -> None:
     assert (shell["root"] / "arith.png").is_file() and (shell["root"] / "build.jsonl").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the quickstart's training data drops its last partial chunk, so one appended "
-    "line retrains source:arith to the same bytes and pack:arith is not rebuilt (issue 16b "
-    "keeps the chunk; remove this mark once it is merged)",
-)
 def test_readme_incremental_rebuild(shell: dict) -> None:
     block = next(b for b in readme_blocks() if INCREMENTAL in [c.split("#")[0].strip() for c in b])
     outputs = []

@@ -53,8 +53,13 @@ class BuildGraph:
 
 
 def build_graph(recipe: Recipe) -> BuildGraph:
-    """Every kind's nodes for ``recipe``, as a checked DAG."""
+    """Every kind's nodes for ``recipe``, as a checked DAG; the models' configs and headers are
+    checked first (pre-flight: a source that does not fit the base is refused before any node
+    runs)."""
     from graftbuild.steps import STEPS
+    from graftbuild.steps.preflight import check
+
+    check(recipe)
 
     out = recipe.project.out or recipe.root / "out"
     g = nx.DiGraph()

@@ -47,6 +47,7 @@ class Build(Protocol):
     settings: BuildSettings
     traces: dict[str, Any]
 
+
 LOCK_FORMAT = 1
 PINNED = (*PACKAGES, "device", "threads", "cpu_capability", "MKL_CBWR")
 """Environment fields that must match the lock for a node that ``make --locked`` rebuilds."""
@@ -214,9 +215,11 @@ def _entry(
     same = prev.get("output") == digest
     if node.is_input:
         assert node.path is not None
+        # a hub id is pinned by id and snapshot commit, not by this machine's cache path
+        where = dict(node.config) if "hub" in node.config else {"path": _rel(node.path, root)}
         return {
             "step": "input",
-            "path": _rel(node.path, root),
+            **where,
             "output": digest,
             "output_files": trace["files"],
         }
@@ -299,6 +302,12 @@ def check_inputs(engine: Build, targets: list[str] | None = None) -> None:
             continue
         if node.is_input:
             assert node.path is not None
+            if "hub" in node.config and entry.get("revision") != node.config["revision"]:
+                problems.append(
+                    f"{node.id}: {node.config['hub']} resolves to revision "
+                    f"{node.config['revision']}, the lock pins {entry.get('revision')}"
+                )
+                continue
             if not node.path.is_dir():
                 problems.append(f"{node.id}: folder not found: {_rel(node.path, root)}")
                 continue

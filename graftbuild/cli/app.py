@@ -20,6 +20,7 @@ from graftbuild.cli.export import export
 from graftbuild.cli.fsck import fsck
 from graftbuild.cli.gc import gc
 from graftbuild.cli.graph import graph
+from graftbuild.cli.init import init
 from graftbuild.cli.inspect import inspect
 from graftbuild.cli.make import make
 from graftbuild.cli.plan import plan
@@ -113,3 +114,4 @@ main.add_command(push)
 main.add_command(pull)
 main.add_command(inspect)
 main.add_command(report)
+main.add_command(init)

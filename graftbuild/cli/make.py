@@ -230,6 +230,12 @@ def record_build(
     lock = lock_path(engine.recipe.path)
     if lock.is_file():
         seen[str(lock)] = signature(lock)
+    for n in result.nodes:  # a hub id's cached refs (refs/main): moving them voids the record
+        node = engine.graph.node(n.id)
+        if node.is_input and "hub" in node.config and node.path is not None:
+            refs = node.path.parent.parent / "refs"
+            for ref in sorted(refs.rglob("*")) if refs.is_dir() else []:
+                seen[str(ref)] = signature(ref)
     links = engine.recipe._links
     noop.save(
         engine.store.root, engine.recipe.path, recipe_bytes, targets, seen, nodes, gates, links

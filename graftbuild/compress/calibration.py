@@ -34,11 +34,11 @@ def collect_statistics(
     every linear layer, and each embedding's token frequencies (1-D, summing to 1)."""
     import torch
 
-    from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+    from graftbuild.weights.modeling import load_model, load_tokenizer
     from graftbuild.weights.placement import Placement
     from graftbuild.weights.textdata import read_examples, token_chunks
 
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, need_eos=False)  # an encoder's examples end with [SEP]
     chunks = token_chunks(tok, read_examples(data, field), seq_len, data)
     if len(chunks) < samples:
         raise UserError(
@@ -47,7 +47,7 @@ def collect_statistics(
         )
     chunks = chunks[:samples]
     placement = Placement.of(where)
-    model = load_causal_lm(model_dir, placement)
+    model = load_model(model_dir, placement)  # hidden states are all it needs: any model kind
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

@@ -177,7 +177,32 @@ class TransferSpec(Model):
     dpo: DpoSpec | None = None
 
 
-class BaseSpec(Model):
+class HubModel(Model):
+    """``model = "org/name"``: a Hugging Face hub id, resolved offline through the local cache
+    to ``path`` (graftbuild/weights/hub.py); ``revision`` pins a commit, else the cached ``main``.
+    The resolved commit is recorded in ``revision`` and pinned in the lock."""
+
+    model: str | None = Field(default=None, min_length=1)
+    revision: str | None = Field(default=None, pattern="^[0-9a-f]{40}$|^[A-Za-z0-9._/-]+$")
+
+    def resolve_hub(self, where: str) -> None:
+        """Set ``path`` (and ``revision``) from ``model``; a ValueError names ``where``."""
+        if self.model is None:
+            if self.revision is not None:
+                raise ValueError(f"{where}.revision goes with `model` (a hub id)")
+            return
+        if getattr(self, "path", None) is not None:
+            raise ValueError(f"{where}: give either `path` or `model`, not both")
+        from graftbuild.weights.hub import resolve
+
+        try:
+            path, self.revision = resolve(self.model, self.revision)
+        except ValueError as e:
+            raise ValueError(f"{where}.model: {e}") from None
+        self.path = path  # type: ignore[attr-defined]
+
+
+class BaseSpec(HubModel):
     path: RelPath | None = None
     config: RelPath | None = None
     tokenizer: RelPath | None = None
@@ -188,16 +213,18 @@ class BaseSpec(Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> BaseSpec:
-        if (self.path is None) == (self.config is None):
-            raise ValueError("give either `path` (a model folder) or `config` + `tokenizer`")
+        if (self.path is None and self.model is None) == (self.config is None):
+            raise ValueError(
+                "give either `path` (a model folder), `model` (a hub id) or `config` + `tokenizer`"
+            )
         if self.config is not None and self.tokenizer is None:
             raise ValueError("`config` needs `tokenizer` (a tokenizer folder)")
-        if self.path is not None and (self.tokenizer is not None or self.finetune is not None):
+        if (self.path or self.model) and (self.tokenizer is not None or self.finetune is not None):
             raise ValueError("`tokenizer` and `finetune` go with `config`, not with `path`")
         return self
 
 
-class SourceSpec(Model):
+class SourceSpec(HubModel):
     path: RelPath | None = None
     finetune: FinetuneSpec | None = None
     transfer: TransferSpec | None = None
@@ -208,11 +235,12 @@ class SourceSpec(Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
-        given = [k for k in ("path", "finetune", "transfer") if getattr(self, k) is not None]
+        kinds = ("path", "model", "finetune", "transfer")
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of `path` (a model folder), `finetune = {...}` or "
-                "`transfer = {...}`" + (f"; got {given}" if given else "")
+                "give exactly one of `path` (a model folder), `model` (a hub id), "
+                "`finetune = {...}` or `transfer = {...}`" + (f"; got {given}" if given else "")
             )
         return self
 
@@ -453,6 +481,11 @@ class Recipe(Model):
 
     @model_validator(mode="after")
     def _references(self) -> Recipe:
+        self.base.resolve_hub("base")
+        for name, spec in self.teachers.items():
+            spec.resolve_hub(f"teachers.{name}")
+        for name, src in self.sources.items():
+            src.resolve_hub(f"sources.{name}")
         profiles = set(self.compression) | {"default"}
         for name, src in self.sources.items():
             if src.compression not in profiles:

@@ -54,11 +54,21 @@ REPORT = "report.html"
 """The build report's file name the card links (``graftbuild report``; sections: html.py)."""
 
 
+def _cell(v: dict[str, Any]) -> str:
+    """One eval table cell: ``loss (perplexity)``, or ``MRR / recall@1`` for retrieval."""
+    if "mrr" in v:
+        return f"{v['mrr']:.4f} / {v['recall@1']:.4f}"
+    return f"{v['loss']:.4f} ({v['perplexity']:.2f})"
+
+
 def render(info: dict[str, Any]) -> str:
     """The README.md text for a release (``info`` is built by steps/release.py)."""
     import yaml
 
-    front: dict[str, Any] = {"library_name": "transformers", "tags": info["tags"]}
+    auto = info.get("auto_class", "AutoModelForCausalLM")
+    st = info.get("sentence_transformers", False)
+    library = "sentence-transformers" if st else "transformers"
+    front: dict[str, Any] = {"library_name": library, "tags": info["tags"]}
     if info.get("base_model"):
         front["base_model"] = info["base_model"]
     if info.get("license"):
@@ -73,7 +83,8 @@ def render(info: dict[str, Any]) -> str:
         f"A base model with {len(packs)} SkillPack{'s' if len(packs) != 1 else ''} grafted in "
         f"(GraftLLM, arXiv 2505.18502), fused with the `{fuse['strategy']}` strategy and built by "
         f"graftbuild from the recipe of project `{info['project']}` version "
-        f"`{info['version']}`. It loads with `transformers.AutoModelForCausalLM.from_pretrained`.",
+        f"`{info['version']}`. It loads with `transformers.{auto}.from_pretrained`"
+        + (", and as a whole with `sentence_transformers.SentenceTransformer`." if st else "."),
         "",
         "## Provenance",
         "",
@@ -125,15 +136,12 @@ def render(info: dict[str, Any]) -> str:
         metrics = ev["metrics"]
         models = [m for m in ev.get("models", metrics) if m in metrics]  # the recipe's order
         datasets = sorted({d for m in metrics.values() for d in m})
-        out += ["", f"### Evaluation `{ev['name']}`: held-out loss (perplexity)", ""]
+        retrieval = any("mrr" in v for m in metrics.values() for v in m.values())
+        losses = any("loss" in v for m in metrics.values() for v in m.values())
+        what = ["held-out loss (perplexity)"] * losses + ["retrieval MRR / recall@1"] * retrieval
+        out += ["", f"### Evaluation `{ev['name']}`: {'; '.join(what)}", ""]
         rows = [
-            [f"`{m}`"]
-            + [
-                f"{metrics[m][d]['loss']:.4f} ({metrics[m][d]['perplexity']:.2f})"
-                if d in metrics[m]
-                else ""
-                for d in datasets
-            ]
+            [f"`{m}`"] + [_cell(metrics[m][d]) if d in metrics[m] else "" for d in datasets]
             for m in models
         ]
         out += _table(["model", *datasets], rows)

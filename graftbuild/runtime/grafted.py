@@ -54,13 +54,13 @@ class GraftedModel:
         from graftbuild.runtime.bundle import read_bundle
         from graftbuild.runtime.router import Router
         from graftbuild.skillpack import PackReader
-        from graftbuild.weights.modeling import load_causal_lm, load_tokenizer
+        from graftbuild.weights.modeling import load_model, load_tokenizer
 
         folder = Path(path)
         doc = read_bundle(folder)
         base = folder / doc["base"]
-        model = load_causal_lm(base, device).eval()
-        tok = load_tokenizer(base)
+        model = load_model(base, device).eval()  # a causal LM, or an encoder (no generate)
+        tok = load_tokenizer(base, need_eos=False)
         packs = {p["name"]: PackReader(folder / p["file"]) for p in doc["packs"]}
         weights = {p["name"]: float(p["weight"]) for p in doc["packs"]}
         parents = {p["name"]: p.get("parent") for p in doc["packs"]}
@@ -175,6 +175,11 @@ class GraftedModel:
         (logger ``graftbuild.runtime``, level INFO); a function is called with each line."""
         import torch
 
+        if not hasattr(self.model, "generate") or not self.model.can_generate():
+            raise UserError(
+                f"{self.folder}: the base is an encoder ({type(self.model).__name__}); it has no "
+                "generate: use route() and the model's hidden states"
+            )
         scores: list[dict[str, float]] | None = None
         if packs is not None:
             chosen = packs

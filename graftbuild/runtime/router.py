@@ -2,7 +2,9 @@
 
 A prompt's feature is the base model's hidden state averaged over the prompt's tokens, at every
 layer (the embeddings included), each layer's mean L2-normalised, concatenated. It is computed
-with no pack active, so routing never depends on which packs happen to be loaded. The classifier
+with no pack active, so routing never depends on which packs happen to be loaded. Only hidden
+states are used, so encoders (BERT) route as well as causal LMs; an encoder reads each prompt
+with its special tokens ([CLS] … [SEP]), a causal LM without. The classifier
 is a multinomial logistic regression on standardised features, fitted in the build (full-batch
 L-BFGS from zeros, so deterministic) on each class's prompts: a pack, or ``BASE`` for "no pack".
 A nearest-centroid rule on the same features was measured first and was less accurate on the
@@ -29,12 +31,14 @@ def features(model: Any, tokenizer: Any, texts: list[str], seq_len: int) -> torc
     import torch
 
     device = next(model.parameters()).device
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    filler = [t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None][:1]
     rows = []
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
+            ids = tokenizer(text, add_special_tokens=not causal)["input_ids"][:seq_len]
             if not ids:
-                ids = [tokenizer.eos_token_id]
+                ids = filler
             out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
             means = [h[0].float().mean(dim=0) for h in out.hidden_states]
             rows.append(torch.cat([torch.nn.functional.normalize(m, dim=0) for m in means]).cpu())

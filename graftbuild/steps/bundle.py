@@ -79,7 +79,7 @@ class BundleStep:
         from graftbuild.runtime.bundle import write_bundle
         from graftbuild.runtime.router import BASE, Router
         from graftbuild.skillpack import PackReader, write_stored
-        from graftbuild.weights.modeling import load_causal_lm, load_tokenizer, set_threads
+        from graftbuild.weights.modeling import load_model, load_tokenizer, set_threads
         from graftbuild.weights.tensors import copy_non_weight_files, weight_files
         from graftbuild.weights.textdata import read_examples
 
@@ -130,8 +130,8 @@ class BundleStep:
         if cfg["base_class"]:
             prompts[BASE] = read_examples(ctx.files["prompts.base"], opts["field"])
         prompts = {c: texts[: opts["samples"]] for c, texts in prompts.items()}
-        tok = load_tokenizer(base_in)
-        model = load_causal_lm(base_in, ctx.placement).eval()
+        tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
+        model = load_model(base_in, ctx.placement).eval()
         with ctx.progress.task(f"router {ctx.node_id}", 1) as advance:
             router = Router.fit(model, tok, prompts, opts["seq_len"])
             advance(1)

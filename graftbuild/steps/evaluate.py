@@ -3,6 +3,14 @@
 A text dataset is scored on every token (chunks of ``seq_len``). A .jsonl dataset of
 ``{"prompt", "response"}`` rows is scored on the response only, each row its own sequence
 (prompt, response, eos): the loss of answering, not of guessing the question.
+
+A .jsonl dataset of ``{"query", "doc"}`` rows is a retrieval task, the metric that fits an
+encoder (and is defined for any model): every query and every distinct doc is embedded as the
+mean of the model's last hidden state over its tokens, L2-normalised (sentence-transformers'
+mean pooling); each query ranks all docs by cosine similarity, and the eval reports the mean
+reciprocal rank of the query's own doc (``mrr``) and how often it ranks first (``recall@1``).
+An encoder has no next-token loss: an eval that gives one a text or prompt/response dataset is
+refused at plan time, naming the node, the model and the dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from graftbuild.release.gates import METRICS_FILE
 from graftbuild.steps.base import Node, StepContext
 
 if TYPE_CHECKING:
-    from graftbuild.recipe import Recipe
+    import torch
+
+    from graftbuild.recipe import EvalSpec, Recipe
     from graftbuild.weights.placement import Placement
 
 
@@ -30,6 +40,7 @@ class EvalStep:
         nodes = []
         for e in recipe.eval:
             datasets = sorted(e.data)
+            check_metrics(recipe, e)
             nodes.append(
                 Node(
                     ids.eval_(e.name),
@@ -52,25 +63,36 @@ class EvalStep:
         return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from graftbuild.weights.textdata import read_examples, read_pairs
+        from graftbuild.weights.textdata import read_examples, read_pairs, read_retrieval
 
         cfg, placement = ctx.config, ctx.placement
         pairs: dict[str, list[tuple[str, str]]] = {}
         texts: dict[str, list[str]] = {}
+        retrieval: dict[str, list[tuple[str, str]]] = {}
         for d in cfg["datasets"]:
             path = ctx.files[f"data.{d}"]
             rows = read_pairs(path)
-            if rows is not None:
+            found = read_retrieval(path)
+            if found is not None:
+                retrieval[d] = found
+            elif rows is not None:
                 pairs[d] = rows
             else:
                 texts[d] = read_examples(path, cfg["field"])
         results: dict[str, dict[str, dict[str, float]]] = {}
+        self._check_kinds(ctx, texts, pairs)
         total = len(cfg["models"]) * len(cfg["datasets"])
         with ctx.progress.task(f"eval {ctx.node_id}", total) as advance:
             for i, model_id in enumerate(cfg["models"]):
                 folder = ctx.inputs[f"model.{i}"]
                 results[model_id] = {}
                 for d in cfg["datasets"]:
+                    if d in retrieval:
+                        results[model_id][d] = retrieval_metrics(
+                            folder, retrieval[d], cfg["seq_len"], cfg["batch_size"], placement
+                        )
+                        advance(1)
+                        continue
                     if d in pairs:
                         loss, tokens = response_loss(folder, pairs[d], cfg["batch_size"], placement)
                     else:
@@ -89,6 +111,146 @@ class EvalStep:
                     }
                     advance(1)
         (ctx.out / METRICS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def _check_kinds(ctx: StepContext, texts: dict, pairs: dict) -> None:
+        """Loss datasets need causal LMs (plan time checks the recipe's own models; this is the
+        step's own guard, on the folders it was given)."""
+        from graftbuild.errors import UserError
+        from graftbuild.weights.modeling import is_causal_lm
+
+        loss_data = sorted([*texts, *pairs])
+        for i, model_id in enumerate(ctx.config["models"]):
+            if loss_data and not is_causal_lm(ctx.inputs[f"model.{i}"]):
+                raise UserError(
+                    f"{ctx.node_id}: {model_id} is an encoder, it has no next-token loss on "
+                    f"{loss_data}; give it a retrieval dataset (.jsonl of {{query, doc}})"
+                )
+
+
+def check_metrics(recipe: Recipe, spec: EvalSpec) -> None:
+    """Refuse, at plan time, an eval that asks an encoder for a loss, or gates a retrieval
+    dataset (gates compare losses)."""
+    from graftbuild.errors import UserError
+    from graftbuild.weights.textdata import is_retrieval
+
+    node = ids.eval_(spec.name)
+    where = f"{recipe.path}: {node}"
+    retrieval = {d for d, path in spec.data.items() if is_retrieval(path)}
+    for g in spec.gates:
+        if g.data in retrieval:
+            raise UserError(
+                f"{where}: gate on {g.model} names the retrieval dataset {g.data!r}; gates "
+                "compare held-out losses, give them a text or prompt/response dataset"
+            )
+    loss_data = sorted(set(spec.data) - retrieval)
+    if not loss_data:
+        return
+    for m in spec.models:
+        if not model_is_causal(recipe, m):
+            raise UserError(
+                f"{where}: {m} is an encoder, it has no next-token loss on {loss_data}; give "
+                'it a retrieval dataset instead (a .jsonl of {"query": ..., "doc": ...} rows, '
+                "reported as MRR and recall@1)"
+            )
+
+
+def model_is_causal(recipe: Recipe, model_id: str) -> bool:
+    """Whether a model node of the recipe is a causal LM, from the config of the model it is
+    built from (a teacher's own, else the base's: every other model shares its architecture)."""
+    import json
+
+    from graftbuild.weights.modeling import auto_class, read_config
+
+    spec = recipe.base
+    if ids.kind_of(model_id) == "teacher":
+        name = ids.name_of(model_id)
+        if name in recipe.teachers:
+            spec = recipe.teachers[name]
+        else:
+            return auto_class(read_config(recipe.teacher_path(name))) == "AutoModelForCausalLM"
+    if spec.path is not None:
+        config = read_config(spec.path)
+    else:
+        try:
+            config = json.loads(spec.config.read_text())  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            return True  # the init step reports a bad config
+    return auto_class(config) == "AutoModelForCausalLM"
+
+
+def retrieval_metrics(
+    folder: Path,
+    rows: list[tuple[str, str]],
+    seq_len: int,
+    batch_size: int,
+    where: Placement | str | None = None,
+) -> dict[str, float]:
+    """MRR and recall@1 of each query's own doc among every distinct doc of the dataset."""
+    import torch
+
+    from graftbuild.weights.modeling import load_model, load_tokenizer
+    from graftbuild.weights.placement import Placement
+
+    tok = load_tokenizer(folder, need_eos=False)
+    placement = Placement.of(where)
+    model = load_model(folder, placement).eval()
+    docs = list(dict.fromkeys(doc for _, doc in rows))
+    gold = torch.tensor([docs.index(doc) for _, doc in rows])
+    q = embed(model, tok, [query for query, _ in rows], seq_len, batch_size, placement)
+    d = embed(model, tok, docs, seq_len, batch_size, placement)
+    scores = q @ d.T
+    own = scores.gather(1, gold[:, None])
+    rank = (scores > own).sum(dim=1) + 1  # ties count in the query's favour, deterministically
+    return {
+        "mrr": round(float((1.0 / rank.double()).mean()), 6),
+        "recall@1": round(float((rank == 1).double().mean()), 6),
+        "queries": len(rows),
+        "docs": len(docs),
+    }
+
+
+def embed(
+    model: object,
+    tokenizer: object,
+    texts: list[str],
+    seq_len: int,
+    batch_size: int,
+    placement: Placement,
+) -> torch.Tensor:
+    """[len(texts), hidden] L2-normalised mean of the last hidden state over each text's tokens
+    (cut at ``seq_len``), on the CPU in float32."""
+    import torch
+
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)  # type: ignore[attr-defined]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            rows = [
+                tokenizer(t, add_special_tokens=not causal)["input_ids"][:seq_len]  # type: ignore[operator]
+                for t in texts[start : start + batch_size]
+            ]
+            width = max(1, *(len(r) for r in rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[j, : len(r)] = 1
+            hidden = (
+                model(  # type: ignore[operator]
+                    input_ids=placement.put(ids),
+                    attention_mask=placement.put(mask),
+                    output_hidden_states=True,
+                )
+                .hidden_states[-1]
+                .float()
+                .cpu()
+            )
+            m = mask[:, :, None].float()
+            mean = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+            out.append(torch.nn.functional.normalize(mean, dim=1))
+    return torch.cat(out)
 
 
 def heldout_loss(

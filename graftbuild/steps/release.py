@@ -70,8 +70,13 @@ class ReleaseStep:
             | {"name": p, "weight": fuse["weights"][i], "profile": cfg["compression"][p]}
             for i, p in enumerate(fuse["packs"])
         ]
+        from graftbuild.weights.modeling import auto_class, read_config
+
+        model_dir = ctx.inputs["model"]
         text = render(
             {
+                "auto_class": auto_class(read_config(model_dir)),
+                "sentence_transformers": (model_dir / "modules.json").is_file(),
                 "project": cfg["project"]["name"],
                 "version": cfg["project"]["version"],
                 "release": ctx.node_id.split(":", 1)[1],
@@ -201,7 +206,11 @@ def release_node(recipe: Recipe, r: ReleaseSpec, out: Path) -> Node:
         files["base_card"] = recipe.base.path / "README.md"  # license etc. (not in the base hash)
     config = {
         "project": {"name": recipe.project.name, "version": recipe.project.version},
-        "card": {"license": r.license, "base_model": r.base_model, "tags": r.tags},
+        "card": {
+            "license": r.license,
+            "base_model": r.base_model or recipe.base.model,  # a hub id names the base
+            "tags": r.tags,
+        },
         "fuse": {
             "name": fuse.name,
             "packs": fuse.packs,

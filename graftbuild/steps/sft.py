@@ -65,11 +65,11 @@ class SftStep:
 
     @staticmethod
     def _text_rows(ctx: StepContext, tok: object, data: dict) -> list[dict]:
-        from graftbuild.weights.textdata import read_examples, token_chunks
+        from graftbuild.weights.textdata import read_examples, training_chunks
 
         path = ctx.files["data"]
-        chunks = token_chunks(tok, read_examples(path, data["field"]), data["seq_len"], path)
-        return [{"input_ids": row} for row in chunks.tolist()]
+        chunks = training_chunks(tok, read_examples(path, data["field"]), data["seq_len"])
+        return [{"input_ids": row} for row in chunks]
 
     @staticmethod
     def _pair_rows(ctx: StepContext, tok: object, data: dict) -> list[dict]:
@@ -99,7 +99,8 @@ def text_sft_node(node_id: str, start: str, spec: FinetuneSpec, out: Path, what:
         "sft",
         config={
             "train": train_config(spec, {"data", "field", "seq_len"}),
-            "data": {"kind": "text", "field": spec.field, "seq_len": spec.seq_len},
+            # "tail": the last partial chunk is padded and trained on (it was dropped before)
+            "data": {"kind": "text", "field": spec.field, "seq_len": spec.seq_len, "tail": "pad"},
         },
         deps={"base": start},
         files={"data": spec.data},

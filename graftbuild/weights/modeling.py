@@ -34,7 +34,9 @@ def quiet_transformers() -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, need_eos: bool = True) -> Any:
+    """The folder's tokenizer. ``need_eos``: refuse one without an eos token (causal-LM text
+    is joined and ended by eos); encoders and hidden-state users pass False."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -49,7 +51,7 @@ def load_tokenizer(folder: Path) -> Any:
         )
     except Exception as e:  # transformers raises many types; all mean "not a usable tokenizer"
         raise UserError(f"{folder}: cannot load a tokenizer from this folder ({e})") from None
-    if tok.eos_token_id is None:
+    if need_eos and tok.eos_token_id is None:
         raise UserError(f"{folder}: the tokenizer defines no eos token")
     return tok
 
@@ -69,6 +71,77 @@ def load_causal_lm(folder: Path, where: Placement | str | None = None) -> Any:
         )
     except Exception as e:
         raise UserError(f"{folder}: cannot load as a causal language model ({e})") from None
+    return Placement.of(where).model(model)
+
+
+# Architecture class suffix -> the transformers Auto class that loads it, most specific first.
+AUTO_CLASSES = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForPreTraining", "AutoModelForPreTraining"),
+    ("Model", "AutoModel"),
+)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder ({} when there is none or it is not a JSON object)."""
+    import json
+
+    try:
+        doc = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def auto_class(config: dict[str, Any]) -> str:
+    """The Auto class that loads a model with this config, as transformers names it.
+
+    From ``architectures`` when the config lists one; otherwise a model type that has a masked-LM
+    head and is not a decoder is taken as an encoder (``AutoModel``), anything else as a causal LM.
+    """
+    for arch in config.get("architectures") or []:
+        for suffix, cls in AUTO_CLASSES:
+            if isinstance(arch, str) and arch.endswith(suffix):
+                return cls
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get(
+        "is_decoder"
+    ):
+        return "AutoModel"
+    return "AutoModelForCausalLM"
+
+
+def is_causal_lm(folder: Path) -> bool:
+    """Whether the model in ``folder`` is a causal LM (next-token loss, generation) rather than
+    an encoder (hidden states: retrieval, routing and calibration only)."""
+    return auto_class(read_config(folder)) == "AutoModelForCausalLM"
+
+
+def load_model(folder: Path, where: Placement | str | None = None) -> Any:
+    """The model in ``folder`` with the Auto class its architecture names (a causal LM, an
+    encoder, a masked LM, ...): tensor names match the checkpoint's, and ``output_hidden_states``
+    works for all. Safetensors only, no remote code."""
+    import transformers
+
+    from graftbuild.weights.placement import Placement
+
+    name = auto_class(read_config(folder))
+    if name == "AutoModelForCausalLM":
+        return load_causal_lm(folder, where)
+    quiet_transformers()
+    weight_files(folder)
+    try:
+        model = getattr(transformers, name).from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    except Exception as e:
+        raise UserError(f"{folder}: cannot load with {name} ({e})") from None
     return Placement.of(where).model(model)
 
 
