@@ -4,14 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
+from graftbuild.fusion.arcee_fusion import ArceeFusionStrategy
 from graftbuild.fusion.base import Strategy
+from graftbuild.fusion.breadcrumbs import BreadcrumbsStrategy
+from graftbuild.fusion.breadcrumbs_ties import BreadcrumbsTiesStrategy
 from graftbuild.fusion.dare import DareStrategy
+from graftbuild.fusion.dare_linear import DareLinearStrategy
+from graftbuild.fusion.dare_ties import DareTiesStrategy
+from graftbuild.fusion.della import DellaStrategy
+from graftbuild.fusion.della_linear import DellaLinearStrategy
+from graftbuild.fusion.karcher import KarcherStrategy
+from graftbuild.fusion.linear import LinearStrategy
+from graftbuild.fusion.model_stock import ModelStockStrategy
+from graftbuild.fusion.multislerp import MultislerpStrategy
+from graftbuild.fusion.nearswap import NearswapStrategy
+from graftbuild.fusion.nuslerp import NuslerpStrategy
+from graftbuild.fusion.passthrough import PassthroughStrategy
 from graftbuild.fusion.routed import RoutedStrategy
+from graftbuild.fusion.sce import SceStrategy
+from graftbuild.fusion.slerp import SlerpStrategy
 from graftbuild.fusion.sum import SumStrategy
+from graftbuild.fusion.task_arithmetic import TaskArithmeticStrategy
 from graftbuild.fusion.ties import TiesStrategy
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s for s in (SumStrategy(), TiesStrategy(), DareStrategy(), RoutedStrategy())
+}
+# mergekit's methods under mergekit's names (docs/FUSION.md); ``ties`` above is one of them.
+STRATEGIES |= {
+    s.name: s
+    for s in (
+        LinearStrategy(),
+        TaskArithmeticStrategy(),
+        DareLinearStrategy(),
+        DareTiesStrategy(),
+        SlerpStrategy(),
+        NuslerpStrategy(),
+        MultislerpStrategy(),
+        KarcherStrategy(),
+        BreadcrumbsStrategy(),
+        BreadcrumbsTiesStrategy(),
+        DellaStrategy(),
+        DellaLinearStrategy(),
+        SceStrategy(),
+        ModelStockStrategy(),
+        NearswapStrategy(),
+        ArceeFusionStrategy(),
+        PassthroughStrategy(),
+    )
 }
 
 
