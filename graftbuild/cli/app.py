@@ -18,6 +18,7 @@ from graftbuild.cli.export import export
 from graftbuild.cli.fsck import fsck
 from graftbuild.cli.gc import gc
 from graftbuild.cli.graph import graph
+from graftbuild.cli.import_mergekit import import_
 from graftbuild.cli.inspect import inspect
 from graftbuild.cli.make import make
 from graftbuild.cli.plan import plan
@@ -78,6 +79,7 @@ main.add_command(verify)
 main.add_command(status)
 main.add_command(graph)
 main.add_command(gc)
+main.add_command(import_)
 main.add_command(clean)
 main.add_command(fsck)
 main.add_command(push)

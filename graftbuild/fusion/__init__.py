@@ -65,3 +65,21 @@ def get_strategy(name: str) -> Strategy:
 def parse_strategy(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Validated options with defaults filled in (raises ValueError/ValidationError)."""
     return get_strategy(name).Params.model_validate(options).model_dump(mode="json")
+
+
+def check_fuse_packs(name: str, packs: list[str], pack_options: dict[str, dict[str, Any]]) -> None:
+    """A mergekit-named strategy's pack count and per-pack parameters (raises ValueError)."""
+    from graftbuild.fusion.schedule import MergeParams, check_pack_options
+
+    strategy = get_strategy(name)
+    params = strategy.Params
+    if not issubclass(params, MergeParams):
+        if pack_options:
+            raise ValueError(f"`pack_options` are for mergekit's methods, not {name!r}")
+        return
+    lo, hi = getattr(strategy, "min_packs", 1), getattr(strategy, "max_packs", None)
+    if len(packs) < lo or (hi is not None and len(packs) > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
+        raise ValueError(f"{name!r} takes {want} pack(s), got {len(packs)}: {packs}")
+    for pack, opts in pack_options.items():
+        check_pack_options(params, pack, opts)

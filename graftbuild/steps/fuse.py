@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from graftbuild.errors import BuildError
+from graftbuild.errors import BuildError, UserError
 from graftbuild.recipe import ids
 from graftbuild.skillpack.format import PACK_FILE
 from graftbuild.steps.base import Node, StepContext
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import torch
 
     from graftbuild.recipe import Recipe
+    from graftbuild.recipe.schema import FuseSpec
+    from graftbuild.weights.tensors import TensorInfo
 
 
 class FuseStep:
@@ -30,6 +32,7 @@ class FuseStep:
             if f.strategy == "routed":
                 continue  # a bundle: steps/bundle.py
             packs = {f"pack.{i}": ids.pack(p) for i, p in enumerate(f.packs)}
+            config, extra_deps = mergekit_config(recipe, f)
             nodes.append(
                 Node(
                     ids.fuse(f.name),
@@ -40,15 +43,19 @@ class FuseStep:
                         "strategy": f.strategy,
                         "options": f.options,
                         "shard_size": f.shard_size,
-                    },
-                    deps={"base": ids.BASE} | packs,
+                    }
+                    | config,
+                    deps={"base": ids.BASE} | packs | extra_deps,
                     labels={
                         "config.packs": "fusion order changed",
                         "config.weights": "fusion weights changed",
                         "config.strategy": "fusion strategy changed",
                         "config.options": "fusion options changed",
                         "config.shard_size": "shard size changed",
+                        "config.pack_options": "per-pack fusion options changed",
+                        "config.tokenizer_source": "tokenizer source changed",
                         "dep:base": "base model changed",
+                        "dep:tokenizer": "tokenizer source changed",
                     }
                     | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)},
                     output=f.output or out / "fused" / f.name,
@@ -75,6 +82,14 @@ class FuseStep:
         placement = ctx.placement
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
+        bind = getattr(strategy, "bind", None)  # mergekit-named strategies: per-pack settings
+        if bind is not None:
+            import json
+
+            n = len(cfg["packs"])
+            base_cfg = json.loads((ctx.inputs["base"] / "config.json").read_text())
+            params = bind(params, cfg.get("pack_options") or [{}] * n, base_cfg, cfg["weights"])
+        out_dtype = out_dtype_of(cfg["options"])
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         fold_first = getattr(strategy, "fold_first", None) if fold is not None else None
         roles = [f"pack.{i}" for i in range(len(cfg["packs"]))]
@@ -115,7 +130,7 @@ class FuseStep:
                 acc = out.copy_(b)
                 deltas = [r.decode(name, placement) if name in r.entries else None for r in readers]
                 out = strategy.combine(acc, deltas, cfg["weights"], params, name)
-                return name, placement.host(out, b.dtype)
+                return name, placement.host(out, out_dtype or b.dtype)
 
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names)) as advance:
@@ -129,7 +144,13 @@ class FuseStep:
                         advance(1)
 
             infos = [base.infos[n] for n in names]
+            if out_dtype is not None:
+                infos = [retyped(i, out_dtype) for i in infos]
             copy_non_weight_files(ctx.inputs["base"], ctx.out)
+            if "tokenizer" in ctx.inputs:  # tokenizer_source: that source's tokenizer files
+                copy_tokenizer_files(ctx.inputs["tokenizer"], ctx.out)
+            if out_dtype is not None:
+                set_config_dtype(ctx.out, out_dtype)
             write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
 
 
@@ -160,3 +181,74 @@ def graft_node(recipe: Recipe, name: str) -> Node:
         output=None,
         components=strategy_components("sum"),
     )
+
+
+# --- mergekit parity (issue 18) ----------------------------------------------------------------
+
+
+def mergekit_config(recipe: Recipe, f: FuseSpec) -> tuple[dict[str, Any], dict[str, str]]:
+    """A fuse's per-pack options and tokenizer source, in its config only when used (a fuse that
+    uses neither keeps the key it had before them)."""
+    config: dict[str, Any] = {}
+    deps: dict[str, str] = {}
+    if f.pack_options:
+        config["pack_options"] = [f.pack_options.get(p, {}) for p in f.packs]
+    if f.tokenizer_source != "base":
+        src = recipe.sources[f.tokenizer_source]
+        if src.path is None:
+            raise UserError(
+                f"fuse {f.name}: tokenizer_source {f.tokenizer_source!r} must be a `path` source"
+            )
+        config["tokenizer_source"] = f.tokenizer_source
+        deps["tokenizer"] = recipe.source_model(f.tokenizer_source)
+    return config, deps
+
+
+def out_dtype_of(options: dict[str, Any]) -> torch.dtype | None:
+    """mergekit's ``out_dtype``, else its ``dtype``, else None (the base's dtypes)."""
+    import torch
+
+    name = options.get("out_dtype") or options.get("dtype")
+    return None if name is None else getattr(torch, name)
+
+
+def retyped(info: TensorInfo, dtype: torch.dtype) -> TensorInfo:
+    """``info`` for the same tensor stored as ``dtype`` (floating tensors only)."""
+    import dataclasses
+
+    from graftbuild.weights.tensors import torch_dtype_to_st
+
+    if not info.dtype.startswith(("F", "BF")):
+        return info
+    return dataclasses.replace(info, dtype=torch_dtype_to_st(dtype))
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (dst / name).exists():
+            (dst / name).unlink()
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    import json
+
+    path = folder / "config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
