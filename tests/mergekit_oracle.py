@@ -80,40 +80,63 @@ def cases(models: Path) -> dict[str, dict[str, Any]]:
 
     grad_w = [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}]
     gta = {
-        "models": ms(("a", {"weight": 0.7, "density": [0.9, 0.4]}), ("b", {"weight": grad_w}),
-                     ("c", {"weight": 0.4, "density": 0.6})),
+        "models": ms(
+            ("a", {"weight": 0.7, "density": [0.9, 0.4]}),
+            ("b", {"weight": grad_w}),
+            ("c", {"weight": 0.4, "density": 0.6}),
+        ),
         "base_model": m["base"],
         "parameters": {"density": 0.5},
         "dtype": "float32",
     }
+    della = gta | {
+        "models": ms(
+            ("a", {"weight": 0.7, "density": [0.6, 0.4]}),
+            ("b", {"weight": grad_w}),
+            ("c", {"weight": 0.4, "density": 0.6}),
+        )
+    }
     out: dict[str, dict[str, Any]] = {
         "linear": {
-            "models": ms(("a", {"weight": 1.0}), ("b", {"weight": [0.2, 0.8]}),
-                         ("c", {"weight": grad_w})),
+            "models": ms(
+                ("a", {"weight": 1.0}), ("b", {"weight": [0.2, 0.8]}), ("c", {"weight": grad_w})
+            ),
             "merge_method": "linear",
             "dtype": "float32",
         },
-        "task_arithmetic": gta | {"merge_method": "task_arithmetic",
-                                  "parameters": {"lambda": 0.8}},
-        "ties": gta | {"merge_method": "ties",
-                       "parameters": {"density": 0.5, "normalize": True, "int8_mask": True}},
+        "task_arithmetic": gta | {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.8}},
+        "ties": gta
+        | {
+            "merge_method": "ties",
+            "parameters": {"density": 0.5, "normalize": True, "int8_mask": True},
+        },
         "dare_linear": gta | {"merge_method": "dare_linear"},
         "dare_ties": gta | {"merge_method": "dare_ties"},
-        "breadcrumbs": gta | {"merge_method": "breadcrumbs",
-                              "parameters": {"density": 0.6, "gamma": 0.05}},
-        "breadcrumbs_ties": gta | {"merge_method": "breadcrumbs_ties",
-                                   "parameters": {"density": 0.6, "gamma": 0.02}},
-        "della": gta | {"merge_method": "della", "parameters": {"epsilon": 0.1, "density": 0.5}},
-        "della_linear": gta | {"merge_method": "della_linear",
-                               "parameters": {"epsilon": 0.2, "density": 0.5}},
+        "breadcrumbs": gta
+        | {"merge_method": "breadcrumbs", "parameters": {"density": 0.6, "gamma": 0.05}},
+        "breadcrumbs_ties": gta
+        | {"merge_method": "breadcrumbs_ties", "parameters": {"density": 0.6, "gamma": 0.02}},
+        "della": della | {"merge_method": "della", "parameters": {"epsilon": 0.1, "density": 0.5}},
+        "della_linear": della
+        | {"merge_method": "della_linear", "parameters": {"epsilon": 0.2, "density": 0.5}},
         "slerp": {
-            "slices": [{"sources": [{"model": m["base"], "layer_range": [0, LAYERS]},
-                                    {"model": m["a"], "layer_range": [0, LAYERS]}]}],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": m["base"], "layer_range": [0, LAYERS]},
+                        {"model": m["a"], "layer_range": [0, LAYERS]},
+                    ]
+                }
+            ],
             "merge_method": "slerp",
             "base_model": m["base"],
-            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                                 {"value": 0.5}]},
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
             "dtype": "float32",
         },
         "nuslerp": {
@@ -175,9 +198,11 @@ def examples(models: Path) -> dict[str, dict[str, Any]]:
     m = {k: str(models / k) for k in ("base", "a", "b", "c")}
     return {
         "example-linear": {
-            "models": [{"model": m["a"], "parameters": {"weight": 1.0}},
-                       {"model": m["b"], "parameters": {"weight": 0.3}},
-                       {"model": m["c"], "parameters": {"weight": 0.5}}],
+            "models": [
+                {"model": m["a"], "parameters": {"weight": 1.0}},
+                {"model": m["b"], "parameters": {"weight": 0.3}},
+                {"model": m["c"], "parameters": {"weight": 0.5}},
+            ],
             "merge_method": "linear",
             "dtype": "float32",
         },
@@ -185,8 +210,13 @@ def examples(models: Path) -> dict[str, dict[str, Any]]:
             "models": [
                 {"model": m["a"], "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
                 {"model": m["b"], "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
-                {"model": m["c"], "parameters": {
-                    "density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}},
+                {
+                    "model": m["c"],
+                    "parameters": {
+                        "density": 0.33,
+                        "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}],
+                    },
+                },
             ],
             "merge_method": "ties",
             "base_model": m["base"],
@@ -194,21 +224,33 @@ def examples(models: Path) -> dict[str, dict[str, Any]]:
             "dtype": "float32",
         },
         "example-bio-merge": {
-            "models": [{"model": m["a"], "parameters": {"density": 0.5, "weight": 0.5}},
-                       {"model": m["b"], "parameters": {"density": 0.5, "weight": 0.5}}],
+            "models": [
+                {"model": m["a"], "parameters": {"density": 0.5, "weight": 0.5}},
+                {"model": m["b"], "parameters": {"density": 0.5, "weight": 0.5}},
+            ],
             "merge_method": "ties",
             "base_model": m["base"],
             "parameters": {"normalize": False, "int8_mask": True},
             "dtype": "float32",
         },
         "example-gradient-slerp": {
-            "slices": [{"sources": [{"model": m["a"], "layer_range": [0, LAYERS]},
-                                    {"model": m["b"], "layer_range": [0, LAYERS]}]}],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": m["a"], "layer_range": [0, LAYERS]},
+                        {"model": m["b"], "layer_range": [0, LAYERS]},
+                    ]
+                }
+            ],
             "merge_method": "slerp",
             "base_model": m["a"],
-            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                                 {"value": 0.5}]},
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
             "dtype": "float32",
         },
     }
@@ -245,8 +287,7 @@ def graftbuild_build(config: Path, work: Path, seed: int = SEED) -> Path:
 
     recipe = work / f"{config.stem}.toml"
     res = CliRunner().invoke(
-        main, ["import", "mergekit", str(config), "-o", str(recipe), "--seed", str(seed),
-               "--force"]
+        main, ["import", "mergekit", str(config), "-o", str(recipe), "--seed", str(seed), "--force"]
     )
     if res.exit_code != 0:
         raise RuntimeError(f"import {config}: exit {res.exit_code}: {res.output}")
@@ -293,8 +334,14 @@ def check(method: str, ours: Path, theirs: Path, base: Path) -> dict[str, float]
     if method in RANDOM:
         base_w = load(base)
         (fa, na), (fb, nb) = delta_stats(a, base_w), delta_stats(b, base_w)
-        return {"density_ours": fa, "density_mergekit": fb, "norm_ours": na, "norm_mergekit": nb,
-                "density_rel": abs(fa - fb) / fb, "norm_rel": abs(na - nb) / nb}
+        return {
+            "density_ours": fa,
+            "density_mergekit": fb,
+            "norm_ours": na,
+            "norm_mergekit": nb,
+            "density_rel": abs(fa - fb) / fb,
+            "norm_rel": abs(na - nb) / nb,
+        }
     diffs = max_rel_diff(a, b)
     worst = max(diffs, key=diffs.__getitem__)
     return {"max_rel_diff": diffs[worst], "worst_tensor": worst}  # type: ignore[dict-item]
