@@ -133,7 +133,7 @@ def test_methods_that_read_models_need_lossless_packs(path_project: Path) -> Non
         RECIPE.format(cx="default", strategy="model_stock", options="", xopts="")
     )
     with pytest.raises(
-        UserError, match="'model_stock' reads the sources' models.*'x' must be lossless"
+        UserError, match=r"'model_stock' reads the sources' models.*'x' must be lossless"
     ):
         load_recipe(path_project)
     path_project.write_text(
