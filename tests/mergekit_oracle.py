@@ -192,6 +192,33 @@ def cases(models: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stacks(models: Path) -> dict[str, dict[str, Any]]:
+    """Layer stacking with ``slices``: a passthrough "frankenmerge" (6 layers from 4) and a
+    slerp of unaligned layer ranges."""
+    m = {k: str(models / k) for k in ("base", "a", "b")}
+
+    def src(k: str, a: int, b: int) -> dict[str, Any]:
+        return {"model": m[k], "layer_range": [a, b]}
+
+    return {
+        "stack-passthrough": {
+            "slices": [{"sources": [src("a", 0, 3)]}, {"sources": [src("b", 1, 4)]}],
+            "merge_method": "passthrough",
+            "dtype": "float32",
+        },
+        "stack-slerp": {
+            "slices": [
+                {"sources": [src("base", 0, 2), src("a", 2, 4)]},
+                {"sources": [src("base", 1, 4), src("a", 0, 3)]},
+            ],
+            "merge_method": "slerp",
+            "base_model": m["base"],
+            "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.4}]},
+            "dtype": "float32",
+        },
+    }
+
+
 def examples(models: Path) -> dict[str, dict[str, Any]]:
     """mergekit's examples/{linear,ties,bio-merge,gradient-slerp}.yml with local models for
     the hub ids, and float32 for their float16/bfloat16 (so both tools compute alike)."""
@@ -362,7 +389,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", nargs="*", help="methods or examples to run (default: all)")
     args = ap.parse_args(argv)
     models = make_models(args.work / "models")
-    configs = cases(models) | examples(models)
+    configs = cases(models) | stacks(models) | examples(models)
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
     paths = write_configs(args.work / "configs", configs)

@@ -186,23 +186,33 @@ def test_import_errors_name_the_key(path_project: Path, change: dict, needle: st
     assert not out.exists()
 
 
-def test_import_rejects_layer_stacking_and_unknown_filter_keys(path_project: Path) -> None:
+def test_import_stacks_layers_and_rejects_unknown_filter_keys(path_project: Path) -> None:
     stack = {
         "slices": [
-            {"sources": [{"model": "models/x", "layer_range": [0, 1]}]},
-            {"sources": [{"model": "models/y", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "models/x", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "models/y", "layer_range": [1, 2]}]},
         ],
         "merge_method": "passthrough",
     }
-    code, output, _ = run_import(stack, path_project.parent)
-    assert code == 2 and "slices:" in output and "layer stacking" in output
+    code, output, recipe = run_import(stack, path_project.parent)
+    assert code == 0, output
+    out = make(recipe).node("fuse:merge").output
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    w = load_weights(out)
+    y = load_weights(path_project.parent / "models" / "y")
+    name = "model.layers.{}.mlp.down_proj.weight"
+    torch.testing.assert_close(w[name.format(2)], y[name.format(1)])  # y's layer 1 on top
+    torch.testing.assert_close(w["lm_head.weight"], y["lm_head.weight"])  # the last slice's
+    stack["slices"][0]["parameters"] = {"scale": 2.0}
+    code, output, _ = run_import(stack, path_project.parent, "--force")
+    assert code == 2 and "slices[0].parameters" in output
     pattern = {
         "models": [{"model": "models/base"}, {"model": "models/x"}],
         "merge_method": "slerp",
         "base_model": "models/base",
         "parameters": {"t": [{"pattern": "mlp", "value": 0.2}, {"value": 0.5}]},
     }
-    code, output, _ = run_import(pattern, path_project.parent)
+    code, output, _ = run_import(pattern, path_project.parent, "--force")
     assert code == 2 and "unknown keys ['pattern']" in output
 
 

@@ -7,6 +7,7 @@ mergekit runs from its own venv (never a dependency). Without it these tests ski
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ METHODS = [
     "model_stock", "nearswap", "arcee_fusion", "passthrough",
 ]  # fmt: skip
 EXAMPLES = ["example-linear", "example-ties", "example-bio-merge", "example-gradient-slerp"]
+STACKS = ["stack-passthrough", "stack-slerp"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict[s
     """Every config merged by mergekit (one process) and built by graftbuild (one cache)."""
     work = tmp_path_factory.mktemp("mergekit")
     models = oracle.make_models(work / "models")
-    configs = oracle.cases(models) | oracle.examples(models)
+    configs = oracle.cases(models) | oracle.stacks(models) | oracle.examples(models)
     paths = oracle.write_configs(work / "configs", configs)
     oracle.run_mergekit([(p, work / "mk" / n) for n, p in paths.items()])
     ours = {n: oracle.graftbuild_build(p, work / "gb") for n, p in paths.items()}
@@ -47,12 +49,16 @@ def test_every_method_is_covered() -> None:
     assert mk == set(METHODS)
 
 
-@pytest.mark.parametrize("name", METHODS + EXAMPLES)
+@pytest.mark.parametrize("name", METHODS + EXAMPLES + STACKS)
 def test_matches_mergekit(name: str, merged: tuple[Path, dict, dict[str, Path]]) -> None:
     work, configs, ours = merged
     method = configs[name]["merge_method"]
     res = oracle.check(method, ours[name], work / "mk" / name, work / "models" / "base")
     assert oracle.passes(method, res), res
+    if name in STACKS:  # layers from ranges of the inputs: 6 from 4, and 5
+        n = json.loads((ours[name] / "config.json").read_text())["num_hidden_layers"]
+        assert n == {"stack-passthrough": 6, "stack-slerp": 5}[name]
+        return
     # Not vacuous: the merge moved the model away from the base (passthrough/linear included).
     frac, norm = oracle.delta_stats(oracle.load(ours[name]), oracle.load(work / "models/base"))
     assert frac > 0.05 and norm > 0.1, (frac, norm)

@@ -82,9 +82,10 @@ def test_the_fuse_step_decodes_every_pack_part_on_the_device(
         monkeypatch.setattr(codec, "decode", checked)
     ctx = node_context(path_project, "fuse:release", tmp_path / "fake", fake)
     STEPS["fuse"].run(ctx)
-    with PackReader(ctx.inputs["pack.0"] / PACK_FILE) as x, PackReader(
-        ctx.inputs["pack.1"] / PACK_FILE
-    ) as y:
+    with (
+        PackReader(ctx.inputs["pack.0"] / PACK_FILE) as x,
+        PackReader(ctx.inputs["pack.1"] / PACK_FILE) as y,
+    ):
         assert len(decoded) == len(x.names()) + len(y.names())  # every tensor of both packs
         assert {"lowrank", "mixed", "prune", "exact"} <= set(decoded)
     assert fake.hosted == len(x.names())  # every fused tensor came back to be written

@@ -47,6 +47,7 @@ class Build(Protocol):
     settings: BuildSettings
     traces: dict[str, Any]
 
+
 LOCK_FORMAT = 1
 PINNED = (*PACKAGES, "device", "threads", "cpu_capability", "MKL_CBWR")
 """Environment fields that must match the lock for a node that ``make --locked`` rebuilds."""

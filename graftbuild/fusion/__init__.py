@@ -67,8 +67,11 @@ def parse_strategy(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return get_strategy(name).Params.model_validate(options).model_dump(mode="json")
 
 
-def check_fuse_packs(name: str, packs: list[str], pack_options: dict[str, dict[str, Any]]) -> None:
-    """A mergekit-named strategy's pack count and per-pack parameters (raises ValueError)."""
+def check_fuse_packs(
+    name: str, packs: list[str] | None, pack_options: dict[str, dict[str, Any]]
+) -> None:
+    """A mergekit-named strategy's pack count (``packs`` None: counted per slice when fusing)
+    and per-pack parameters (raises ValueError)."""
     from graftbuild.fusion.schedule import MergeParams, check_pack_options
 
     strategy = get_strategy(name)
@@ -78,7 +81,7 @@ def check_fuse_packs(name: str, packs: list[str], pack_options: dict[str, dict[s
             raise ValueError(f"`pack_options` are for mergekit's methods, not {name!r}")
         return
     lo, hi = getattr(strategy, "min_packs", 1), getattr(strategy, "max_packs", None)
-    if len(packs) < lo or (hi is not None and len(packs) > hi):
+    if packs is not None and (len(packs) < lo or (hi is not None and len(packs) > hi)):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
         raise ValueError(f"{name!r} takes {want} pack(s), got {len(packs)}: {packs}")
     for pack, opts in pack_options.items():

@@ -190,6 +190,8 @@ class Bound:
     packs: list[dict[str, Any]]
     num_layers: int
     weights: list[float] = field(default_factory=list)
+    t: dict[str, float] | None = None
+    """Gradient positions by tensor name, where they are not the tensor's layer (slices)."""
 
     def _lookup(self, p: Param, scopes: list[dict[str, Any] | None], name: str, t: float) -> Any:
         for scope in scopes:
@@ -201,7 +203,10 @@ class Bound:
 
     def resolve(self, tensor_name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(shared values, one dict of per-pack values per pack) for one tensor."""
-        t = layer_position(tensor_name, self.num_layers)
+        if self.t is not None and tensor_name in self.t:
+            t = self.t[tensor_name]
+        else:
+            t = layer_position(tensor_name, self.num_layers)
         glob = self.params.model_extra or {}
         shared: dict[str, Any] = {}
         per: list[dict[str, Any]] = [{} for _ in self.packs]

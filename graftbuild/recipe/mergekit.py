@@ -9,8 +9,8 @@ How a mergekit config maps (docs/FUSION.md, "mergekit configs"):
   without ``base_model`` the first model is the base.
 - ``parameters`` -> ``options``; each model's ``parameters`` -> ``pack_options``; values,
   gradients and ``{filter, value}`` lists are copied as they are (TOML holds them alike).
-- ``slices`` whose sources all span their models' every layer are the same as ``models``; any
-  other slicing (layer stacking) is not expressible and is an error.
+- ``slices`` whose one slice spans its models' every layer is the same as ``models``; other
+  slicings (layer stacking) become the fuse's ``slices`` (per-slice parameters are an error).
 - Model references: a folder that exists (relative to the config's folder, then the working
   folder) stays a path; otherwise a hub id is looked up in the local Hugging Face cache, offline.
 
@@ -116,33 +116,48 @@ def _inputs(cfg: dict[str, Any], config_dir: Path) -> tuple[list[dict[str, Any]]
                 {"ref": m["model"], "params": m.get("parameters") or {}, "key": f"models[{i}]"}
             )
         return out, None
-    if not isinstance(slices, list) or len(slices) != 1:
-        raise UserError(
-            "slices: only one slice spanning every layer of its models can be imported; "
-            "layer stacking (several slices or partial layer ranges) is not supported"
-        )
-    s = slices[0]
-    extra = sorted(set(s) - {"sources", "parameters"})
-    if extra:
-        raise UserError(f"slices[0].{extra[0]}: not supported by the importer")
+    if not isinstance(slices, list) or not slices:
+        raise UserError("slices: expected a list of { sources: [...] }")
     out = []
-    for i, src in enumerate(s.get("sources") or []):
-        key = f"slices[0].sources[{i}]"
-        extra = sorted(set(src) - {"model", "layer_range", "parameters"})
+    for j, s in enumerate(slices):
+        if not isinstance(s, dict):
+            raise UserError(f"slices[{j}]: expected {{ sources: [...] }}")
+        extra = sorted(set(s) - {"sources", "parameters"})
         if extra:
-            raise UserError(f"{key}.{extra[0]}: not a mergekit slice source key")
-        path = resolve_model(src.get("model"), f"{key}.model", config_dir)
-        lr = src.get("layer_range")
-        n = num_layers(path)
-        if not (isinstance(lr, list) and list(lr) == [0, n]):
-            raise UserError(
-                f"{key}.layer_range: {lr!r} is not the model's every layer [0, {n}]; layer "
-                "stacking is not supported by the importer"
+            raise UserError(f"slices[{j}].{extra[0]}: not supported by the importer")
+        if not s.get("sources"):
+            raise UserError(f"slices[{j}].sources: empty")
+        for i, src in enumerate(s["sources"]):
+            key = f"slices[{j}].sources[{i}]"
+            extra = sorted(set(src) - {"model", "layer_range", "parameters"})
+            if extra:
+                raise UserError(f"{key}.{extra[0]}: not a mergekit slice source key")
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
+                raise UserError(f"{key}.layer_range: expected [start, end] (got {lr!r})")
+            out.append(
+                {
+                    "ref": src.get("model"),
+                    "params": src.get("parameters") or {},
+                    "key": key,
+                    "layer_range": list(lr),
+                    "slice": j,
+                }
             )
-        out.append({"ref": src["model"], "params": src.get("parameters") or {}, "key": key})
-    if not out:
-        raise UserError("slices[0].sources: empty")
-    return out, s.get("parameters") or None
+    whole = len(slices) == 1
+    if whole:
+        for m in out:
+            n = num_layers(resolve_model(m["ref"], f"{m['key']}.model", config_dir))
+            whole = whole and m["layer_range"] == [0, n]
+    if whole:  # one slice over every layer: the same as `models`
+        return out, slices[0].get("parameters") or None
+    for j, s in enumerate(slices):
+        if s.get("parameters"):
+            raise UserError(
+                f"slices[{j}].parameters: per-slice parameters are not supported with layer "
+                "stacking; set them in the top-level `parameters`"
+            )
+    return out, {"__stack__": True}
 
 
 def source_name(path: Path, taken: set[str]) -> str:
@@ -188,8 +203,23 @@ def _convert(cfg, config_path, seed, strategies, get_strategy, merge_params) -> 
     if strategy is None or not issubclass(strategy.Params, merge_params):
         raise UserError(f"merge_method: {method!r} is not one of mergekit's methods graftbuild has")
     inputs, slice_params = _inputs(cfg, config_dir)
+    stacked = None
     for m in inputs:
         m["path"] = resolve_model(m["ref"], f"{m['key']}.model", config_dir)
+    if slice_params and slice_params.get("__stack__"):  # layer stacking: fuse `slices`
+        slice_params, stacked = None, inputs
+        inputs = []
+        for m in stacked:
+            same = next((u for u in inputs if u["path"] == m["path"]), None)
+            if same is None:
+                inputs.append(dict(m))
+            elif m["params"] and m["params"] != same["params"]:
+                if same["params"]:
+                    raise UserError(
+                        f"{m['key']}.parameters: the same model has other parameters in "
+                        f"{same['key']}; graftbuild keeps one set per model"
+                    )
+                same["params"] = m["params"]
     base_ref = cfg.get("base_model")
     base = resolve_model(base_ref, "base_model", config_dir) if base_ref is not None else None
     options: dict[str, Any] = dict(cfg.get("parameters") or {})
@@ -253,6 +283,15 @@ def _convert(cfg, config_path, seed, strategies, get_strategy, merge_params) -> 
         "strategy": method,
         "options": options,
     }
+    if stacked is not None:
+        name_of = {str(m["path"]): m["name"] for m in packs}
+        layout: list[dict[str, Any]] = []
+        for m in stacked:
+            if m["slice"] == len(layout):
+                layout.append({"sources": []})
+            model = name_of.get(str(m["path"]), "base")
+            layout[-1]["sources"].append({"model": model, "layer_range": m["layer_range"]})
+        fuse["slices"] = layout
     if tokenizer_source != "base":
         fuse["tokenizer_source"] = tokenizer_source
     if pack_options:
@@ -302,9 +341,13 @@ def to_toml(recipe: dict[str, Any], header: str = "") -> str:
     for f in recipe["fuse"]:
         lines.append("[[fuse]]")
         for k, v in f.items():
-            if k != "pack_options":
+            if k not in ("pack_options", "slices"):
                 lines.append(f"{_key(k)} = {_value(v)}")
         lines.append("")
+        for sl in f.get("slices", []):
+            lines.append("[[fuse.slices]]")
+            lines.append(f"sources = {_value(sl['sources'])}")
+            lines.append("")
         for pack, opts in f.get("pack_options", {}).items():
             lines.append(f"[fuse.pack_options.{_key(pack)}]")
             lines += [f"{_key(k)} = {_value(v)}" for k, v in opts.items()] + [""]

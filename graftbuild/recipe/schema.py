@@ -270,6 +270,26 @@ class CompressionProfile(Model):
         return {k: v for k, v in out.items() if v is not None or k not in ("calibration", "budget")}
 
 
+class SliceSourceSpec(Model):
+    """One input of a slice (mergekit parity, issue 18): "base" or a pack, and its layers."""
+
+    model: str
+    layer_range: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSourceSpec:
+        a, b = self.layer_range
+        if not 0 <= a < b:
+            raise ValueError(
+                f"layer_range: expected [start, end) with 0 <= start < end, got {[a, b]}"
+            )
+        return self
+
+
+class SliceSpec(Model):
+    sources: list[SliceSourceSpec] = Field(min_length=1)
+
+
 class FuseSpec(Model):
     name: str = Field(min_length=1)
     packs: list[str] = Field(min_length=1)
@@ -289,6 +309,9 @@ class FuseSpec(Model):
     tokenizer_source: str = "base"
     """Whose tokenizer (and config) files the fused folder gets: "base" or a pack's name (its
     source must be a `path` source with the base's vocabulary)."""
+    slices: list[SliceSpec] | None = None
+    """mergekit's ``slices``: the output's layers from layer ranges of the inputs (layer stacking;
+    graftbuild/steps/slices.py)."""
 
     @model_validator(mode="after")
     def _mergekit(self) -> FuseSpec:
@@ -302,7 +325,17 @@ class FuseSpec(Model):
                 f"tokenizer_source: expected 'base' or one of `packs` (got "
                 f"{self.tokenizer_source!r})"
             )
-        check_fuse_packs(self.strategy, self.packs, self.pack_options)
+        if self.slices is None:
+            check_fuse_packs(self.strategy, self.packs, self.pack_options)
+        else:
+            check_fuse_packs(self.strategy, None, self.pack_options)
+            for i, sl in enumerate(self.slices):
+                for k, src in enumerate(sl.sources):
+                    if src.model != "base" and src.model not in self.packs:
+                        raise ValueError(
+                            f"slices[{i}].sources[{k}].model: {src.model!r} is neither 'base' "
+                            f"nor one of `packs`{suggest(src.model, self.packs)}"
+                        )
         return self
 
     # --- end of the mergekit block ------------------------------------------------------------

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from graftbuild.weights.placement import Placement
 
+
 class PackReader:
     """Reads a SkillPack lazily: metadata at open, each tensor's parts only when decoded."""
 
@@ -190,4 +191,3 @@ class PackReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-

@@ -401,5 +401,3 @@ class PackWriter:
                 self.close()
         else:
             self.abort()
-
-

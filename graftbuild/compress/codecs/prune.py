@@ -73,9 +73,7 @@ class PruneRate(RateProfile):
     ) -> None:
         super().__init__(name, spec, shape)
         self.energy, self.stride, self.numel = energy, stride, numel(shape)
-        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (
-            4 if self.numel < 2**31 else 8
-        )
+        self.unit = DTYPE_NBYTES[spec.get("dtype") or "float16"] + (4 if self.numel < 2**31 else 8)
 
     def choose(self, lam: float) -> tuple[int, dict[str, Any]]:
         k = int((self.energy > lam * self.unit).sum()) * self.stride
