@@ -265,3 +265,17 @@ def test_imported_config_rebuilds_incrementally(path_project: Path) -> None:
     third = make(recipe)
     assert third.built == ["fuse:merge"]
     assert any(r.startswith("fusion options changed") for r in third.node("fuse:merge").reasons)
+
+
+def test_make_builds_a_mergekit_yaml_directly(path_project: Path) -> None:
+    """`graftbuild make CONFIG.yml`: the same bytes as the imported recipe's build."""
+    models = path_project.parent / "models"
+    code, output, recipe = run_import(ties_config(models), path_project.parent)
+    assert code == 0, output
+    imported = load_weights(make(recipe).node("fuse:merge").output)
+    res = CliRunner().invoke(main, ["make", str(path_project.parent / "merge.yml"), "-q"])
+    assert res.exit_code == 0, res.output
+    direct = make(path_project.parent / "merge.yml").node("fuse:merge")
+    assert direct.action == "reused"  # built by the command above, in the YAML's cache
+    for name, t in load_weights(direct.output).items():
+        assert torch.equal(t, imported[name])

@@ -88,6 +88,16 @@ def _format_errors(file: Path, err: ValidationError) -> str:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path).resolve()
+    if path.suffix in (".yml", ".yaml"):  # a mergekit config, imported in memory (issue 18)
+        from graftbuild.recipe.mergekit import convert
+
+        data: Any = convert(path)
+        try:
+            recipe = Recipe.model_validate(data, context={"root": path.parent})
+        except ValidationError as e:
+            raise UserError(_format_errors(path, e)) from None
+        recipe.path = path
+        return recipe
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
