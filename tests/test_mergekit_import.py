@@ -279,3 +279,20 @@ def test_make_builds_a_mergekit_yaml_directly(path_project: Path) -> None:
     assert direct.action == "reused"  # built by the command above, in the YAML's cache
     for name, t in load_weights(direct.output).items():
         assert torch.equal(t, imported[name])
+
+
+def test_tokenizer_source_and_relative_paths(path_project: Path) -> None:
+    """A model's tokenizer files go to the merged folder; models beside the recipe stay
+    relative paths in it."""
+    root = path_project.parent
+    cfg_y = root / "models" / "y" / "tokenizer_config.json"
+    cfg_y.write_text(json.dumps(json.loads(cfg_y.read_text()) | {"model_max_length": 77}))
+    cfg = ties_config(root / "models") | {"tokenizer_source": "models/y"}
+    src = root / "merge.yml"
+    src.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["import", "mergekit", str(src), "-o", str(root / "r.toml")])
+    assert res.exit_code == 0, res.output
+    text = (root / "r.toml").read_text()
+    assert 'path = "models/base"' in text and 'tokenizer_source = "y"' in text
+    out = make(root / "r.toml").node("fuse:merge").output
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77

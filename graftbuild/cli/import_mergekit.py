@@ -36,6 +36,11 @@ def mergekit(config: Path, output: Path, seed: int | None, force: bool) -> None:
     if output.exists() and not force:
         raise UserError(f"{output} exists; pass --force to overwrite it")
     recipe = convert(config, seed)
+    here = output.parent.resolve()
+    for table in [recipe["base"], *recipe["sources"].values()]:
+        path = Path(table["path"])
+        if path.is_relative_to(here):  # inside the recipe's folder: relative, so it travels
+            table["path"] = str(path.relative_to(here))
     text = to_toml(recipe, f"# Imported from {config} by `graftbuild import mergekit`.\n")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
