@@ -46,24 +46,18 @@ class GeneralizedTaskArithmetic(MergekitStrategy):
         weights = torch.tensor([float(p["weight"]) for p in per], dtype=torch.float32)
         ws = weights.view(-1, *([1] * base.dim()))
         if self.consensus:
-            stacked = torch.stack(
-                [
-                    sparsify(
-                        self.sparsification,
-                        delta_or_zero(base, d),
-                        p,
-                        rescale,
-                        seed,
-                        tensor_name,
-                        i,
-                    )
-                    for i, (d, p) in enumerate(zip(deltas, per, strict=True))
-                ]
-            ).mul_(ws)
+            # One buffer of n sparsified deltas, masked in place (as few n-sized copies as
+            # the sign election allows).
+            stacked = torch.empty((len(deltas), *base.shape), dtype=torch.float32)
+            for i, (d, p) in enumerate(zip(deltas, per, strict=True)):
+                d = delta_or_zero(base, d)
+                stacked[i] = sparsify(self.sparsification, d, p, rescale, seed, tensor_name, i)
+            stacked.mul_(ws)
             mask = sign_consensus(stacked)
-            mixed = (stacked * mask).sum(dim=0)
-            divisor = (ws * mask).sum(dim=0)
+            divisor = (mask * ws).sum(dim=0)
             divisor[divisor == 0] = 1
+            mixed = stacked.mul_(mask).sum(dim=0)
+            del stacked, mask
         else:
             # A running sum: one sparsified delta in memory at a time.
             mixed = torch.zeros_like(base)
