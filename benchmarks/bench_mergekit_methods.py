@@ -36,6 +36,7 @@ def configs(models: Path) -> dict[str, dict]:
     plain = {"models": [{"model": x, "parameters": {"weight": 0.6}},
                         {"model": y, "parameters": {"weight": 0.4}}],
              "base_model": base, "dtype": "float32"}  # fmt: skip
+    bare = {"models": [{"model": x}, {"model": y}], "base_model": base, "dtype": "float32"}
     one = {"models": [{"model": base}, {"model": x}], "base_model": base, "dtype": "float32"}
     return {
         "linear": {"models": plain["models"], "merge_method": "linear", "dtype": "float32"},
@@ -55,8 +56,8 @@ def configs(models: Path) -> dict[str, dict]:
             "merge_method": "karcher",
             "dtype": "float32",
         },
-        "sce": plain | {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
-        "model_stock": plain | {"merge_method": "model_stock"},
+        "sce": bare | {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
+        "model_stock": bare | {"merge_method": "model_stock"},
         "nearswap": one | {"merge_method": "nearswap", "parameters": {"t": 0.001}},
         "arcee_fusion": one | {"merge_method": "arcee_fusion"},
         "passthrough": {
