@@ -58,6 +58,8 @@ def test_bad_settings_are_errors_naming_the_parameter() -> None:
         parse_strategy("slerp", {"t": [{"pattern": "mlp", "value": 0.5}]})
     with pytest.raises(ValidationError, match="normalize: every point"):
         parse_strategy("ties", {"normalize": [1.0, 0.0]})
+    with pytest.raises(ValidationError, match="`t` is required"):
+        parse_strategy("slerp", {})
     with pytest.raises(ValidationError, match="seed"):
         parse_strategy("ties", {"seed": 3})  # not a random method
 

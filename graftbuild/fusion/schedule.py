@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, model_validator
 
+from graftbuild.errors import UserError
 from graftbuild.fusion.base import StrategyParams
 
 if TYPE_CHECKING:
@@ -160,6 +161,9 @@ class MergeParams(StrategyParams):
                 names = sorted([*known, *(["seed"] if self.RANDOM else []), "dtype", "out_dtype"])
                 raise ValueError(f"unknown option {key!r}; this method takes {names}")
             check_setting(key, value, known[key].kind)
+        for p in self.SPEC:
+            if p.required and p.scope == "shared" and p.name not in (self.model_extra or {}):
+                raise ValueError(f"`{p.name}` is required")
         return self
 
     def setting(self, name: str) -> Any:
@@ -213,6 +217,11 @@ class Bound:
         for p in self.params.SPEC:
             if p.scope == "shared":
                 v = self._lookup(p, [glob], tensor_name, t)
+                if v is None and p.required:
+                    raise UserError(
+                        f"parameter {p.name!r}: no value (no filter matched) for "
+                        f"tensor {tensor_name}"
+                    )
                 shared[p.name] = p.default if v is None else v
                 continue
             for i, own in enumerate(self.packs):
@@ -220,7 +229,7 @@ class Bound:
                 if v is None and p.name == "weight" and self.weights:
                     v = self.weights[i]  # the fuse's `weights` table (default 1.0)
                 if v is None and p.required:
-                    raise ValueError(f"parameter {p.name!r} has no value for {tensor_name}")
+                    raise UserError(f"parameter {p.name!r}: no value for tensor {tensor_name}")
                 per[i][p.name] = p.default if v is None else v
         return shared, per
 
