@@ -97,8 +97,17 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
+    mag = flat.abs()
     mask = torch.zeros_like(flat)
-    mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+    from graftbuild.fusion.ties import kth_largest
+
+    threshold = kth_largest(mag, k)
+    above = mag > threshold
+    if int(above.sum()) + int((mag == threshold).sum()) == k:  # no tie straddles the cut
+        mask[mag >= threshold] = 1
+    else:  # which tied entries mergekit keeps is torch.argsort's choice: ask it
+        mask[torch.argsort(mag, descending=True)[:k]] = 1
+    del mag, above
     masked = (flat * mask).view_as(delta)
     return rescale_l1(delta, masked) if rescale else masked
 
