@@ -50,3 +50,8 @@ class Strategy(Protocol):
 # for the first delta of a tensor: ``base`` must not be modified (it may be a mapping of the
 # base model's file), ``out`` is a fresh float32 buffer shaped like it, and the result must equal
 # ``fold(base as float32, delta, ...)``. It saves copying the base into the accumulator first.
+#
+# Optional too: ``bind(params, pack_options, base_config, weights)`` returning the object the
+# fuse step then passes as ``params`` to ``combine``: the mergekit-named strategies
+# (``mkbase.MergekitStrategy``) bind their per-pack settings and the base's layer count there,
+# so a parameter can change by tensor name and layer (``schedule.py``).
