@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import model_validator
 
+from graftbuild.fusion.mkbase import kth_largest
 from graftbuild.fusion.schedule import MergeParams, Param
 from graftbuild.fusion.task_arithmetic import GeneralizedTaskArithmetic, gta_spec
 from graftbuild.weights.memory import empty_like
 
 if TYPE_CHECKING:
     import torch
-
-_EXACT_BELOW = 1 << 20  # entries: smaller tensors take torch.kthvalue directly
-_SAMPLE = 1 << 16
 
 
 class TiesParams(MergeParams):
@@ -53,34 +51,6 @@ class TiesParams(MergeParams):
             if isinstance(v, int | float) and not 0 < v <= 1:
                 raise ValueError(f"{name}: must be in (0, 1] (got {v!r})")
         return self
-
-
-def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest value of a 1-D tensor (1 ≤ k ≤ numel), exactly, as a 0-d tensor.
-
-    ``torch.kthvalue`` over a whole embedding (tens of millions of entries) takes seconds; a
-    sorted, evenly strided sample brackets the answer instead, and only the entries inside the
-    bracket (a few hundredths of the tensor) go through ``kthvalue``. Everything above the
-    bracket is counted, so the answer is exact; a bracket that misses falls back to the whole.
-    """
-    import torch
-
-    n = mag.numel()
-    if n < _EXACT_BELOW:
-        return torch.kthvalue(mag, n - k + 1).values
-    sample = mag[:: n // _SAMPLE].sort(descending=True).values
-    m = sample.numel()
-    pos = k * m / n  # where the answer falls in the sample
-    margin = 4 * pos**0.5 + 16
-    hi = sample[max(0, int(pos - margin))]
-    lo = sample[min(m - 1, int(pos + margin))]
-    above = int(torch.count_nonzero(mag > hi))
-    if above < k:
-        inside = mag[(mag >= lo) & (mag <= hi)]
-        want = k - above  # the answer is the want-th largest inside the bracket
-        if want <= inside.numel():
-            return torch.kthvalue(inside, inside.numel() - want + 1).values
-    return torch.kthvalue(mag, n - k + 1).values
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
