@@ -91,9 +91,11 @@ def test_a_new_codec_works_through_pack_fuse_keys_inspect_card_and_export(
         '[compression.default]\nattn = { method = "lowrank", energy = 0.9 }',
         '[compression.default]\nattn = { method = "lowrank", energy = 0.9 }\nmlp = "rowint8"',
     )
-    text += "\n[compression.tight]\nmlp = \"rowint8\"\nbudget = 0.3\n"
-    text = text.replace('[sources.y]\npath = "models/y"\ncompression = "exact"',
-                        '[sources.y]\npath = "models/y"\ncompression = "tight"')
+    text += '\n[compression.tight]\nmlp = "rowint8"\nbudget = 0.3\n'
+    text = text.replace(
+        '[sources.y]\npath = "models/y"\ncompression = "exact"',
+        '[sources.y]\npath = "models/y"\ncompression = "tight"',
+    )
     path_project.write_text(text)
     result = make(path_project)
     assert {"pack:x", "pack:y", "fuse:release"} <= set(result.built)
@@ -119,8 +121,9 @@ def test_a_new_codec_works_through_pack_fuse_keys_inspect_card_and_export(
     rows = {t["name"]: t for t in report["tensors"]}
     assert {rows[n]["codec"] for n in mlp} == {"rowint8"}
     assert {rows[n]["quantizer"] for n in mlp} == {"rowint8"}
-    assert all(rows[n]["bytes"] == rowint8.expected_nbytes({}, tuple(rows[n]["shape"]))
-               for n in mlp)
+    assert all(
+        rows[n]["bytes"] == rowint8.expected_nbytes({}, tuple(rows[n]["shape"])) for n in mlp
+    )
 
     assert codec_label("rowint8", {}) == "rowint8@8b"
 

@@ -22,11 +22,15 @@ def test_ties_elects_signs_and_takes_disjoint_mean() -> None:
     base = torch.zeros(4)
     d1 = torch.tensor([2.0, -1.0, 3.0, 0.0])
     d2 = torch.tensor([4.0, 3.0, -1.0, 0.0])
-    out = ties.combine(base, [d1, d2, None], [1.0, 1.0, 1.0], TiesParams(density=1.0), "w")
+    out = ties.combine(
+        base, [d1, d2, None], [1.0, 1.0, 1.0], TiesParams(rule="graftbuild", density=1.0), "w"
+    )
     # entry 0: both positive -> mean 3; entry 1: sum +2 -> only d2 agrees -> 3;
     # entry 2: sum +2 -> only d1 agrees -> 3; entry 3: nobody -> 0.
     torch.testing.assert_close(out, torch.tensor([3.0, 3.0, 3.0, 0.0]))
-    half = ties.combine(base, [d1], [1.0], TiesParams(density=0.5, scale=2.0), "w")
+    half = ties.combine(
+        base, [d1], [1.0], TiesParams(rule="graftbuild", density=0.5, scale=2.0), "w"
+    )
     torch.testing.assert_close(half, torch.tensor([4.0, 0.0, 6.0, 0.0]))
 
 
@@ -67,7 +71,7 @@ def test_ties_on_large_tensors_matches_the_textbook_rule() -> None:
     deltas = [torch.randn(1200, 1000, generator=gen) for _ in range(2)]
     weights, density = [1.0, 0.5], 0.2
     out = get_strategy("ties").combine(
-        base, deltas, weights, TiesParams(density=density, scale=0.7), "w"
+        base, deltas, weights, TiesParams(rule="graftbuild", density=density, scale=0.7), "w"
     )
     trimmed = []
     for d, w in zip(deltas, weights, strict=True):
@@ -85,7 +89,9 @@ def test_ties_on_large_tensors_matches_the_textbook_rule() -> None:
 
 def test_ties_single_pack_full_density_is_the_sum() -> None:
     base, d = torch.randn(5, 7), torch.randn(5, 7)
-    out = get_strategy("ties").combine(base, [d], [0.5], TiesParams(density=1.0), "w")
+    out = get_strategy("ties").combine(
+        base, [d], [0.5], TiesParams(rule="graftbuild", density=1.0), "w"
+    )
     torch.testing.assert_close(out, base + 0.5 * d)
 
 

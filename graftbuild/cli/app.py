@@ -20,6 +20,7 @@ from graftbuild.cli.export import export
 from graftbuild.cli.fsck import fsck
 from graftbuild.cli.gc import gc
 from graftbuild.cli.graph import graph
+from graftbuild.cli.import_mergekit import import_
 from graftbuild.cli.init import init
 from graftbuild.cli.inspect import inspect
 from graftbuild.cli.make import make
@@ -108,6 +109,7 @@ main.add_command(verify)
 main.add_command(status)
 main.add_command(graph)
 main.add_command(gc)
+main.add_command(import_)
 main.add_command(clean)
 main.add_command(fsck)
 main.add_command(push)

@@ -37,6 +37,7 @@ def gc(args: tuple[str, ...], cache: Path | None, as_json: bool, dry_run: bool) 
         raise UserError(f"gc: no recipe {recipe_path} and no --cache: which cache to collect?")
     if not (root / "objects").is_dir():
         raise UserError(f"gc: {root} is not a graftbuild cache (no objects/ folder)")
+
     def pinned_by(lock: Path) -> set[str] | None:
         doc = lockfile.load(lock)
         return None if doc is None else lockfile.referenced_objects(doc)

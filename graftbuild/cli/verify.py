@@ -45,8 +45,9 @@ def verify(
     recipe_path, targets = split_args(args)
     reporter = Reporter(console(stderr=True, quiet=as_json))
     if against is not None:
-        report_against(verify_against(recipe_path, cache, against, targets or None, reporter),
-                       against, as_json)
+        report_against(
+            verify_against(recipe_path, cache, against, targets or None, reporter), against, as_json
+        )
         return
     device = resolve_device(device, reporter)
     checks = verify_build(recipe_path, cache, device, jobs, targets or None, reporter)

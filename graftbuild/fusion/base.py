@@ -53,3 +53,8 @@ class Strategy(Protocol):
 # A folding strategy whose ``fold`` works entry by entry and in place may set
 # ``elementwise = True``: the fuse then folds a reference pack's delta piece by piece
 # (``PackReader.delta_chunks``) instead of computing a whole tensor-sized delta first.
+#
+# Optional too: ``bind(params, pack_options, base_config, weights)`` returning the object the
+# fuse step then passes as ``params`` to ``combine``: the mergekit-named strategies
+# (``mkbase.MergekitStrategy``) bind their per-pack settings and the base's layer count there,
+# so a parameter can change by tensor name and layer (``schedule.py``).

@@ -1,59 +1,56 @@
-"""``ties``: TIES-merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, disjoint mean.
+"""``ties``: TIES-merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, merge.
 
-Each weighted delta ``wᵢ Δ̂ᵢ`` keeps its ``density`` fraction of largest-magnitude entries; the
-elected sign of an entry is the sign of the sum of the trimmed deltas; the merged delta is the mean
-of the trimmed entries that agree with it (entries no pack keeps stay zero), scaled by ``scale``.
+Two rules, chosen by ``rule``:
+
+- ``"mergekit"`` (the default, mergekit's ``ties``): each Δᵢ keeps its ``int(density · n)``
+  largest-magnitude entries (at least one), is multiplied by ``weight``, the sign of an entry is
+  elected by the sum of the weighted entries (a sum of 0 elects +), and the agreeing entries are
+  summed and divided by the sum of their weights (``normalize``, default true), times ``lambda``.
+- ``"graftbuild"`` (graftbuild's rule before mergekit parity): each ``wᵢ Δᵢ`` keeps its
+  ``round(density · n)`` entries (the count nearest the requested fraction; equal magnitudes at
+  the threshold go to the lower index, so the kept set does not depend on the sort
+  implementation), a sum of 0 elects no sign, and the merged entry is the plain mean of the
+  agreeing entries, times ``lambda`` (or its older name ``scale``). Its density defaults to 0.2.
+  Kept for recipes written against it: their bytes stay the same.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field
+from pydantic import model_validator
 
-from graftbuild.fusion.base import StrategyParams
+from graftbuild.fusion.mkbase import kth_largest
+from graftbuild.fusion.schedule import MergeParams, Param
+from graftbuild.fusion.task_arithmetic import GeneralizedTaskArithmetic, gta_spec
 from graftbuild.weights.memory import empty_like
 
 if TYPE_CHECKING:
     import torch
 
-_EXACT_BELOW = 1 << 20  # entries: smaller tensors take torch.kthvalue directly
-_SAMPLE = 1 << 16
 
+class TiesParams(MergeParams):
+    SPEC = (
+        *(
+            p if p.name != "density" else Param("density", "float", "pack", None)
+            for p in gta_spec(normalize=True, rescale=False)
+        ),
+        Param("rule", "str", "shared", "mergekit"),
+        Param("scale", "float", "shared", None),
+    )
 
-class TiesParams(StrategyParams):
-    density: float = Field(default=0.2, gt=0, le=1)
-    """Fraction of each delta's entries kept (by magnitude) before the sign election."""
-    scale: float = 1.0
-    """λ: the merged delta is multiplied by this."""
-
-
-def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest value of a 1-D tensor (1 ≤ k ≤ numel), exactly, as a 0-d tensor.
-
-    ``torch.kthvalue`` over a whole embedding (tens of millions of entries) takes seconds; a
-    sorted, evenly strided sample brackets the answer instead, and only the entries inside the
-    bracket (a few hundredths of the tensor) go through ``kthvalue``. Everything above the
-    bracket is counted, so the answer is exact; a bracket that misses falls back to the whole.
-    """
-    import torch
-
-    n = mag.numel()
-    if n < _EXACT_BELOW:
-        return torch.kthvalue(mag, n - k + 1).values
-    sample = mag[:: n // _SAMPLE].sort(descending=True).values
-    m = sample.numel()
-    pos = k * m / n  # where the answer falls in the sample
-    margin = 4 * pos**0.5 + 16
-    hi = sample[max(0, int(pos - margin))]
-    lo = sample[min(m - 1, int(pos + margin))]
-    above = int(torch.count_nonzero(mag > hi))
-    if above < k:
-        inside = mag[(mag >= lo) & (mag <= hi)]
-        want = k - above  # the answer is the want-th largest inside the bracket
-        if want <= inside.numel():
-            return torch.kthvalue(inside, inside.numel() - want + 1).values
-    return torch.kthvalue(mag, n - k + 1).values
+    @model_validator(mode="after")
+    def _ties(self) -> TiesParams:
+        extra = self.model_extra or {}
+        if extra.get("rule", "mergekit") not in ("mergekit", "graftbuild"):
+            raise ValueError("rule: expected 'mergekit' or 'graftbuild'")
+        if "scale" in extra and "lambda" in extra:
+            raise ValueError("give `lambda` or its older name `scale`, not both")
+        for name in ("density",):
+            v = extra.get(name)
+            if isinstance(v, int | float) and not 0 < v <= 1:
+                raise ValueError(f"{name}: must be in (0, 1] (got {v!r})")
+        return self
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -78,47 +75,64 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return flat.masked_fill_(drop, 0).view_as(delta)
 
 
-class TiesStrategy:
+class TiesStrategy(GeneralizedTaskArithmetic):
     name: ClassVar[str] = "ties"
-    version: ClassVar[int] = 2  # 2: ties at the trim threshold go to the lower index
-    Params: ClassVar[type[StrategyParams]] = TiesParams
+    version: ClassVar[int] = 3  # 3: mergekit's rule by default; 2: threshold ties, lower index
+    Params = TiesParams
+    sparsification = "magnitude"
+    consensus = True
 
-    def combine(
+    def merge(
         self,
         base: torch.Tensor,
         deltas: list[torch.Tensor | None],
-        weights: list[float],
-        params: StrategyParams,
+        shared: dict[str, Any],
+        per: list[dict[str, Any]],
         tensor_name: str,
+        seed: int,
     ) -> torch.Tensor:
-        """Works in a few tensors of its own, allocated through ``memory.empty_like`` (filling
-        fresh memory is the largest cost on a CPU) and reused in place."""
-        import torch
+        if shared["scale"] is not None:
+            shared = shared | {"lambda": shared["scale"]}
+        if shared["rule"] == "graftbuild":
+            density = [0.2 if p["density"] is None else float(p["density"]) for p in per]
+            w = [float(p["weight"]) for p in per]
+            return graftbuild_ties(base, deltas, w, density, float(shared["lambda"]))
+        per = [p | {"density": 1.0 if p["density"] is None else p["density"]} for p in per]
+        return super().merge(base, deltas, shared, per, tensor_name, seed)
 
-        assert isinstance(params, TiesParams)
-        trimmed = [
-            trim(torch.mul(d, w, out=empty_like(d)), params.density)
-            for d, w in zip(deltas, weights, strict=True)
-            if d is not None
-        ]
-        if not trimmed:
-            return base.clone()
-        sign = (
-            trimmed[0].clone()
-            if len(trimmed) == 1
-            else torch.add(*trimmed[:2], out=empty_like(base))
-        )
-        for t in trimmed[2:]:
-            sign.add_(t)
-        sign.sign_()
-        sign.masked_fill_(sign == 0, float("nan"))  # no elected sign: nothing agrees with NaN
-        merged = empty_like(base).zero_()
-        count = empty_like(base).zero_()
-        agree = empty_like(base)
-        for t in trimmed:
-            torch.sign(t, out=agree).eq_(sign)  # 1.0 where t is nonzero with the elected sign
-            merged.add_(t.mul_(agree))
-            count.add_(agree)
-        del agree, sign, trimmed
-        merged.div_(count.clamp_(min=1))
-        return merged.mul_(params.scale).add_(base)  # = base + scale * merged, bit for bit
+
+def graftbuild_ties(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor | None],
+    weights: list[float],
+    density: list[float],
+    scale: float,
+) -> torch.Tensor:
+    """graftbuild's rule. Works in a few tensors of its own, allocated through
+    ``memory.empty_like`` (filling fresh memory is the largest cost on a CPU), reused in place."""
+    import torch
+
+    trimmed = [
+        trim(torch.mul(d, w, out=empty_like(d)), dens)
+        for d, w, dens in zip(deltas, weights, density, strict=True)
+        if d is not None
+    ]
+    if not trimmed:
+        return base.clone()
+    sign = (
+        trimmed[0].clone() if len(trimmed) == 1 else torch.add(*trimmed[:2], out=empty_like(base))
+    )
+    for t in trimmed[2:]:
+        sign.add_(t)
+    sign.sign_()
+    sign.masked_fill_(sign == 0, float("nan"))  # no elected sign: nothing agrees with NaN
+    merged = empty_like(base).zero_()
+    count = empty_like(base).zero_()
+    agree = empty_like(base)
+    for t in trimmed:
+        torch.sign(t, out=agree).eq_(sign)  # 1.0 where t is nonzero with the elected sign
+        merged.add_(t.mul_(agree))
+        count.add_(agree)
+    del agree, sign, trimmed
+    merged.div_(count.clamp_(min=1))
+    return merged.mul_(scale).add_(base)  # = base + scale * merged, bit for bit

@@ -107,6 +107,16 @@ def _check_numbers(file: Path, data: Any, where: str = "") -> None:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path).resolve()
+    if path.suffix in (".yml", ".yaml"):  # a mergekit config, imported in memory (issue 18)
+        from graftbuild.recipe.mergekit import convert
+
+        data: Any = convert(path)
+        try:
+            recipe = Recipe.model_validate(data, context={"root": path.parent})
+        except ValidationError as e:
+            raise UserError(_format_errors(path, e)) from None
+        recipe.path = path
+        return recipe
     try:
         with open(open_regular(path), encoding="utf-8") as f:  # a FIFO is refused, not read
             data = tomllib.loads(f.read())

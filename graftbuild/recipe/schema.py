@@ -344,6 +344,26 @@ class CompressionProfile(Model):
         return {k: v for k, v in out.items() if k != "mix" or v}  # unset: keys as before
 
 
+class SliceSourceSpec(Model):
+    """One input of a slice (mergekit parity, issue 18): "base" or a pack, and its layers."""
+
+    model: str
+    layer_range: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSourceSpec:
+        a, b = self.layer_range
+        if not 0 <= a < b:
+            raise ValueError(
+                f"layer_range: expected [start, end) with 0 <= start < end, got {[a, b]}"
+            )
+        return self
+
+
+class SliceSpec(Model):
+    sources: list[SliceSourceSpec] = Field(min_length=1)
+
+
 class FuseSpec(Model):
     name: str = Field(min_length=1)
     packs: list[str] = Field(min_length=1)
@@ -355,6 +375,44 @@ class FuseSpec(Model):
     output: RelPath | None = None
     shard_size: int = Field(default=2_000_000_000, gt=0)
     """Largest weight shard in bytes; bigger models are split HF-style with an index."""
+
+    # --- mergekit parity (issue 18): per-pack parameters and the tokenizer of a merge ---------
+    pack_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-pack parameters of a mergekit-named strategy (``weight``, ``density``…: values,
+    gradients or filtered lists, graftbuild/fusion/schedule.py); they win over ``options``."""
+    tokenizer_source: str = "base"
+    """Whose tokenizer (and config) files the fused folder gets: "base" or a pack's name (its
+    source must be a `path` source with the base's vocabulary)."""
+    slices: list[SliceSpec] | None = None
+    """mergekit's ``slices``: the output's layers from layer ranges of the inputs (layer stacking;
+    graftbuild/steps/slices.py)."""
+
+    @model_validator(mode="after")
+    def _mergekit(self) -> FuseSpec:
+        from graftbuild.fusion import check_fuse_packs
+
+        unknown = sorted(set(self.pack_options) - set(self.packs))
+        if unknown:
+            raise ValueError(f"`pack_options` names packs not in `packs`: {unknown}")
+        if self.tokenizer_source not in ("base", *self.packs):
+            raise ValueError(
+                f"tokenizer_source: expected 'base' or one of `packs` (got "
+                f"{self.tokenizer_source!r})"
+            )
+        if self.slices is None:
+            check_fuse_packs(self.strategy, self.packs, self.pack_options)
+        else:
+            check_fuse_packs(self.strategy, None, self.pack_options)
+            for i, sl in enumerate(self.slices):
+                for k, src in enumerate(sl.sources):
+                    if src.model != "base" and src.model not in self.packs:
+                        raise ValueError(
+                            f"slices[{i}].sources[{k}].model: {src.model!r} is neither 'base' "
+                            f"nor one of `packs`{suggest(src.model, self.packs)}"
+                        )
+        return self
+
+    # --- end of the mergekit block ------------------------------------------------------------
 
     @model_validator(mode="after")
     def _check(self) -> FuseSpec:
@@ -517,6 +575,7 @@ class Recipe(Model):
                         f"fuse[{i}].packs: pack {p!r} is a delta on top of its parent {parent!r}, "
                         f"which must be fused with it; add {parent!r} to `packs`"
                     )
+        self._check_lossless_packs()  # mergekit parity (issue 18)
         nodes = self.model_ids()
         seen = set()
         for i, e in enumerate(self.eval):
@@ -543,6 +602,25 @@ class Recipe(Model):
                 raise ValueError(
                     f"export[{i}].pack: no source {x.pack!r}{suggest(x.pack, self.sources)}"
                 )
+
+    def _check_lossless_packs(self) -> None:
+        """Strategies that read the sources' models (slerp, linear…) need lossless packs: every
+        role of their sources' compression profile ``exact`` (mergekit parity, issue 18)."""
+        from graftbuild.fusion import get_strategy
+
+        for i, f in enumerate(self.fuse):
+            if not getattr(get_strategy(f.strategy), "needs_models", False):
+                continue
+            for p in f.packs:
+                prof = self.profile(self.sources[p].compression)
+                lossy = [r for r in ROLE_NAMES if getattr(prof, r)["method"] != "exact"]
+                if lossy:
+                    raise ValueError(
+                        f"fuse[{i}].packs: {f.strategy!r} reads the sources' models, so pack "
+                        f"{p!r} must be lossless, but its compression profile "
+                        f"{self.sources[p].compression!r} compresses {lossy}; give it a profile "
+                        "with every role `exact`"
+                    )
 
     def _check_teachers(self) -> None:
         for name, src in self.sources.items():

@@ -58,5 +58,3 @@ def parse_version(path: Path, version: Any) -> tuple[int, int]:
     if match is None:
         raise UserError(f"{path}: malformed SkillPack format_version {version!r}")
     return int(match.group(1)), int(match.group(2))
-
-

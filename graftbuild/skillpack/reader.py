@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from graftbuild.weights.placement import Placement
 
+
 class PackReader:
     """Reads a SkillPack lazily: metadata at open, each tensor's parts only when decoded."""
 
@@ -407,4 +408,3 @@ class PackReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-

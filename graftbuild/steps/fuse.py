@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from graftbuild.errors import BuildError
+from graftbuild.errors import BuildError, UserError
 from graftbuild.recipe import ids
 from graftbuild.skillpack.format import PACK_FILE
 from graftbuild.steps.base import Node, StepContext
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     import torch
 
     from graftbuild.recipe import Recipe
+    from graftbuild.recipe.schema import FuseSpec
     from graftbuild.skillpack import PackReader
+    from graftbuild.weights.tensors import TensorInfo
 
 
 class FuseStep:
@@ -33,6 +35,7 @@ class FuseStep:
             if f.strategy == "routed":
                 continue  # a bundle: steps/bundle.py
             packs = {f"pack.{i}": ids.pack(p) for i, p in enumerate(f.packs)}
+            config, extra_deps = mergekit_config(recipe, f)
             nodes.append(
                 Node(
                     ids.fuse(f.name),
@@ -43,17 +46,22 @@ class FuseStep:
                         "strategy": f.strategy,
                         "options": f.options,
                         "shard_size": f.shard_size,
-                    },
-                    deps={"base": ids.BASE} | packs,
+                    }
+                    | config,
+                    deps={"base": ids.BASE} | packs | extra_deps,
                     labels={
                         "config.packs": "fusion order changed",
                         "config.weights": "fusion weights changed",
                         "config.strategy": "fusion strategy changed",
                         "config.options": "fusion options changed",
                         "config.shard_size": "shard size changed",
+                        "config.pack_options": "per-pack fusion options changed",
+                        "config.tokenizer_source": "tokenizer source changed",
                         "dep:base": "base model changed",
+                        "dep:tokenizer": "tokenizer source changed",
                     }
-                    | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)},
+                    | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)}
+                    | {"config.slices": "slices changed"},
                     output=f.output or out / "fused" / f.name,
                     components=strategy_components(f.strategy),
                 )
@@ -78,6 +86,14 @@ class FuseStep:
         placement = ctx.placement
         strategy = get_strategy(cfg["strategy"])
         params = strategy.Params.model_validate(cfg["options"])
+        bind = getattr(strategy, "bind", None)  # mergekit-named strategies: per-pack settings
+        if bind is not None:
+            import json
+
+            n = len(cfg["packs"])
+            base_cfg = json.loads((ctx.inputs["base"] / "config.json").read_text())
+            params = bind(params, cfg.get("pack_options") or [{}] * n, base_cfg, cfg["weights"])
+        out_dtype = out_dtype_of(cfg["options"])  # mergekit's dtype / out_dtype
         fold = getattr(strategy, "fold", None)  # optional streaming form (see fusion/base.py)
         fold_first = getattr(strategy, "fold_first", None) if fold is not None else None
         elementwise = fold is not None and getattr(strategy, "elementwise", False)
@@ -182,11 +198,26 @@ class FuseStep:
                     decode(r, i) if name in r.entries else None for i, r in enumerate(readers)
                 ]
                 out = strategy.combine(acc, deltas, cfg["weights"], params, name)
-                return name, placement.host(out, b.dtype)
+                return name, placement.host(out, out_dtype or b.dtype)
+
+            infos = [base.infos[n] for n in names]
+            sliced = cfg.get("slices")
+            if sliced is not None:  # mergekit's slices: layers taken from ranges of the inputs
+                import dataclasses
+
+                layer_plan, n_layers = slice_plan(ctx, base, sliced, cfg["packs"])
+                fuse_one = sliced_fuse_one(
+                    base, readers, layer_plan, strategy, params, cfg, placement, out_dtype
+                )
+                infos = [
+                    dataclasses.replace(base.infos[p.base_name], name=n)
+                    for n, p in layer_plan.items()
+                ]
+                names = list(layer_plan)
 
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names), unit="tensor") as advance:
-                    sizes = {n: base.infos[n].nbytes for n in names}
+                    sizes = {i.name: i.nbytes for i in infos}
                     work = ordered_map(
                         fuse_one, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                     )
@@ -197,8 +228,10 @@ class FuseStep:
 
             infos = [
                 replace(i, shape=(rows[i.name], *i.shape[1:])) if i.name in rows else i
-                for i in (base.infos[n] for n in names)
+                for i in infos
             ]
+            if out_dtype is not None:
+                infos = [retyped(i, out_dtype) for i in infos]
             copy_non_weight_files(ctx.inputs["base"], ctx.out)
             if vocab:
                 from graftbuild.weights.vocab import set_vocab_size, write_fused_tokenizer
@@ -206,6 +239,12 @@ class FuseStep:
                 write_fused_tokenizer(ctx.inputs["base"], ctx.out, vocab["tokens"])
                 if (ctx.out / "config.json").is_file():
                     set_vocab_size(ctx.out / "config.json", vocab["size"])
+            if "tokenizer" in ctx.inputs:  # tokenizer_source: that source's tokenizer files
+                copy_tokenizer_files(ctx.inputs["tokenizer"], ctx.out)
+            if out_dtype is not None:
+                set_config_dtype(ctx.out, out_dtype)
+            if sliced is not None:
+                set_config_layers(ctx.out, n_layers, layer_types(ctx, sliced))
             write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
 
 
@@ -288,3 +327,179 @@ def graft_node(recipe: Recipe, name: str) -> Node:
         output=None,
         components=strategy_components("sum"),
     )
+
+
+# --- mergekit parity (issue 18) ----------------------------------------------------------------
+
+
+def mergekit_config(recipe: Recipe, f: FuseSpec) -> tuple[dict[str, Any], dict[str, str]]:
+    """A fuse's per-pack options and tokenizer source, in its config only when used (a fuse that
+    uses neither keeps the key it had before them)."""
+    config: dict[str, Any] = {}
+    deps: dict[str, str] = {}
+    if f.pack_options:
+        config["pack_options"] = [f.pack_options.get(p, {}) for p in f.packs]
+    if f.slices is not None:
+        config["slices"] = [s.model_dump(mode="json") for s in f.slices]
+    if f.tokenizer_source != "base":
+        src = recipe.sources[f.tokenizer_source]
+        if src.path is None:
+            raise UserError(
+                f"fuse {f.name}: tokenizer_source {f.tokenizer_source!r} must be a `path` source"
+            )
+        config["tokenizer_source"] = f.tokenizer_source
+        deps["tokenizer"] = recipe.source_model(f.tokenizer_source)
+    return config, deps
+
+
+def out_dtype_of(options: dict[str, Any]) -> torch.dtype | None:
+    """mergekit's ``out_dtype``, else its ``dtype``, else None (the base's dtypes)."""
+    import torch
+
+    name = options.get("out_dtype") or options.get("dtype")
+    return None if name is None else getattr(torch, name)
+
+
+def retyped(info: TensorInfo, dtype: torch.dtype) -> TensorInfo:
+    """``info`` for the same tensor stored as ``dtype`` (floating tensors only)."""
+    import dataclasses
+
+    from graftbuild.weights.tensors import torch_dtype_to_st
+
+    if not info.dtype.startswith(("F", "BF")):
+        return info
+    return dataclasses.replace(info, dtype=torch_dtype_to_st(dtype))
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (dst / name).exists():
+            (dst / name).unlink()
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    import json
+
+    path = folder / "config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def slice_plan(
+    ctx: StepContext, base: Any, slices: list[dict[str, Any]], packs: list[str]
+) -> tuple[dict[str, Any], int]:
+    import json
+
+    from graftbuild.fusion import get_strategy
+    from graftbuild.fusion.schedule import num_layers_of
+    from graftbuild.steps import slices as sl
+
+    n = num_layers_of(json.loads((ctx.inputs["base"] / "config.json").read_text()))
+    try:
+        sl.check(slices, packs, n)
+    except ValueError as e:
+        raise UserError(f"{ctx.node_id}: {e}") from None
+    strategy = get_strategy(ctx.config["strategy"])
+    lo, hi = getattr(strategy, "min_packs", 1), getattr(strategy, "max_packs", None)
+    for i, s in enumerate(slices):
+        k = sum(src["model"] != "base" for src in s["sources"])
+        if k and (k < lo or (hi is not None and k > hi)):
+            raise UserError(
+                f"{ctx.node_id}: slices[{i}]: {strategy.name!r} takes {lo}"
+                f"{'' if hi == lo else '+' if hi is None else f'-{hi}'} pack(s), got {k}"
+            )
+    return sl.plan(base.names(), slices, packs)
+
+
+def sliced_fuse_one(
+    base: Any,
+    readers: list[Any],
+    layer_plan: dict[str, Any],
+    strategy: Any,
+    params: Any,
+    cfg: dict[str, Any],
+    placement: Any,
+    out_dtype: torch.dtype | None,
+) -> Any:
+    """The per-tensor function of a sliced fuse: θ is the slice's base source (or the base's
+    tensor at the first source's layer), each pack source enters as θᵢ − θ."""
+    import dataclasses
+
+    from graftbuild.fusion.schedule import Bound
+
+    def fuse_one(name: str) -> tuple[str, torch.Tensor]:
+        import torch
+
+        p = layer_plan[name]
+        b_raw = base.map(p.base_name)
+        b = placement.put(b_raw, torch.float32).clone()
+        idx: list[int] = []
+        deltas: list[torch.Tensor | None] = []
+        for who, src in p.inputs:
+            if who == "base":
+                continue
+            r = readers[who]
+            d = r.decode(src, placement) if src in r.entries else None
+            if src != p.base_name:  # θᵢ − θ from another layer
+                theta = placement.put(base.map(src), torch.float32)
+                d = theta - b if d is None else (theta + d) - b
+            idx.append(who)
+            deltas.append(d)
+        if not idx:  # only the base: its layer as it is
+            return name, placement.host(b, out_dtype or b_raw.dtype)
+        weights = [cfg["weights"][i] for i in idx]
+        if isinstance(params, Bound):
+            own = dataclasses.replace(
+                params, packs=[params.packs[i] for i in idx], weights=weights, t={name: p.t}
+            )
+        else:
+            own = params
+        out = strategy.combine(b, deltas, weights, own, name)
+        return name, placement.host(out, out_dtype or b_raw.dtype)
+
+    return fuse_one
+
+
+def layer_types(ctx: StepContext, slices: list[dict[str, Any]]) -> list[Any] | None:
+    """The base config's per-layer list (``layer_types``), rearranged like the layers."""
+    import json
+
+    cfg = json.loads((ctx.inputs["base"] / "config.json").read_text())
+    types = cfg.get("layer_types")
+    if not isinstance(types, list):
+        return None
+    out = []
+    for s in slices:
+        a, b = s["sources"][0]["layer_range"]
+        out += types[a:b]
+    return out
+
+
+def set_config_layers(folder: Path, n: int, types: list[Any] | None) -> None:
+    import json
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(cfg.get(key), int):
+            cfg[key] = n
+    if types is not None:
+        cfg["layer_types"] = types
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

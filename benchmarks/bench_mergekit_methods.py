@@ -1,0 +1,122 @@
+"""Every mergekit-named method, mergekit 0.1.5 against graftbuild side by side on the same
+models: wall time and peak RSS of the merge, one run each, interleaved method by method.
+
+    python benchmarks/make_models.py /tmp/gb-bench/m07 --size 0.7gb
+    BENCH_VENV=/work/venvs/mergekit python benchmarks/bench_mergekit_methods.py /tmp/gb-bench/m07 \\
+        --work /tmp/gb-bench/mk07 --out benchmarks/results/mergekit_methods_07.json
+
+mergekit runs ``mergekit-yaml CONFIG OUT --random-seed 0 --no-copy-tokenizer`` (CPU, its
+defaults). graftbuild imports the same YAML (``graftbuild import mergekit``) and runs ``make``:
+its exact packs of x and y are built once first (timed on their own: "packs"), so each
+method's ``make`` is its fuse alone, as a user who changes only the merge gets; "end to end"
+adds the packs' time. Every output is compared with mergekit's (deterministic methods:
+max ‖a − b‖∞/‖b‖∞ per tensor; random ones: the merged delta's density and norm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+from common import competitor, graftbuild, publish, timed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import mergekit_oracle as oracle
+
+
+def configs(models: Path) -> dict[str, dict]:
+    base, x, y = (str(models / k) for k in ("base", "x", "y"))
+    two = {"models": [{"model": x, "parameters": {"weight": 0.6, "density": 0.5}},
+                      {"model": y, "parameters": {"weight": 0.4, "density": 0.5}}],
+           "base_model": base, "dtype": "float32"}  # fmt: skip
+    plain = {"models": [{"model": x, "parameters": {"weight": 0.6}},
+                        {"model": y, "parameters": {"weight": 0.4}}],
+             "base_model": base, "dtype": "float32"}  # fmt: skip
+    bare = {"models": [{"model": x}, {"model": y}], "base_model": base, "dtype": "float32"}
+    one = {"models": [{"model": base}, {"model": x}], "base_model": base, "dtype": "float32"}
+    return {
+        "linear": {"models": plain["models"], "merge_method": "linear", "dtype": "float32"},
+        "task_arithmetic": plain | {"merge_method": "task_arithmetic"},
+        "ties": two | {"merge_method": "ties"},
+        "dare_linear": two | {"merge_method": "dare_linear"},
+        "dare_ties": two | {"merge_method": "dare_ties"},
+        "breadcrumbs": two | {"merge_method": "breadcrumbs"},
+        "breadcrumbs_ties": two | {"merge_method": "breadcrumbs_ties"},
+        "della": two | {"merge_method": "della", "parameters": {"epsilon": 0.1}},
+        "della_linear": two | {"merge_method": "della_linear", "parameters": {"epsilon": 0.1}},
+        "slerp": one | {"merge_method": "slerp", "parameters": {"t": 0.5}},
+        "nuslerp": plain | {"merge_method": "nuslerp"},
+        "multislerp": plain | {"merge_method": "multislerp"},
+        "karcher": {
+            "models": [{"model": x}, {"model": y}],
+            "merge_method": "karcher",
+            "dtype": "float32",
+        },
+        "sce": bare | {"merge_method": "sce", "parameters": {"select_topk": 0.5}},
+        "model_stock": bare | {"merge_method": "model_stock"},
+        "nearswap": one | {"merge_method": "nearswap", "parameters": {"t": 0.001}},
+        "arcee_fusion": one | {"merge_method": "arcee_fusion"},
+        "passthrough": {
+            "models": [{"model": x}],
+            "merge_method": "passthrough",
+            "dtype": "float32",
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", type=Path)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--methods", nargs="*")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    work: Path = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "cfg").mkdir(parents=True)
+    cfgs = configs(args.models)
+    if args.methods:
+        cfgs = {k: v for k, v in cfgs.items() if k in args.methods}
+    recipes = {}
+    for name, cfg in cfgs.items():
+        path = work / "cfg" / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        recipe = work / "gb" / f"{name}.toml"
+        timed(f"import {name}", graftbuild("import", "mergekit", str(path), "-o", str(recipe),
+                                          "--seed", "0"))  # fmt: skip
+        text = recipe.read_text().replace("[project]\n", f'[project]\ncache = "{work}/cache"\n')
+        recipe.write_text(text)
+        recipes[name] = (path, recipe)
+    # The packs of x and y, once (every recipe's sources are the same exact packs).
+    first = recipes["ties"][1] if "ties" in recipes else next(iter(recipes.values()))[1]
+    packs = timed("graftbuild packs x, y (exact, once)", graftbuild(
+        "make", str(first), "pack:x", "pack:y", "-q"))  # fmt: skip
+    res: dict = {"models": str(args.models), "packs": packs.__dict__, "methods": {}}
+    for name, (cfg, recipe) in recipes.items():
+        mk_out = work / "mk" / name
+        mk = timed(f"mergekit {name}", competitor(
+            "mergekit-yaml", str(cfg), str(mk_out), "--random-seed", "0", "--no-copy-tokenizer"
+        ))  # fmt: skip
+        gb = timed(f"graftbuild {name} (fuse)", graftbuild("make", str(recipe), "-q"))
+        ours = work / "gb" / "out" / "fused" / name
+        method = cfg.stem
+        check = oracle.check(method, ours, mk_out, args.models / "base")
+        res["methods"][name] = {
+            "mergekit": mk.__dict__,
+            "graftbuild_fuse": gb.__dict__,
+            "wall_ratio_fuse_vs_mergekit": round(gb.wall_s / mk.wall_s, 3),
+            "wall_ratio_end_to_end_vs_mergekit": round((gb.wall_s + packs.wall_s) / mk.wall_s, 3),
+            "rss_ratio_vs_mergekit": round(gb.peak_rss_mb / mk.peak_rss_mb, 3),
+            "agreement": check,
+            "agrees": oracle.passes(method, check),
+        }
+        shutil.rmtree(mk_out, ignore_errors=True)
+    publish(res, args.out)
+
+
+if __name__ == "__main__":
+    main()
