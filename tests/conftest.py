@@ -97,6 +97,18 @@ def make_source(
     save_model(folder, out, config_from=base_folder)
 
 
+def make_nan_source(folder: Path, like: Path) -> None:
+    """A copy of the model folder ``like`` with one NaN in a norm weight: it has the base's
+    architecture (pre-flight lets it through) and its pack step fails naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(like, folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, str(weights))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Small matrices gain nothing from threads, and OpenMP spin-waits crawl on a busy box."""

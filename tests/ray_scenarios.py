@@ -30,7 +30,7 @@ from graftbuild.cache.hashing import hash_file  # noqa: E402
 from graftbuild.cache.store import Store  # noqa: E402
 from graftbuild.errors import GraftbuildError  # noqa: E402
 from graftbuild.recipe import load_recipe  # noqa: E402
-from tests.conftest import PATH_RECIPE, TINY_LLAMA, make_base, make_source  # noqa: E402
+from tests.conftest import PATH_RECIPE, make_base, make_nan_source, make_source  # noqa: E402
 
 FINETUNE = """
 [sources.z]
@@ -91,7 +91,7 @@ def main(work: Path) -> None:
     make_base(models / "base")
     make_source(models / "x", models / "base", seed=1)
     make_source(models / "y", models / "base", seed=2)
-    make_base(models / "bad", seed=4, config={**TINY_LLAMA, "intermediate_size": 48})
+    make_nan_source(models / "bad", models / "x")  # passes pre-flight, fails in its pack
 
     from graftbuild.weights.determinism import pinned_env_vars
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import PATH_RECIPE, write_recipe
+from conftest import PATH_RECIPE, make_nan_source, write_recipe
 from helpers import engine, make, plan
 
 import graftbuild.build.engine as engine_module
@@ -138,15 +138,9 @@ path = "models/bad"
 
 
 def failing_project(root: Path, model_folders: Path) -> Path:
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(model_folders, root / "models")
     # a source that passes pre-flight (same architecture) and fails in its pack step
-    shutil.copytree(root / "models" / "x", root / "models" / "bad")
-    weights = root / "models" / "bad" / "model.safetensors"
-    state = load_file(str(weights))
-    state["model.norm.weight"][0] = float("nan")
-    save_file(state, str(weights))
+    make_nan_source(root / "models" / "bad", root / "models" / "x")
     text = PATH_RECIPE.replace('packs = ["x", "y"]', 'packs = ["x", "bad"]')
     text = text.replace("weights = { x = 1.0, y = 0.5 }", "weights = { x = 1.0 }")
     text += BAD + '\n[[fuse]]\nname = "good"\npacks = ["y"]\n'

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from graftbuild.cli.app import main
 from graftbuild.progress import EventSink, Reporter
-from tests.conftest import TINY_LLAMA, make_base
+from tests.conftest import make_nan_source
 
 QUICKSTART_NODES = {
     "base:init", "base", "source:arith", "source:code", "source:lang", "pack:arith",
@@ -135,9 +135,9 @@ def test_quiet_make_prints_nothing(path_project: Path) -> None:
 
 @pytest.fixture
 def failing_project(path_project: Path) -> Path:
-    """pack:bad fails: its source is not of the base's architecture."""
-    bad = path_project.parent / "models" / "bad"
-    make_base(bad, seed=4, config={**TINY_LLAMA, "intermediate_size": 48})
+    """pack:bad fails: its source holds a NaN (pre-flight lets it through: same architecture)."""
+    models = path_project.parent / "models"
+    make_nan_source(models / "bad", models / "x")
     text = path_project.read_text().replace('packs = ["x", "y"]', 'packs = ["x", "bad"]')
     text = text.replace("weights = { x = 1.0, y = 0.5 }", "weights = { x = 1.0 }")
     path_project.write_text(text + '\n[sources.bad]\npath = "models/bad"\n')

@@ -15,6 +15,7 @@ import re
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,7 @@ SKIP = {
 }
 
 INCREMENTAL = "echo \"5 + 5 = 10\" >> recipes/quickstart/data/arith.train.txt"
+INIT = "graftbuild init --base models/base"
 
 
 def readme_blocks() -> list[list[str]]:
@@ -117,6 +119,8 @@ def test_readme_commands_hold_as_written(shell: dict) -> None:
     for block in readme_blocks():
         if INCREMENTAL in [c.split("#")[0].strip() for c in block]:
             continue
+        if block[0].startswith(INIT):
+            continue  # run in a folder of the user's own models (its own test)
         printed = ""
         for command in block:
             if command.startswith("#> "):
@@ -149,3 +153,22 @@ def test_readme_incremental_rebuild(shell: dict) -> None:
     assert re.search(r"source:arith\s+stale.*training data changed", plan), plan
     built = {line.split()[0] for line in make.splitlines() if re.match(r"\S+\s+built\s", line)}
     assert {"source:arith", "pack:arith", "fuse:release", "eval:skills"} <= built, make
+
+
+def test_readme_init_example(shell: dict, tmp_path: Path) -> None:
+    """The `graftbuild init` block, as written, in a folder holding a user's own models: a base
+    and two fine-tunes at the paths it names."""
+    from tests.conftest import make_base, make_source
+
+    block = next(b for b in readme_blocks() if b[0].startswith(INIT))
+    make_base(tmp_path / "models" / "base")
+    make_source(tmp_path / "ckpts" / "math", tmp_path / "models" / "base", seed=1)
+    make_source(tmp_path / "ckpts" / "code", tmp_path / "models" / "base", seed=2)
+    here = dict(shell, root=tmp_path)
+    for command in block:
+        if command.startswith("#> "):
+            continue
+        p = run(here, command)
+        assert p.returncode == 0, f"{command}\n{p.stderr[-3000:]}"
+    assert (tmp_path / "graftbuild.toml").is_file()
+    assert any((tmp_path / "out").rglob("model.safetensors"))  # the fused model was written

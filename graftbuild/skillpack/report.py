@@ -161,15 +161,23 @@ def improvement_kept(
     def loss(deltas: Any) -> float:
         return calibration_loss(base, data, samples, seq_len, deltas)
 
+    with ModelWeights(base) as b:
+        rows = {n: i.shape[0] for n, i in b.infos.items() if i.shape}
+
     def source_deltas() -> Any:
         with ModelWeights(base) as b, ModelWeights(source) as s:
             for name in b.names():
-                yield name, s.get(name).float() - b.get(name).float()
+                x = b.get(name)
+                if not x.is_floating_point() or name not in s.infos:
+                    continue  # a buffer: the same in both
+                # rows of added tokens have no base rows to move: the base's vocabulary only
+                yield name, s.get(name)[: rows.get(name)].float() - x.float()
 
     def graft_deltas() -> Any:
-        with PackReader(pack) as reader:
+        # a reference pack (lossless) reads its deltas from the base and source folders
+        with PackReader(pack, base, source) as reader:
             for name in reader.names():
-                yield name, reader.decode(name)
+                yield name, reader.decode(name)[: rows.get(name)]
 
     loss_base, loss_source, loss_graft = loss([]), loss(source_deltas()), loss(graft_deltas())
     gain = loss_base - loss_source

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graftbuild.errors import UserError
+from graftbuild.recipe import ids
 
 if TYPE_CHECKING:
     from graftbuild.recipe import Recipe
@@ -105,11 +106,27 @@ def read_facts(folder: Path) -> ModelFacts | None:
     return ModelFacts(config if isinstance(config, dict) else {}, tensors)
 
 
+def facts_of(node_id: str, folder: Path) -> ModelFacts | None:
+    """``read_facts(folder)``, an error in the folder (a malformed header, a FIFO) naming the
+    node that reads it, as the engine's visit of that node would."""
+    from graftbuild.errors import GraftbuildError
+
+    try:
+        return read_facts(folder)
+    except GraftbuildError as e:
+        message = str(e)
+        if message.startswith(f"{node_id}:"):
+            raise
+        named = type(e)(f"{node_id}: {message}")
+        named.node = node_id
+        raise named from None
+
+
 def base_facts(recipe: Recipe) -> ModelFacts | None:
     """The base's facts: its folder's, or a seeded init's config (no tensors yet)."""
     base = recipe.base
     if base.path is not None:
-        return read_facts(base.path)
+        return facts_of(ids.BASE, base.path)
     try:
         config = json.loads(base.config.read_text())  # type: ignore[union-attr]
     except (OSError, ValueError):
@@ -125,7 +142,7 @@ def check(recipe: Recipe) -> None:
     for name, src in recipe.sources.items():
         if src.path is None:
             continue
-        facts = read_facts(src.path)
+        facts = facts_of(ids.source(name), src.path)
         if facts is None:
             continue
         where = f"{recipe.path}: sources.{name} ({src.path})"
