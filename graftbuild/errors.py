@@ -28,6 +28,18 @@ class BuildError(GraftbuildError):
     exit_code = 1
 
 
+def named(node_id: str, error: GraftbuildError) -> GraftbuildError:
+    """``error`` with its message starting with the node it happened in, and ``node`` set."""
+    message = str(error)
+    if message.startswith(f"{node_id}:") or f": {node_id}:" in message:
+        renamed = error
+    else:
+        renamed = type(error)(f"{node_id}: {message}")
+        renamed.__cause__ = error.__cause__
+    renamed.node = error.node or node_id
+    return renamed
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

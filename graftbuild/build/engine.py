@@ -28,7 +28,7 @@ from graftbuild.build.pathcheck import check_overlaps, check_writable
 from graftbuild.build.resources import tree_bytes
 from graftbuild.build.results import MakeResult, NodeResult
 from graftbuild.build.runners.base import Job, Outcome, Runner
-from graftbuild.errors import BuildError, GraftbuildError, UserError
+from graftbuild.errors import BuildError, GraftbuildError, UserError, named
 from graftbuild.progress import NullReporter, Reporter
 from graftbuild.recipe import Recipe
 from graftbuild.steps import STEPS
@@ -207,7 +207,6 @@ class Engine:
                         # a user error found visiting this node (its input folder, a file):
                         # the message names the node
                         err = named(node.id, e)
-                        err.node = e.node or node.id
                         results[node.id] = NodeResult(node.id, "stale", [str(err)], action="failed")
                         if not self._dry:
                             self.reporter.event(
@@ -477,13 +476,3 @@ def _took(timing: dict[str, Any] | None) -> float | None:
     if not timing or "end" not in timing:
         return None
     return float(timing["end"] - timing["start"])
-
-
-def named(node_id: str, error: GraftbuildError) -> GraftbuildError:
-    """``error`` with its message starting with the node it happened in."""
-    message = str(error)
-    if message.startswith(f"{node_id}:") or f": {node_id}:" in message:
-        return error
-    renamed = type(error)(f"{node_id}: {message}")
-    renamed.__cause__ = error.__cause__
-    return renamed

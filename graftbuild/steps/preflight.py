@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graftbuild.errors import UserError
+from graftbuild.errors import GraftbuildError, UserError, named
 from graftbuild.recipe import ids
 
 if TYPE_CHECKING:
@@ -109,17 +109,10 @@ def read_facts(folder: Path) -> ModelFacts | None:
 def facts_of(node_id: str, folder: Path) -> ModelFacts | None:
     """``read_facts(folder)``, an error in the folder (a malformed header, a FIFO) naming the
     node that reads it, as the engine's visit of that node would."""
-    from graftbuild.errors import GraftbuildError
-
     try:
         return read_facts(folder)
     except GraftbuildError as e:
-        message = str(e)
-        if message.startswith(f"{node_id}:"):
-            raise
-        named = type(e)(f"{node_id}: {message}")
-        named.node = node_id
-        raise named from None
+        raise named(node_id, e) from None
 
 
 def base_facts(recipe: Recipe) -> ModelFacts | None:
