@@ -100,14 +100,7 @@ class PackStep:
             from graftbuild.compress.calibration import collect_statistics
 
             # activations of the model the delta is added to: the base, or the parent's graft
-            hessians = collect_statistics(
-                ctx.inputs[reference],
-                ctx.files["calibration"],
-                cal["samples"],
-                cal["seq_len"],
-                cal["field"],
-                placement,
-            )
+            hessians = on_calibration(ctx, reference, collect_statistics)
         # The header names the base (fusing checks it) but not the source folder's hash: a pack
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
@@ -140,19 +133,9 @@ class PackStep:
                 if cal is not None:
                     from graftbuild.compress.calibration import collect_fisher
 
-                    fisher = collect_fisher(
-                        ctx.inputs[reference],
-                        ctx.files["calibration"],
-                        cal["samples"],
-                        cal["seq_len"],
-                        cal["field"],
-                        placement,
-                    )
+                    fisher = on_calibration(ctx, reference, collect_fisher)
                 if fisher:  # its final value, rounded alike, is known after the allocation
-                    header["allocation"] = {
-                        "chosen": "loss-aware",
-                        "calibration_loss": {"loss-aware": 9.87654, "uniform": 9.87654},
-                    }
+                    header["allocation"] = ALLOCATION_PLACEHOLDER
                 specs, uniform = allocate_budget(
                     ctx,
                     base,
@@ -259,6 +242,28 @@ class PackStep:
                 )
 
 
+ALLOCATION_PLACEHOLDER = {
+    "chosen": "loss-aware",
+    "calibration_loss": {"loss-aware": 9.87654, "uniform": 9.87654},
+}
+"""Stands in the header while the budget's header size is estimated: within a few bytes of the
+entry ``pick_allocation`` writes in its place after the allocation (the estimate has slack)."""
+
+
+def on_calibration(ctx: StepContext, reference: str, collect: Any) -> Any:
+    """``collect`` (``collect_statistics``, ``collect_fisher``) run over the profile's calibration
+    text on ``reference``, the model the delta is added to (the base, or the parent's graft)."""
+    cal = ctx.config["profile"]["calibration"]
+    return collect(
+        ctx.inputs[reference],
+        ctx.files["calibration"],
+        cal["samples"],
+        cal["seq_len"],
+        cal["field"],
+        ctx.placement,
+    )
+
+
 def pick_allocation(
     ctx: StepContext,
     base: Any,
@@ -328,14 +333,7 @@ def search_target(
         )
     fisher: dict[str, Any] = {}
     if cal is not None:
-        fisher = collect_fisher(
-            ctx.inputs[reference],
-            ctx.files["calibration"],
-            cal["samples"],
-            cal["seq_len"],
-            cal["field"],
-            ctx.placement,
-        )
+        fisher = on_calibration(ctx, reference, collect_fisher)
     evaluations: list[dict[str, float]] = []
     header["target"] = {"keep": target["keep"], "evaluations": evaluations}
     mix = list(profile.get("mix") or [])
