@@ -86,8 +86,8 @@ decoded: dict[str, set[str]] = {}
 original = PackReader.decode
 
 
-def watched(self, name, device=None):
-    t = original(self, name, device)
+def watched(self, name, device=None, **kwargs):
+    t = original(self, name, device, **kwargs)
     decoded.setdefault(current, set()).add(str(t.device))
     return t
 
