@@ -218,6 +218,7 @@ class FuseStep:
             def fused() -> Iterator[tuple[str, torch.Tensor]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names), unit="tensor") as advance:
                     sizes = {i.name: i.nbytes for i in infos}
+                    ctx.placement.warm_up()  # before -j threads make their first linalg calls
                     work = ordered_map(
                         fuse_one, names, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                     )

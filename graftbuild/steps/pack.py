@@ -222,6 +222,7 @@ class PackStep:
             ):
                 order = writer.order if writer.order is not None else names
                 sizes = {n: base.infos[n].nbytes for n in names}
+                placement.warm_up()  # before -j threads make their first linalg calls
                 work = ordered_map(
                     encode, order, ctx.settings.jobs, sizes.__getitem__, max(sizes.values())
                 )

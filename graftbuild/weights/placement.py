@@ -64,6 +64,25 @@ class Placement:
         """A tokenizer's batch (or one tensor) on the device."""
         return batch.to(self.device)
 
+    def warm_up(self) -> None:
+        """Initialise the device's linear-algebra libraries in the calling thread.
+
+        On CUDA, torch loads cuSOLVER/MAGMA lazily at the first ``torch.linalg`` call, and two
+        worker threads making that first call at once fail ("lazy wrapper should be called at
+        most once", seen on an H200 with ``-j2``). Steps that decompose on ``-j`` threads call
+        this once before starting them. Nothing to do on the CPU.
+        """
+        if not self.device.startswith("cuda"):
+            return
+        import torch
+
+        a = torch.eye(4, device=self.device, dtype=torch.float32) * 2
+        torch.linalg.qr(a)
+        torch.linalg.svd(a, full_matrices=False)
+        torch.linalg.eigh(a)
+        torch.linalg.cholesky(a)
+        self.synchronize()
+
     def peak_memory(self) -> int | None:
         """Peak bytes allocated on the accelerator since the process started (None on the CPU)."""
         if not self.device.startswith("cuda"):
