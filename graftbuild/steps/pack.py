@@ -36,7 +36,8 @@ class PackStep:
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
     # 4: zero deltas stored as `zero`; buffers skipped; added token rows; LoRA adapter sources;
     #    a lossless (all-exact) pack of a source is a reference pack (no model-sized copy)
-    version: ClassVar[int] = 4
+    # 5: stored packs are SkillPack 3.0 (one byte run per tensor: a smaller header)
+    version: ClassVar[int] = 5
     uses_accelerator: ClassVar[bool] = True
     forwards: ClassVar[tuple[str, ...]] = ("source",)
     """Inputs that a node reading a pack also receives (as ``pack.N.source``): a reference

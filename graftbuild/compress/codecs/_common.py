@@ -30,6 +30,21 @@ DTYPE_NBYTES: dict[str, int] = {
 }
 
 
+ST_TAG: dict[str, str] = {
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "int32": "I32",
+    "int64": "I64",
+}
+"""The safetensors dtype of each stored dtype name (``stored_parts``)."""
+
+
+def exact_parts(shape: tuple[int, ...]) -> dict[str, tuple[str, list[int]]]:
+    """The parts of an ``exact`` encoding (and of every codec's exact fallback)."""
+    return {"data": ("F32", [int(d) for d in shape])}
+
+
 def as_float32(delta: torch.Tensor) -> torch.Tensor:
     """``delta`` as float32 on its own device (may share storage; callers copy what they keep).
 
