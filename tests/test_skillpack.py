@@ -310,6 +310,26 @@ def test_unknown_codec_refused_at_decode(tmp_path: Path) -> None:
         reader.decode("nope")
 
 
+def test_unknown_codec_in_a_3x_pack_is_refused_at_decode_only(tmp_path: Path) -> None:
+    path = tmp_path / "p.safetensors"
+    entry = {"role": "other", "codec_version": 1, "params": {}, "shape": [2], "dtype": "float32"}
+    doc = {
+        "format_version": "3.1",
+        "header": {},
+        "tensors": {
+            "w": {**entry, "codec": "fancy", "meta": {"new": 1}},
+            "v": {**entry, "codec": "exact", "meta": {}},
+        },
+    }
+    exact = torch.tensor([1.0, 2.0]).view(torch.uint8)
+    runs = {"w": torch.arange(5, dtype=torch.uint8), "v": exact}
+    save_file(runs, path, metadata={METADATA_KEY: json.dumps(doc)})
+    with PackReader(path) as reader:
+        assert torch.equal(reader.decode("v"), torch.tensor([1.0, 2.0]))
+        with pytest.raises(UserError, match="'fancy'"):
+            reader.decode("w")
+
+
 def test_writer_is_atomic_and_cleans_up(tmp_path: Path) -> None:
     path = tmp_path / "p.safetensors"
     with pytest.raises(RuntimeError, match="boom"), PackWriter(path, HEADER) as writer:
