@@ -199,6 +199,29 @@ def test_a_format_1_pack_is_still_read(tmp_path: Path) -> None:
                 assert torch.equal(legacy.part(name, p), new.part(name, p))
 
 
+def test_parts_unaligned_in_the_file_decode_as_in_memory(tmp_path: Path) -> None:
+    # two 25-byte runs (sigma, float16 scales, 3-bit codes): the second starts at byte 25 of
+    # the data, so its float32 and float16 parts are copied before being viewed
+    path = tmp_path / "p.safetensors"
+    spec = {"method": "mixed", "bands": [{"rank": 1, "bits": 3}], "group_size": 4}
+    encoded = {n: encode_tensor(delta_matrix(5, 7, i), spec) for i, n in enumerate("ab")}
+    with PackWriter(path, HEADER) as writer:
+        for name, (codec, params, enc) in encoded.items():
+            writer.add(name, "mlp", codec, params, (5, 7), "float32", enc)
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + n + load_file_header(path)["b"]["data_offsets"][0]) % 4 != 0
+    with PackReader(path) as reader:
+        for name, (codec, _, enc) in encoded.items():
+            expected = get_codec(codec).decode(enc.parts, enc.meta, (5, 7))
+            assert torch.equal(reader.decode(name), expected)
+            assert torch.equal(reader.part(name, "sigma"), enc.parts["sigma"])
+
+
+def load_file_header(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
 def test_a_run_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.safetensors"
     write_pack(path)
