@@ -143,8 +143,11 @@ def compress(
     return per_matrix(deltas, ratio, encode)
 
 
-def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> Any:
-    """Runs graftbuild's real pack step with a budget and calibration; returns decoder."""
+def budget_pack_fn(
+    base_dir: Path, src_dir: Path, calib: Path, work: Path, extra: float = 0.0
+) -> Any:
+    """Runs graftbuild's real pack step with a budget and calibration; returns decoder.
+    ``extra``: added to every budget (a share of the fp16 delta: ``--header-allowance``)."""
 
     def run(method: str, ratio: int) -> tuple[dict[str, Any], int]:
         spec = PACKS[method]
@@ -156,7 +159,7 @@ def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> An
             options["mix"] = spec["mix"]
         out = work / f"pack-{method}-{ratio}"
         files = {"calibration": calib}
-        return pack_step(base_dir, src_dir, {**options, "budget": 1 / ratio}, out, files)
+        return pack_step(base_dir, src_dir, {**options, "budget": 1 / ratio + extra}, out, files)
 
     return run
 
@@ -180,6 +183,12 @@ def main() -> None:
         choices=("base", "source"),
         default="base",
         help="whose activations mixed-gptq's Hessians come from (the fine-tuned: 'source')",
+    )
+    ap.add_argument(
+        "--header-allowance",
+        type=int,
+        default=0,
+        help="bytes added to graftbuild packs' budgets (to see what a free header would keep)",
     )
     args = ap.parse_args()
     CALIB["damp"] = args.damp
@@ -207,7 +216,8 @@ def main() -> None:
         hessians = collect_statistics(calib_model, calib, CALIB["samples"], CALIB["seq_len"])
         total_fp16 = sum(2 * d.numel() for d in deltas.values())
         with tempfile.TemporaryDirectory() as work:
-            pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work))
+            extra = args.header_allowance / total_fp16
+            pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work), extra)
             for ratio in ratios:
                 for method in methods:
                     if method == "bitdelta" and ratio != 16:
