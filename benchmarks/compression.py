@@ -28,7 +28,6 @@ cached in ``--cache``, so a rerun only compresses and evaluates).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,6 +40,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench_common import (
+    BASELINES,
+    baseline_at,
+    finish,
+    load_state,
+    logger,
+    markdown_tables,
+    pack_step,
+    per_matrix,
+)
 from _bench_models import DATA, build_models, chunks
 
 RATIOS = (4, 8, 16, 32, 64)
@@ -66,46 +75,7 @@ EVAL_CHUNKS = 64
 BAND_SHAPE = ((8, 1), (4, 9), (2, 50))  # (bits, relative rank): the paper's 20 / 180 / 1000
 
 
-# --- baselines (benchmark only) ---------------------------------------------------------------
-
-
-def svd_at(d: Any, nbytes: float) -> tuple[Any, int]:
-    import torch
-
-    m, n = d.shape
-    k = max(1, min(min(m, n), int(nbytes // ((m + n) * 2))))
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    a = (u[:, :k] * s[:k]).half().float()
-    return a @ vh[:k].half().float(), k * (m + n) * 2
-
-
-def magnitude_at(d: Any, nbytes: float) -> tuple[Any, int]:
-    import torch
-
-    k = max(1, min(d.numel(), int(nbytes // 6)))
-    flat = d.reshape(-1)
-    idx = flat.abs().topk(k).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx].half().float()
-    return out.view_as(d), k * 6
-
-
-def dare_at(d: Any, nbytes: float, seed: int) -> tuple[Any, int]:
-    import torch
-
-    k = max(1, min(d.numel(), int(nbytes // 6)))
-    p = k / d.numel()
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(d.numel(), generator=gen)[:k]
-    flat = d.reshape(-1)
-    out = torch.zeros_like(flat)
-    out[idx] = (flat[idx] / p).half().float()
-    return out.view_as(d), k * 6
-
-
-def bitdelta(d: Any) -> tuple[Any, int]:
-    scale = float(d.abs().mean().half())
-    return d.sign() * scale, math.ceil(d.numel() / 8) + 2
+# --- graftbuild's mixed codec at a byte budget ---------------------------------------------
 
 
 def mixed_at(
@@ -140,12 +110,6 @@ def mixed_at(
 # --- harness ----------------------------------------------------------------------------------
 
 
-def load_state(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
-
-
 def evaluate(model: Any, state: dict[str, Any], data: Any) -> float:
     import torch
 
@@ -168,39 +132,22 @@ def compress(
     """(reconstructed deltas, bytes) of one method at 1/ratio of the fp16 delta."""
     if method in PACKS:
         return pack(method, ratio)
-    total_fp16 = sum(2 * d.numel() for d in deltas.values())
-    target = total_fp16 / ratio
-    fixed = sum(4 * d.numel() for d in deltas.values() if d.ndim != 2)
-    matrices = {k: d for k, d in deltas.items() if d.ndim == 2}
-    share = (target - fixed) / sum(2 * d.numel() for d in matrices.values())
-    out = {k: d.clone() for k, d in deltas.items() if d.ndim != 2}
-    used = fixed
-    for i, (name, d) in enumerate(sorted(matrices.items())):
-        nbytes = share * 2 * d.numel()
-        if method == "svd":
-            rec, b = svd_at(d, nbytes)
-        elif method == "magnitude":
-            rec, b = magnitude_at(d, nbytes)
-        elif method == "dare":
-            rec, b = dare_at(d, nbytes, seed=i)
-        elif method == "bitdelta":
-            rec, b = bitdelta(d)
-        elif method == "mixed-rtn":
-            rec, b = mixed_at(d, nbytes, None)
-        else:
-            rec, b = mixed_at(d, nbytes, hessians.get(name), damp=CALIB["damp"])
-        out[name] = rec
-        used += b
-    return out, used
+
+    def encode(name: str, i: int, d: Any, nbytes: float) -> tuple[Any, int]:
+        if method in BASELINES:
+            return baseline_at(method, name, i, d, nbytes)
+        if method == "mixed-rtn":
+            return mixed_at(d, nbytes, None)
+        return mixed_at(d, nbytes, hessians.get(name), damp=CALIB["damp"])
+
+    return per_matrix(deltas, ratio, encode)
 
 
-def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> Any:
-    """Runs graftbuild's real pack step with a budget and calibration; returns decoder."""
-    from graftbuild.recipe import CompressionProfile
-    from graftbuild.skillpack import PackReader
-    from graftbuild.skillpack.format import PACK_FILE
-    from graftbuild.steps.base import StepContext
-    from graftbuild.steps.pack import PackStep
+def budget_pack_fn(
+    base_dir: Path, src_dir: Path, calib: Path, work: Path, extra: float = 0.0
+) -> Any:
+    """Runs graftbuild's real pack step with a budget and calibration; returns decoder.
+    ``extra``: added to every budget (a share of the fp16 delta: ``--header-allowance``)."""
 
     def run(method: str, ratio: int) -> tuple[dict[str, Any], int]:
         spec = PACKS[method]
@@ -210,21 +157,9 @@ def budget_pack_fn(base_dir: Path, src_dir: Path, calib: Path, work: Path) -> An
             options["calibration"] = {"data": calib, **CALIB}
         if spec.get("mix"):
             options["mix"] = spec["mix"]
-        profile = CompressionProfile.model_validate({**options, "budget": 1 / ratio})
         out = work / f"pack-{method}-{ratio}"
-        out.mkdir(parents=True, exist_ok=True)
-        ctx = StepContext(
-            node_id=f"pack:{ratio}",
-            config={"profile": profile.normalised()},
-            inputs={"base": base_dir, "source": src_dir},
-            input_hashes={"base": "bench", "source": "bench"},
-            files={"calibration": calib},
-            out=out,
-        )
-        PackStep().run(ctx)
-        with PackReader(out / PACK_FILE) as reader:
-            rec = {name: reader.decode(name) for name in reader.names()}
-        return rec, (out / PACK_FILE).stat().st_size  # the whole file, header included
+        files = {"calibration": calib}
+        return pack_step(base_dir, src_dir, {**options, "budget": 1 / ratio + extra}, out, files)
 
     return run
 
@@ -249,17 +184,19 @@ def main() -> None:
         default="base",
         help="whose activations mixed-gptq's Hessians come from (the fine-tuned: 'source')",
     )
+    ap.add_argument(
+        "--header-allowance",
+        type=int,
+        default=0,
+        help="bytes added to graftbuild packs' budgets (to see what a free header would keep)",
+    )
     args = ap.parse_args()
     CALIB["damp"] = args.damp
     CALIB["samples"] = args.calib_samples
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     ratios = [int(r) for r in args.ratios.split(",")]
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
+    log = logger()
     folders = build_models(args.cache, SETTINGS, log)
     tok = AutoTokenizer.from_pretrained(str(folders["base"]))
     base_state = load_state(folders["base"])
@@ -279,7 +216,8 @@ def main() -> None:
         hessians = collect_statistics(calib_model, calib, CALIB["samples"], CALIB["seq_len"])
         total_fp16 = sum(2 * d.numel() for d in deltas.values())
         with tempfile.TemporaryDirectory() as work:
-            pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work))
+            extra = args.header_allowance / total_fp16
+            pack = budget_pack_fn(folders["base"], folders[skill], calib, Path(work), extra)
             for ratio in ratios:
                 for method in methods:
                     if method == "bitdelta" and ratio != 16:
@@ -309,40 +247,21 @@ def main() -> None:
                         f"err {err:.3f} keep {keep:.3f} ({time.time() - t:.1f}s)"
                     )
         results.append({"skill": skill, "loss_base": loss_base, "loss_source": loss_src})
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    print(table(results, methods, ratios))
+    finish(results, args.json, table(results, methods, ratios))
     log("done")
 
 
 def table(results: list[dict[str, Any]], methods: list[str], ratios: list[int]) -> str:
-    rows = [r for r in results if "method" in r]
-    skills = sorted({r["skill"] for r in rows})
-    lines = []
-    for skill in skills:
-        info = next(r for r in results if r.get("skill") == skill and "loss_base" in r)
-        lines.append(
-            f"\n**{skill}** (held-out loss: base {info['loss_base']:.3f}, "
-            f"fine-tuned {info['loss_source']:.3f}). Cells: keep (relative error, size × fp16)\n"
-        )
-        lines.append("| method | " + " | ".join(f"1/{r}" for r in ratios) + " |")
-        lines.append("|---|" + "---|" * len(ratios))
-        for method in methods:
-            cells = []
-            for ratio in ratios:
-                hit = [
-                    r
-                    for r in rows
-                    if (r["skill"], r["ratio"], r["method"]) == (skill, ratio, method)
-                ]
-                cells.append(
-                    f"{hit[0]['keep']:.1%} ({hit[0]['rel_error']:.2f}, "
-                    f"{hit[0]['size_vs_fp16']:.4f})"
-                    if hit
-                    else "—"
-                )
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_tables(
+        results,
+        methods,
+        ratios,
+        lambda info: (
+            f"**{info['skill']}** (held-out loss: base {info['loss_base']:.3f}, "
+            f"fine-tuned {info['loss_source']:.3f}). Cells: keep (relative error, size × fp16)"
+        ),
+        lambda r: f"{r['keep']:.1%} ({r['rel_error']:.2f}, {r['size_vs_fp16']:.4f})",
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import argparse
 import gzip
 import importlib
 import inspect
-import json
 import os
 import re
 import sys
@@ -47,7 +46,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression import bitdelta, dare_at, magnitude_at, svd_at
+from _bench_common import (
+    baseline_at,
+    finish,
+    load_state,
+    logger,
+    markdown_tables,
+    pack_step,
+    per_matrix,
+)
 
 RATIOS = (16, 32, 64)
 # BERT's pooler is unused by mean pooling (its delta is exactly zero) and would be stored
@@ -220,12 +227,6 @@ def finetune(base: Path, out: Path, train: list, seed: int, log: Any) -> Path:
     return out
 
 
-def load_state(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
-
-
 def statistics(base: Path, calib: list[tuple[str, str]]) -> tuple[dict, dict]:
     """Input second moments of every linear layer and the word embeddings' token frequencies
     (over queries and names), and the diagonal Fisher of the contrastive loss, at the base."""
@@ -270,27 +271,8 @@ def statistics(base: Path, calib: list[tuple[str, str]]) -> tuple[dict, dict]:
 
 
 def run_pack(base: Path, src: Path, options: dict, ratio: int, work: Path) -> tuple[dict, int]:
-    from graftbuild.recipe import CompressionProfile
-    from graftbuild.skillpack import PackReader
-    from graftbuild.skillpack.format import PACK_FILE
-    from graftbuild.steps.base import StepContext
-    from graftbuild.steps.pack import PackStep
-
-    profile = CompressionProfile.model_validate({**options, "roles": ROLES, "budget": 1 / ratio})
     out = work / f"pack-{ratio}-{len(os.listdir(work))}"
-    out.mkdir(parents=True)
-    ctx = StepContext(
-        node_id="pack:bench",
-        config={"profile": profile.normalised()},
-        inputs={"base": base, "source": src},
-        input_hashes={"base": "bench", "source": "bench"},
-        files={},
-        out=out,
-    )
-    PackStep().run(ctx)
-    with PackReader(out / PACK_FILE) as r:
-        rec = {n: r.decode(n) for n in r.names()}
-    return rec, (out / PACK_FILE).stat().st_size
+    return pack_step(base, src, {**options, "roles": ROLES, "budget": 1 / ratio}, out, {})
 
 
 def run_alloc(
@@ -351,25 +333,7 @@ def run_alloc(
 
 
 def baseline(method: str, deltas: dict, ratio: int) -> tuple[dict, int]:
-    total_fp16 = sum(2 * d.numel() for d in deltas.values())
-    fixed = sum(4 * d.numel() for d in deltas.values() if d.ndim != 2)
-    matrices = {k: d for k, d in deltas.items() if d.ndim == 2}
-    share = (total_fp16 / ratio - fixed) / sum(2 * d.numel() for d in matrices.values())
-    out = {k: d.clone() for k, d in deltas.items() if d.ndim != 2}
-    used = fixed
-    for i, (name, d) in enumerate(sorted(matrices.items())):
-        nbytes = share * 2 * d.numel()
-        if method == "svd":
-            rec, b = svd_at(d, nbytes)
-        elif method == "magnitude":
-            rec, b = magnitude_at(d, nbytes)
-        elif method == "dare":
-            rec, b = dare_at(d, nbytes, seed=i)
-        else:
-            rec, b = bitdelta(d)
-        out[name] = rec
-        used += b
-    return out, used
+    return per_matrix(deltas, ratio, lambda *a: baseline_at(method, *a))
 
 
 def main() -> None:
@@ -385,11 +349,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods, ratios = args.methods.split(","), [int(r) for r in args.ratios.split(",")]
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
+    log = logger()
     args.cache.mkdir(parents=True, exist_ok=True)
     base = base_folder(args.cache)
     sources = {"pydoc": pydoc_pairs, "man": man_pairs}
@@ -446,33 +406,21 @@ def main() -> None:
                         f"MRR {mrr:.4f} keep {keep:.3f} ({time.time() - t:.1f}s)"
                     )
         results.append({"skill": skill, "mrr_base": mrr_base, "mrr_source": mrr_src})
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    print(table(results, methods, ratios))
+    finish(results, args.json, table(results, methods, ratios))
     log("done")
 
 
 def table(results: list[dict[str, Any]], methods: list[str], ratios: list[int]) -> str:
-    rows = [r for r in results if "method" in r]
-    lines = []
-    for info in (r for r in results if "mrr_base" in r):
-        skill = info["skill"]
-        lines.append(
-            f"\n**{skill}** (held-out MRR: base {info['mrr_base']:.3f}, fine-tuned "
-            f"{info['mrr_source']:.3f}). Cells: share of the improvement kept (size / budget)\n"
-        )
-        lines.append("| method | " + " | ".join(f"1/{r}" for r in ratios) + " |")
-        lines.append("|---|" + "---|" * len(ratios))
-        for method in methods:
-            cells = []
-            for ratio in ratios:
-                key = (skill, ratio, method)
-                hit = [r for r in rows if (r["skill"], r["ratio"], r["method"]) == key]
-                cells.append(
-                    f"{hit[0]['keep']:.1%} ({hit[0]['size_vs_budget']:.3f})" if hit else "—"
-                )
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_tables(
+        results,
+        methods,
+        ratios,
+        lambda info: (
+            f"**{info['skill']}** (held-out MRR: base {info['mrr_base']:.3f}, fine-tuned "
+            f"{info['mrr_source']:.3f}). Cells: share of the improvement kept (size / budget)"
+        ),
+        lambda r: f"{r['keep']:.1%} ({r['size_vs_budget']:.3f})",
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from graftbuild.release.card import codec_label
 from graftbuild.release.peft import export_peft
 from graftbuild.skillpack import PACK_FILE, PackReader
 from graftbuild.skillpack.report import pack_report
+from graftbuild.weights.tensors import torch_dtype_to_st
 
 
 class RowInt8Params(CodecParams):
@@ -70,11 +71,16 @@ class RowInt8Codec:
     def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
         return "rowint8 codes a dense int8 matrix, not a low-rank one"
 
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        rows, n = _rows(shape)
+        return {"codes": ("I8", [rows, n]), "scale": ("F32", [rows])}
+
     def layout(
         self, params: CodecParams, shape: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]]:
-        rows, n = _rows(shape)
-        return {}, {"codes": ("I8", [rows, n]), "scale": ("F32", [rows])}
+        return {}, self.stored_parts({}, shape)
 
 
 @pytest.fixture
@@ -145,7 +151,7 @@ def test_a_codec_without_a_rate_model_is_refused_under_a_budget(
 
 
 CONTRACT = ("encode", "decode", "expected_nbytes", "rate", "describe", "label",
-            "lora_factors", "layout")  # fmt: skip
+            "lora_factors", "layout", "stored_parts")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
@@ -163,6 +169,8 @@ def test_every_registered_codec_answers_the_whole_contract(name: str) -> None:
     encoded = codec.encode(delta, params)
     assert codec.decode(encoded.parts, encoded.meta, (24, 16)).shape == (24, 16)
     assert codec.expected_nbytes(encoded.meta, (24, 16)) == encoded.nbytes
+    stored = {p: (torch_dtype_to_st(t.dtype), list(t.shape)) for p, t in encoded.parts.items()}
+    assert codec.stored_parts(encoded.meta, (24, 16)) == stored  # a 3.0 pack finds them so
     spec = {"method": name, **params.model_dump(mode="json")}
     nbytes, chosen = codec.rate("t", delta, spec, None).choose(1e-3)
     assert (nbytes > 0 or name == "zero") and chosen["method"] == name

@@ -204,6 +204,36 @@ def test_pack_file_within_five_percent_of_its_budget(
         assert codecs - {"exact", "prune"}  # matrices took the mix's codecs
 
 
+def test_a_budget_pack_decomposes_each_matrix_once_and_keeps_its_bytes(
+    medium_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With calibration a budget pack asks for each matrix's SVD 4 times (rate model, the two
+    candidate allocations, the pack): ``svd_memo`` computes it once, with the same bytes."""
+    import graftbuild.compress.codecs._common as common
+
+    calls: list[tuple[int, ...]] = []
+    real = torch.linalg.svd
+
+    def counting(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    options = {"calibration": {"data": CALIB, "samples": 4, "seq_len": 32}, "budget": 1 / 32}
+    memo = _pack(medium_models, tmp_path / "memo", options).read_bytes()
+    with PackReader(tmp_path / "memo" / PACK_FILE) as r:
+        mixed = [tuple(e["shape"]) for e in r.entries.values() if e["codec"] == "mixed"]
+    # (other SVDs: the small projections of randomized SVDs, the header estimate's probes)
+    once = sorted(c for c in calls if c in mixed)
+    assert len(mixed) >= 3 and once == sorted(mixed)  # every mixed matrix decomposed once
+    calls.clear()
+    monkeypatch.setattr(common, "SVD_MEMO_BYTES", 0)  # nothing fits: every SVD recomputed
+    plain = _pack(medium_models, tmp_path / "plain", options).read_bytes()
+    assert len([c for c in calls if c in mixed]) >= 3 * len(once)
+    assert memo == plain
+    assert not common._MEMO.items  # dropped when the pack step ends
+
+
 def test_budget_packs_key_the_allocator_and_others_do_not() -> None:
     from graftbuild.steps.pack import BUDGET_ALLOCATOR_VERSION, codec_components
 

@@ -154,14 +154,87 @@ def test_is_a_plain_safetensors_file(tmp_path: Path) -> None:
     path = tmp_path / "p.safetensors"
     write_pack(path)
     tensors = load_file(path)
-    assert "model.layers.0.input_layernorm.weight::data" in tensors
-    assert all("::" in k for k in tensors)
+    # one byte run per tensor, named after it, whatever the number of its codec's parts
+    assert set(tensors) == set(pack_contents())
+    assert all(t.dtype == torch.uint8 and t.ndim == 1 for t in tensors.values())
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert header_len % 8 == 0
     meta = json.loads(json.loads(raw[8 : 8 + header_len])["__metadata__"][METADATA_KEY])
-    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["format_version"] == FORMAT_VERSION == "3.0"
     assert set(meta["tensors"]) == set(pack_contents())
+    assert all("parts" not in e for e in meta["tensors"].values())  # they follow from meta
+    with PackReader(path) as reader:
+        for name, t in tensors.items():
+            assert reader.entry_nbytes(name) == t.numel()
+        mixed = reader.entries["model.layers.0.mlp.up_proj.weight"]
+        assert len(mixed["meta"]["bands"]) == 3 and len(mixed["parts"]) == 19
+
+
+def _as_legacy(path: Path, out: Path) -> None:
+    """``path`` (a 3.0 pack) rewritten as a 1.1 pack: one safetensors entry per part, named
+    ``tensor::part``, and the part names in each entry (the format before 3.0)."""
+    with PackReader(path) as reader:
+        doc = {"format_version": "1.1", "header": reader.header, "tensors": {}}
+        tensors = {}
+        for name, entry in reader.entries.items():
+            doc["tensors"][name] = entry  # the reader lists the parts
+            for p in entry["parts"]:
+                tensors[f"{name}::{p}"] = reader.part(name, p)
+    save_file(tensors, out, metadata={METADATA_KEY: json.dumps(doc)})
+
+
+def test_a_format_1_pack_is_still_read(tmp_path: Path) -> None:
+    path, old = tmp_path / "p.safetensors", tmp_path / "old.safetensors"
+    write_pack(path)
+    _as_legacy(path, old)
+    assert old.stat().st_size > path.stat().st_size + 1000  # the per-part header entries
+    with PackReader(path) as new, PackReader(old) as legacy:
+        assert legacy.format_version == "1.1" and legacy.names() == new.names()
+        assert legacy.payload_nbytes() == new.payload_nbytes() == new.expected_nbytes()
+        for name in new.names():
+            assert legacy.entry_nbytes(name) == new.entry_nbytes(name)
+            assert torch.equal(legacy.decode(name), new.decode(name))
+            for p in new.entries[name]["parts"]:
+                assert torch.equal(legacy.part(name, p), new.part(name, p))
+
+
+def test_parts_unaligned_in_the_file_decode_as_in_memory(tmp_path: Path) -> None:
+    # two 25-byte runs (sigma, float16 scales, 3-bit codes): the second starts at byte 25 of
+    # the data, so its float32 and float16 parts are copied before being viewed
+    path = tmp_path / "p.safetensors"
+    spec = {"method": "mixed", "bands": [{"rank": 1, "bits": 3}], "group_size": 4}
+    encoded = {n: encode_tensor(delta_matrix(5, 7, i), spec) for i, n in enumerate("ab")}
+    with PackWriter(path, HEADER) as writer:
+        for name, (codec, params, enc) in encoded.items():
+            writer.add(name, "mlp", codec, params, (5, 7), "float32", enc)
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + n + load_file_header(path)["b"]["data_offsets"][0]) % 4 != 0
+    with PackReader(path) as reader:
+        for name, (codec, _, enc) in encoded.items():
+            expected = get_codec(codec).decode(enc.parts, enc.meta, (5, 7))
+            assert torch.equal(reader.decode(name), expected)
+            assert torch.equal(reader.part(name, "sigma"), enc.parts["sigma"])
+
+
+def load_file_header(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
+def test_a_run_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.safetensors"
+    write_pack(path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    st = json.loads(raw[8 : 8 + n])
+    doc = json.loads(st["__metadata__"][METADATA_KEY])
+    doc["tensors"]["model.layers.0.mlp.down_proj.weight"]["meta"]["bands"][0]["rank"] = 39
+    tensors = load_file(path)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata={METADATA_KEY: json.dumps(doc)})
+    with pytest.raises(UserError, match=r"bad\.safetensors: tensor .*down_proj.* stores \d+ bytes"):
+        PackReader(bad)
 
 
 def _forge(path: Path, version: str, **extra: Any) -> None:
@@ -187,8 +260,9 @@ def _forge(path: Path, version: str, **extra: Any) -> None:
 
 def test_refuses_newer_major_version(tmp_path: Path) -> None:
     path = tmp_path / "future.safetensors"
-    _forge(path, "3.0")  # 2.x is the reference pack (read since pack step version 4)
-    with pytest.raises(UserError, match=r"future\.safetensors.*version 3\.0.*1\.x, 2\.x") as info:
+    _forge(path, "4.0")  # 2.x is the reference pack (pack step 4), 3.x the stored pack (5)
+    match = r"future\.safetensors.*version 4\.0.*1\.x, 2\.x, 3\.x"
+    with pytest.raises(UserError, match=match) as info:
         PackReader(path)
     assert info.value.exit_code == 2
 
@@ -259,6 +333,26 @@ def test_unknown_codec_refused_at_decode(tmp_path: Path) -> None:
         reader.decode("nope")
 
 
+def test_unknown_codec_in_a_3x_pack_is_refused_at_decode_only(tmp_path: Path) -> None:
+    path = tmp_path / "p.safetensors"
+    entry = {"role": "other", "codec_version": 1, "params": {}, "shape": [2], "dtype": "float32"}
+    doc = {
+        "format_version": "3.1",
+        "header": {},
+        "tensors": {
+            "w": {**entry, "codec": "fancy", "meta": {"new": 1}},
+            "v": {**entry, "codec": "exact", "meta": {}},
+        },
+    }
+    exact = torch.tensor([1.0, 2.0]).view(torch.uint8)
+    runs = {"w": torch.arange(5, dtype=torch.uint8), "v": exact}
+    save_file(runs, path, metadata={METADATA_KEY: json.dumps(doc)})
+    with PackReader(path) as reader:
+        assert torch.equal(reader.decode("v"), torch.tensor([1.0, 2.0]))
+        with pytest.raises(UserError, match="'fancy'"):
+            reader.decode("w")
+
+
 def test_writer_is_atomic_and_cleans_up(tmp_path: Path) -> None:
     path = tmp_path / "p.safetensors"
     with pytest.raises(RuntimeError, match="boom"), PackWriter(path, HEADER) as writer:
@@ -278,8 +372,10 @@ def test_writer_rejects_bad_entries(tmp_path: Path) -> None:
             writer.add("w", "other", codec, params, (3,), "float32", enc)
         with pytest.raises(ValueError, match="unknown role"):
             writer.add("v", "weird", codec, params, (3,), "float32", enc)
-        with pytest.raises(ValueError, match="must be non-empty and not contain"):
+        with pytest.raises(ValueError, match="must be non-empty, not __metadata__"):
             writer.add("a::b", "other", codec, params, (3,), "float32", enc)
+        with pytest.raises(ValueError, match="metadata describes"):  # parts the meta disowns
+            writer.add("v", "other", codec, params, (4,), "float32", enc)
         with pytest.raises(ValueError, match="unknown compression method"):
             writer.add("v", "other", "zip", params, (3,), "float32", enc)
     with PackReader(tmp_path / "p.safetensors") as reader:
@@ -311,16 +407,45 @@ def _spec_decoder(path: Path) -> dict[str, np.ndarray]:
     st_header = json.loads(raw[8 : 8 + n])
     data = raw[8 + n :]
     doc = json.loads(st_header["__metadata__"]["graftbuild.skillpack"])
-    assert doc["format_version"].split(".")[0] == "1"
+    assert doc["format_version"].split(".")[0] == "3"
     np_dtypes = {"F32": "<f4", "F16": "<f2", "I32": "<i4", "I64": "<i8", "U8": "u1"}
+    tags = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32"}
+    width = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1}
+
+    def layout(e: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:  # section 4's tables
+        shape, meta = e["shape"], e["meta"]
+        if e["codec"] == "exact" or meta.get("fallback") == "exact":
+            return {"data": ("F32", shape)}
+        if e["codec"] == "prune":
+            k = meta["kept"]
+            index, value = tags[meta["index_dtype"]], tags[meta["dtype"]]
+            return {"indices": (index, [k]), "values": (value, [k])}
+        if e["codec"] == "lowrank":
+            (m, n), k, tag = shape, meta["rank"], tags[meta["dtype"]]
+            return {"a": (tag, [m, k]), "b": (tag, [k, n])}
+        (m, n), g = shape, meta["group_size"]
+        out = {"sigma": ("F32", [sum(b["rank"] for b in meta["bands"])])}
+        for i, b in enumerate(meta["bands"]):
+            for side, length in (("u", m), ("v", n)):
+                groups = -(-length // min(g, length))
+                out[f"b{i}.{side}.codes"] = ("U8", [-(-b["rank"] * length * b["bits"] // 8)])
+                out[f"b{i}.{side}.scale"] = ("F16", [b["rank"], groups])
+                out[f"b{i}.{side}.zero"] = ("F16", [b["rank"], groups])
+        return out
 
     def part(name: str, p: str) -> np.ndarray:
-        info = st_header[f"{name}::{p}"]
-        begin, end = info["data_offsets"]
-        if info["dtype"] == "BF16":  # bfloat16 = the high half of a float32
-            bits = np.frombuffer(data[begin:end], "<u2").astype(np.uint32) << 16
-            return bits.view("<f4").reshape(info["shape"])
-        return np.frombuffer(data[begin:end], np_dtypes[info["dtype"]]).reshape(info["shape"])
+        parts = layout(doc["tensors"][name])
+        at = st_header[name]["data_offsets"][0]
+        for q in sorted(parts, key=lambda q: (-width[parts[q][0]], q)):  # section 3
+            tag, shape = parts[q]
+            end = at + width[tag] * int(np.prod(shape))
+            if q == p:
+                break
+            at = end
+        if tag == "BF16":  # bfloat16 = the high half of a float32
+            bits = np.frombuffer(data[at:end], "<u2").astype(np.uint32) << 16
+            return bits.view("<f4").reshape(shape)
+        return np.frombuffer(data[at:end], np_dtypes[tag]).reshape(shape)
 
     def dequant(name: str, prefix: str, rows: int, length: int, bits: int, g: int) -> np.ndarray:
         stream = np.unpackbits(part(name, f"{prefix}.codes"), bitorder="little")

@@ -33,11 +33,14 @@ from graftbuild.errors import UserError
 from graftbuild.skillpack.format import (
     ADDED_ROWS,
     FORMAT_VERSION,
+    LEGACY_MAJOR,
     METADATA_KEY,
     READABLE_MAJORS,
     REFERENCE_MAJOR,
     parse_version,
     part_key,
+    run_offsets,
+    stored_layout,
 )
 from graftbuild.weights.tensors import ST_ITEMSIZE, ModelWeights, TensorFile, all_finite
 
@@ -116,14 +119,46 @@ class PackReader:
                     "header.reference and stores no parts; every entry is exact)"
                 )
         self._reference: dict[str, Any] | None = reference
+        self._legacy = major == LEGACY_MAJOR
         keys = set(self._f.keys())
-        for name, entry in entries.items():
-            missing = [p for p in entry.get("parts", []) if part_key(name, p) not in keys]
-            if missing:
-                raise UserError(f"{self.path}: tensor {name!r} lacks parts {missing}")
+        if self._legacy:
+            for name, entry in entries.items():
+                missing = [p for p in entry.get("parts", []) if part_key(name, p) not in keys]
+                if missing:
+                    raise UserError(f"{self.path}: tensor {name!r} lacks parts {missing}")
+        elif reference is None:
+            self._check_runs(entries, keys)
         self._format_version: str = version
         self._header: dict[str, Any] = header
         self._entries: dict[str, dict[str, Any]] = entries
+
+    def _check_runs(self, entries: dict[str, dict[str, Any]], keys: set[str]) -> None:
+        """A 3.x pack: each tensor's byte run has the length its metadata implies, and every
+        stored run belongs to a tensor. Entries get ``parts`` (their part names, as 1.x listed
+        them) for callers. A tensor whose codec this graftbuild does not know is checked when
+        decoded (an error then; the rest of the pack stays readable)."""
+        slices = {k: self._f.get_slice(k) for k in keys}
+        stray = sorted(k for k in keys if k not in entries or slices[k].get_dtype() != "U8")
+        if stray:
+            raise UserError(
+                f"{self.path}: stored entries {stray[:5]} are not the U8 byte run of a tensor"
+            )
+        sizes = {k: sl.get_shape() for k, sl in slices.items()}
+        for name, entry in entries.items():
+            try:
+                layout = stored_layout(entry)
+            except ValueError:  # an unknown codec
+                continue
+            except (KeyError, TypeError) as exc:
+                raise UserError(f"{self.path}: tensor {name!r}: corrupt entry ({exc})") from exc
+            nbytes = run_offsets(layout)[1]
+            stored = sizes[name][0] if name in sizes else 0
+            if stored != nbytes:
+                raise UserError(
+                    f"{self.path}: tensor {name!r} stores {stored} bytes; its "
+                    f"{entry['codec']} metadata says {nbytes}"
+                )
+            entry["parts"] = sorted(layout)
 
     @property
     def header(self) -> dict[str, Any]:
@@ -324,9 +359,7 @@ class PackReader:
             return self._computed_delta(name, placement, base_tensor, out)
         codec = self._codec(name, entry)
         shape = tuple(int(d) for d in entry["shape"])
-        assert self._raw is not None
-        # copy-on-write maps: a codec that only reads its parts copies nothing
-        parts = {p: self._raw.map(part_key(name, p)) for p in entry["parts"]}
+        parts = self._parts(name, entry)
         if placement.on_accelerator:
             parts = {p: placement.put(t) for p, t in parts.items()}
         rows = int(entry.get("added_rows", 0))
@@ -344,13 +377,48 @@ class PackReader:
             )
         return out.to(torch.float32)
 
+    def _parts(self, name: str, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The stored parts of ``name`` as CPU tensors: copy-on-write maps of the file (a codec
+        that only reads its parts copies nothing), except a part that lies unaligned for its
+        dtype in the file, copied."""
+        import torch
+
+        from graftbuild.weights.tensors import st_to_torch_dtype
+
+        assert self._raw is not None
+        if self._legacy:
+            return {p: self._raw.map(part_key(name, p)) for p in entry["parts"]}
+        self._codec(name, entry)  # an unknown or newer codec: the error names it
+        layout = stored_layout(entry)
+        offsets, nbytes = run_offsets(layout)
+        if not nbytes:
+            return {
+                p: torch.empty(shape, dtype=st_to_torch_dtype(tag))
+                for p, (tag, shape) in layout.items()
+            }
+        run = self._raw.map(name)
+        if run.numel() != nbytes:
+            raise UserError(f"{self.path}: tensor {name!r}: stored bytes do not match its entry")
+        out = {}
+        for p, (begin, end) in offsets.items():
+            tag, shape = layout[p]
+            dtype = st_to_torch_dtype(tag)
+            piece = run[begin:end]
+            if piece.storage_offset() % dtype.itemsize:
+                piece = piece.clone()
+            out[p] = piece.view(dtype).reshape(shape)
+        return out
+
     def part(self, name: str, part: str) -> torch.Tensor:
         """One stored part of a tensor's encoding, as stored (e.g. a low-rank factor)."""
         if self._f is None:
             raise ValueError(f"{self.path}: the reader is closed")
-        if part not in self._entry(name).get("parts", []):
+        entry = self._entry(name)
+        if part not in entry.get("parts", []):
             raise UserError(f"{self.path}: tensor {name!r} has no part {part!r}")
-        return self._f.get_tensor(part_key(name, part))
+        if self._legacy:
+            return self._f.get_tensor(part_key(name, part))
+        return self._parts(name, entry)[part].clone()
 
     def payload_nbytes(self) -> int:
         """Bytes of all stored tensors (the file minus its header)."""
@@ -367,8 +435,13 @@ class PackReader:
         """Bytes of the stored parts of one tensor."""
         if self._f is None:
             raise ValueError(f"{self.path}: the reader is closed")
+        entry = self._entry(name)
+        if not self._legacy:
+            if self._reference is not None or name not in self._raw.infos:  # type: ignore[union-attr]
+                return 0
+            return int(self._f.get_slice(name).get_shape()[0])
         total = 0
-        for part in self._entry(name)["parts"]:
+        for part in entry["parts"]:
             sl = self._f.get_slice(part_key(name, part))
             total += ST_ITEMSIZE[sl.get_dtype()] * math.prod(sl.get_shape())
         return total

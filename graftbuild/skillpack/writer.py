@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys
@@ -26,10 +25,13 @@ from graftbuild.skillpack.format import (
     PART_SEP,
     REFERENCE_FORMAT_VERSION,
     UMASK,
+    PartLayout,
     canonical_json,
-    part_key,
+    run_alignment,
+    run_offsets,
+    stored_layout,
 )
-from graftbuild.weights.tensors import ST_ITEMSIZE, all_finite, check_finite, torch_dtype_to_st
+from graftbuild.weights.tensors import all_finite, check_finite, torch_dtype_to_st
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +112,7 @@ def reference_layout(role: str, shape: tuple[int, ...], dtype: str) -> TensorLay
 
 def write_stored(reader: Any, path: str | os.PathLike[str]) -> int:
     """A reference pack (``reader``, given its base and source folders) rewritten as a stored
-    1.0 pack at ``path``: exactly the bytes the pack step writes for the same lossless delta
+    pack at ``path``: exactly the bytes the pack step writes for the same lossless delta
     (same header less ``reference``). For when a pack must stand alone (a runtime bundle).
     Returns the file's size."""
     from graftbuild.compress.codecs.exact import encode_exact
@@ -136,12 +138,14 @@ def write_stored(reader: Any, path: str | os.PathLike[str]) -> int:
 class PackWriter:
     """Writes one SkillPack file atomically (temp file in the same folder, then ``os.replace``).
 
-    Without ``layout``, parts are spilled to a temporary file as they come and the pack is written
-    at ``close``, once every part's size is known. With ``layout`` (every tensor's entry and part
-    shapes known before encoding: ``plan_layout``), the header is written first and each tensor's
-    parts go straight to their place: the same bytes, written once; ``add`` must then be called
-    in the order ``self.order`` gives (the file's). Either way the file is hashed as it is written
-    and the hash recorded for the store (graftbuild/writing.py).
+    Each tensor's parts become one run of bytes (format.run_offsets), stored as one safetensors
+    ``U8`` entry named after the tensor. Without ``layout``, runs are spilled to a temporary file
+    as they come and the pack is written at ``close``, once every run's size is known. With
+    ``layout`` (every tensor's entry and part shapes known before encoding: ``plan_layout``), the
+    header is written first and each run goes straight to its place: the same bytes, written
+    once; ``add`` must then be called in the order ``self.order`` gives (the file's). Either way
+    the file is hashed as it is written and the hash recorded for the store
+    (graftbuild/writing.py).
     """
 
     def __init__(
@@ -153,8 +157,8 @@ class PackWriter:
         self.path = Path(path)
         self.header = json.loads(canonical_json(header))  # a private copy; fails now on non-JSON
         self._entries: dict[str, dict[str, Any]] = {}
-        # part key -> (safetensors dtype, shape, offset in the spill file, nbytes, itemsize)
-        self._parts: dict[str, tuple[str, list[int], int, int, int]] = {}
+        # tensor -> (offset of its run in the spill file, run bytes); spill mode only
+        self._runs: dict[str, tuple[int, int]] = {}
         self._spill: BinaryIO | None = None
         self._out: HashedWriter | None = None
         self._tmp: Path | None = None  # the pack being written, renamed into place at close
@@ -164,7 +168,7 @@ class PackWriter:
         """Planned writing: the tensor names in file order, the order ``add`` takes them in."""
         if layout is not None:
             self._plan(layout)
-        if self.order is None:
+        else:
             fd, spill = tempfile.mkstemp(
                 prefix=f".{self.path.name}.", suffix=".spill", dir=self.path.parent
             )
@@ -172,33 +176,22 @@ class PackWriter:
             self._spill = os.fdopen(fd, "w+b")
             self._spill_size = 0
 
+    @property
+    def _reference(self) -> bool:
+        """A header naming a source ("reference") makes a reference pack: see reference_layout."""
+        return "reference" in self.header
+
     def _plan(self, layout: Mapping[str, TensorLayout]) -> None:
-        """Lay the file out from ``layout`` and write its header; leaves ``order`` None (spill
-        mode) when some tensor's parts would not be contiguous in the file."""
+        """Lay the file out from ``layout`` and write its header."""
         entries: dict[str, dict[str, Any]] = {}
-        parts: dict[str, tuple[str, list[int], int, int, int]] = {}
+        runs: dict[str, tuple[int, int]] = {}
         for name, t in layout.items():
             entries[name] = self._entry(
-                name, t.role, t.codec, t.params, t.shape, t.dtype, t.meta, sorted(t.parts)
+                name, t.role, t.codec, t.params, t.shape, t.dtype, t.meta, t.parts
             )
-            for part, (tag, shape) in t.parts.items():
-                itemsize = ST_ITEMSIZE[tag]
-                parts[part_key(name, part)] = (
-                    tag,
-                    list(shape),
-                    -1,
-                    itemsize * math.prod(shape),
-                    itemsize,
-                )
-        self._entries, self._parts = entries, parts
+            runs[name] = (-1, run_offsets(t.parts)[1])
+        self._entries, self._runs = entries, runs
         head, keys, payload = self._st_header()
-        order = [key.split(PART_SEP, 1)[0] for key in keys]
-        runs = [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n]
-        if len(runs) != len(set(runs)):  # a tensor's parts interleave with another's
-            self._entries, self._parts = {}, {}
-            return
-        self._file_keys = keys
-        self._next = 0
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
@@ -214,10 +207,8 @@ class PackWriter:
         self._added: set[str] = set()
         # tensors without parts (a zero delta) have no place in the file: they come last; a
         # reference pack's entries (no parts either) are complete as planned, never added
-        partless = [] if "reference" in self.header else sorted(
-            n for n, t in layout.items() if not t.parts
-        )
-        self.order = runs + partless
+        partless = [] if self._reference else sorted(n for n in layout if n not in keys)
+        self.order = keys + partless
 
     def _entry(
         self,
@@ -228,14 +219,19 @@ class PackWriter:
         shape: tuple[int, ...] | list[int] | torch.Size,
         dtype: str,
         meta: dict[str, Any],
-        part_names: list[str],
+        parts: PartLayout,
         added_rows: int = 0,
     ) -> dict[str, Any]:
-        """The canonical metadata entry of one tensor (checked: name, role, codec, params).
-        ``added_rows``: rows beyond the base's (new tokens), stored whole in part
-        ``added_rows``; ``shape`` then counts them."""
-        if PART_SEP in name or not name:
-            raise ValueError(f"tensor name {name!r} must be non-empty and not contain {PART_SEP!r}")
+        """The canonical metadata entry of one tensor (checked: name, role, codec, params, and
+        ``parts``, part -> (safetensors dtype, shape), against what the codec's metadata says
+        it stores: a reader finds the parts from the metadata alone). ``added_rows``: rows
+        beyond the base's (new tokens), stored whole in part ``added_rows``; ``shape`` then
+        counts them."""
+        if PART_SEP in name or not name or name == "__metadata__":
+            raise ValueError(
+                f"tensor name {name!r} must be non-empty, not __metadata__ and not contain "
+                f"{PART_SEP!r}"
+            )
         if role not in ROLES:
             raise ValueError(f"tensor {name!r}: unknown role {role!r}; valid roles: {ROLES}")
         codec = get_codec(codec_name)
@@ -250,16 +246,34 @@ class PackWriter:
             "shape": [int(d) for d in shape],
             "dtype": str(dtype).removeprefix("torch."),
             "meta": meta,
-            "parts": sorted(part_names),
         }
+        if self._reference:
+            if parts:
+                raise ValueError(f"tensor {name!r}: a reference pack stores no parts")
+            entry["parts"] = []  # format 2.0 lists the parts: none
         if added_rows:
-            if ADDED_ROWS not in part_names or not shape or int(shape[0]) <= added_rows:
+            if ADDED_ROWS not in parts or not shape or int(shape[0]) <= added_rows:
                 raise ValueError(f"tensor {name!r}: {added_rows} added rows need part {ADDED_ROWS}")
             entry["added_rows"] = int(added_rows)
         try:
-            return json.loads(canonical_json(entry))  # a private copy, as the reader will see it
+            entry = json.loads(canonical_json(entry))  # a private copy, as the reader will see it
         except (TypeError, ValueError) as exc:
             raise ValueError(f"tensor {name!r}: metadata is not canonical JSON ({exc})") from exc
+        if self._reference:
+            return entry
+        try:
+            expected = stored_layout(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"tensor {name!r}: {codec.name} metadata is incomplete ({exc})"
+            ) from exc
+        got = {p: (tag, [int(d) for d in dims]) for p, (tag, dims) in parts.items()}
+        if got != expected:
+            raise ValueError(
+                f"tensor {name!r}: parts {got} are not the {expected} its {codec.name} metadata "
+                "describes"
+            )
+        return entry
 
     def add(
         self,
@@ -281,20 +295,9 @@ class PackWriter:
         added = self._added if self.order is not None else self._entries
         if name in added:
             raise ValueError(f"tensor {name!r} added twice to {self.path}")
-        entry = self._entry(
-            name,
-            role,
-            codec_name,
-            params,
-            shape,
-            dtype,
-            encoded.meta,
-            list(encoded.parts),
-            added_rows,
-        )
-        staged: dict[str, tuple[str, list[int], torch.Tensor, int]] = {}
-        for part in entry["parts"]:
-            t = encoded.parts[part]
+        staged: dict[str, torch.Tensor] = {}
+        layout: PartLayout = {}
+        for part, t in encoded.parts.items():
             if PART_SEP in part or not part:
                 raise ValueError(f"tensor {name!r}: bad part name {part!r}")
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
@@ -306,30 +309,32 @@ class PackWriter:
                     f"tensor {name!r}: part {part!r} has unsupported dtype {t.dtype}"
                 ) from None
             check_finite(name, t, f"pack part {part!r} of tensor")
-            itemsize = ST_ITEMSIZE[tag]
-            staged[part] = (tag, list(t.shape), t.detach().contiguous(), itemsize)
+            layout[part] = (tag, list(t.shape))
+            staged[part] = t.detach().contiguous()
+        entry = self._entry(
+            name, role, codec_name, params, shape, dtype, encoded.meta, layout, added_rows
+        )
+        offsets, nbytes = run_offsets(layout)
         if self.order is not None:
-            self._write_planned(name, entry, staged)
+            self._write_planned(name, entry, staged, offsets)
             return
         assert self._spill is not None
-        for part, (tag, shape_, t, itemsize) in staged.items():
-            data = t.reshape(-1).view(torch.uint8).numpy()
-            self._spill.write(memoryview(data))
-            self._parts[part_key(name, part)] = (
-                tag,
-                shape_,
-                self._spill_size,
-                data.nbytes,
-                itemsize,
-            )
-            self._spill_size += data.nbytes
+        for part in offsets:
+            self._spill.write(memoryview(staged[part].reshape(-1).view(torch.uint8).numpy()))
+        if nbytes:
+            self._runs[name] = (self._spill_size, nbytes)
+        self._spill_size += nbytes
         self._entries[name] = entry
 
     def _write_planned(
-        self, name: str, entry: dict[str, Any], staged: dict[str, tuple[str, list[int], Any, int]]
+        self,
+        name: str,
+        entry: dict[str, Any],
+        staged: dict[str, Any],
+        offsets: dict[str, tuple[int, int]],
     ) -> None:
-        """Write one tensor's parts at their place in the file, after checking that they are
-        what the layout promised (the header is already written)."""
+        """Write one tensor's run at its place in the file, after checking that it is what the
+        layout promised (the header is already written)."""
         import torch
 
         assert self.order is not None and self._out is not None
@@ -338,37 +343,29 @@ class PackWriter:
         expected = self.order[len(self._added)]
         if name != expected:
             raise ValueError(f"tensor {name!r} added out of order: {expected!r} comes first")
-        if entry != self._planned[name] or any(
-            self._parts[part_key(name, p)][:2] != (tag, shape)
-            for p, (tag, shape, _, _) in staged.items()
-        ):
+        if entry != self._planned[name]:  # the entry fixes every part's dtype and shape
             raise ValueError(f"tensor {name!r}: its encoding does not match the planned layout")
-        while (
-            self._next < len(self._file_keys)
-            and self._file_keys[self._next].split(PART_SEP, 1)[0] == name
-        ):
-            part = self._file_keys[self._next].split(PART_SEP, 1)[1]
-            self._out.write(staged[part][2].reshape(-1).view(torch.uint8).numpy())
-            self._next += 1
+        for part in offsets:
+            self._out.write(staged[part].reshape(-1).view(torch.uint8).numpy())
         self._added.add(name)
 
     def _st_header(self) -> tuple[bytes, list[str], int]:
-        """(safetensors header bytes, part keys in file order, payload bytes)."""
-        # a header naming a source ("reference") makes a reference pack: see reference_layout
-        version = REFERENCE_FORMAT_VERSION if "reference" in self.header else FORMAT_VERSION
+        """(safetensors header bytes, tensors with stored bytes in file order, payload bytes)."""
+        version = REFERENCE_FORMAT_VERSION if self._reference else FORMAT_VERSION
         doc = {"format_version": version, "header": self.header, "tensors": self._entries}
-        # Widest dtypes first keeps every tensor aligned to its element size.
-        order = sorted(self._parts, key=lambda k: (-self._parts[k][4], k))
+        runs = {name: nbytes for name, (_, nbytes) in self._runs.items() if nbytes}
+        # runs whose length has the larger power-of-two factor first: each then starts aligned
+        # to it (the data starts 8-aligned), and so do its parts (format.run_offsets)
+        order = sorted(runs, key=lambda n: (-run_alignment(runs[n]), n))
         st_header: dict[str, Any] = {"__metadata__": {METADATA_KEY: canonical_json(doc)}}
         offset = 0
-        for key in order:
-            tag, shape, _, nbytes, _ = self._parts[key]
-            st_header[key] = {
-                "dtype": tag,
-                "shape": shape,
-                "data_offsets": [offset, offset + nbytes],
+        for name in order:
+            st_header[name] = {
+                "dtype": "U8",
+                "shape": [runs[name]],
+                "data_offsets": [offset, offset + runs[name]],
             }
-            offset += nbytes
+            offset += runs[name]
         head = canonical_json(st_header).encode("utf-8")
         head += b" " * (-len(head) % 8)
         return head, order, offset
@@ -416,7 +413,7 @@ class PackWriter:
         out.write(head)
         buf = bytearray(COPY_CHUNK)
         for key in order:
-            _, _, start, nbytes, _ = self._parts[key]
+            start, nbytes = self._runs[key]
             left = nbytes
             while left:
                 n = os.preadv(
@@ -474,10 +471,10 @@ def estimate_header_nbytes(
 ) -> int:
     """Bytes the safetensors header of a pack of ``tensors`` (name -> (role, spec, shape,
     dtype)) will take, within a few bytes per tensor: each spec is encoded on a small random
-    matrix to learn its metadata and part names (numbers in them differ in length only), and
-    the header is laid out as ``PackWriter`` lays it, every offset as long as ``payload`` (an
-    upper bound of the payload's size) and 4 bytes of slack per part for the real shapes. Lets
-    a size budget bound the whole file."""
+    matrix to learn its metadata (numbers in it differ in length only), and the header is laid
+    out as ``PackWriter`` lays it, every offset as long as ``payload`` (an upper bound of the
+    payload's size) and 4 bytes of slack per tensor for the real numbers. Lets a size budget
+    bound the whole file."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -502,15 +499,10 @@ def estimate_header_nbytes(
             "shape": [int(d) for d in shape],
             "dtype": dtype,
             "meta": encoded.meta,
-            "parts": sorted(encoded.parts),
         }
-        for part, t in encoded.parts.items():
-            st[part_key(name, part)] = {
-                "dtype": torch_dtype_to_st(t.dtype),
-                "shape": list(t.shape),
-                "data_offsets": [payload, payload],
-            }
-            slack += 4
+        if encoded.parts and any(t.numel() for t in encoded.parts.values()):
+            st[name] = {"data_offsets": [payload, payload], "dtype": "U8", "shape": [payload]}
+        slack += 4
     doc = {"format_version": FORMAT_VERSION, "header": header, "tensors": entries}
     head = canonical_json({"__metadata__": {METADATA_KEY: canonical_json(doc)}, **st})
     return 8 + len(head.encode("utf-8")) + slack

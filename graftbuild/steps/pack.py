@@ -7,6 +7,7 @@ parts are written in name order whatever order the workers finish in.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,7 +37,8 @@ class PackStep:
     # 3: GPTQ rounds to its grid by division, as RTN does (codes differ at exact ties)
     # 4: zero deltas stored as `zero`; buffers skipped; added token rows; LoRA adapter sources;
     #    a lossless (all-exact) pack of a source is a reference pack (no model-sized copy)
-    version: ClassVar[int] = 4
+    # 5: stored packs are SkillPack 3.0 (one byte run per tensor: a smaller header)
+    version: ClassVar[int] = 5
     uses_accelerator: ClassVar[bool] = True
     forwards: ClassVar[tuple[str, ...]] = ("source",)
     """Inputs that a node reading a pack also receives (as ``pack.N.source``): a reference
@@ -78,7 +80,7 @@ class PackStep:
     def run(self, ctx: StepContext) -> None:
 
         from graftbuild.compress.budget import seeded
-        from graftbuild.compress.codecs import Encoded
+        from graftbuild.compress.codecs import Encoded, svd_memo
         from graftbuild.compress.codecs.zero import is_zero
         from graftbuild.compress.gptq import Calibration
         from graftbuild.compress.roles import classify
@@ -105,11 +107,14 @@ class PackStep:
         # is a function of the delta alone, so a source change that leaves the weights as they
         # were yields the same bytes and the fuse below is reused (early cutoff).
         header: dict[str, Any] = {"base": ctx.input_hashes["base"]}
+        searched = profile.get("budget") is not None or profile.get("target") is not None
         if reference == "parent":
             header["parent"] = ctx.input_hashes["parent"]
         with (
             ModelWeights(ctx.inputs[reference]) as base,
             open_source(ctx.inputs["source"], base, ctx) as src,
+            # a budget pack decomposes each matrix up to 4 times: rate, two candidates, pack
+            svd_memo() if searched else nullcontext(),
         ):
             # Non-float tensors (BERT's int64 position_ids, ...) are buffers, not weights: the
             # fused model carries the base's, and they are never delta'd.

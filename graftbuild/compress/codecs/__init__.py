@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from graftbuild.compress.codecs._common import svd_memo
 from graftbuild.compress.codecs.base import Codec, CodecParams, Encoded
 from graftbuild.compress.codecs.exact import ExactCodec
 from graftbuild.compress.codecs.lowrank import LowRankCodec
@@ -47,4 +48,4 @@ def parse_spec(spec: Mapping[str, Any]) -> tuple[Codec, CodecParams]:
     return codec, params
 
 
-__all__ = ["CODECS", "Codec", "CodecParams", "Encoded", "get_codec", "parse_spec"]
+__all__ = ["CODECS", "Codec", "CodecParams", "Encoded", "get_codec", "parse_spec", "svd_memo"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from graftbuild.compress.codecs.base import CodecParams
@@ -30,6 +33,21 @@ DTYPE_NBYTES: dict[str, int] = {
 }
 
 
+ST_TAG: dict[str, str] = {
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "int32": "I32",
+    "int64": "I64",
+}
+"""The safetensors dtype of each stored dtype name (``stored_parts``)."""
+
+
+def exact_parts(shape: tuple[int, ...]) -> dict[str, tuple[str, list[int]]]:
+    """The parts of an ``exact`` encoding (and of every codec's exact fallback)."""
+    return {"data": ("F32", [int(d) for d in shape])}
+
+
 def as_float32(delta: torch.Tensor) -> torch.Tensor:
     """``delta`` as float32 on its own device (may share storage; callers copy what they keep).
 
@@ -51,12 +69,80 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """Thin SVD ``matrix = U diag(S) Vh`` in float32 with deterministic signs.
 
     Singular vectors are only defined up to sign; each pair (u_i, v_i) is flipped so that the
-    largest-magnitude entry of u_i (the first one on ties) is positive.
+    largest-magnitude entry of u_i (the first one on ties) is positive. Inside ``svd_memo`` a
+    CPU matrix's factors are remembered by content (callers must not modify them).
     """
     import torch
 
-    u, s, vh = torch.linalg.svd(matrix.to(torch.float32), full_matrices=False)
-    return _canonical_signs(u, s, vh)
+    x = matrix.to(torch.float32)
+    key = _MEMO.key(x)
+    if key is not None:
+        hit = _MEMO.get(key)
+        if hit is not None:
+            return hit
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    out = _canonical_signs(u, s, vh)
+    if key is not None:
+        _MEMO.put(key, out)
+    return out
+
+
+SVD_MEMO_BYTES = 1 << 30
+"""What ``svd_memo`` holds at most (factors are admitted until it is full, never evicted: a
+pack step scans its tensors in the same order each time, where evicting the oldest would
+drop every factor just before it is asked for again)."""
+
+
+class _SvdMemo:
+    """Factors of the SVDs computed inside ``svd_memo``, by the matrix's content hash."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.items: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.nbytes = 0
+        self.hits = 0
+
+    def key(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        if not self.users or x.device.type != "cpu":
+            return None
+        import xxhash
+
+        data = x.detach().contiguous().reshape(-1).view(torch_dtype("uint8")).numpy()
+        return (tuple(x.shape), xxhash.xxh3_128_hexdigest(memoryview(data)))
+
+    def get(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        with self.lock:
+            hit = self.items.get(key)
+            self.hits += hit is not None
+            return hit
+
+    def put(self, key: tuple[Any, ...], out: tuple[torch.Tensor, ...]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in out)
+        with self.lock:
+            if self.users and key not in self.items and self.nbytes + nbytes <= SVD_MEMO_BYTES:
+                self.items[key] = out  # type: ignore[assignment]
+                self.nbytes += nbytes
+
+
+_MEMO = _SvdMemo()
+
+
+@contextmanager
+def svd_memo() -> Iterator[None]:
+    """Within it, ``svd`` of a CPU matrix already decomposed returns the same factors without
+    recomputing them (a budget pack decomposes each matrix for its rate, for the two candidate
+    allocations and for the pack itself: 4 times). Same bytes as without it; the factors are
+    dropped when the last user leaves."""
+    with _MEMO.lock:
+        _MEMO.users += 1
+    try:
+        yield
+    finally:
+        with _MEMO.lock:
+            _MEMO.users -= 1
+            if not _MEMO.users:
+                _MEMO.items, _MEMO.nbytes = {}, 0
 
 
 def _canonical_signs(

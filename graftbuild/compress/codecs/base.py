@@ -85,6 +85,14 @@ class Codec(Protocol):
         it has none (``graftbuild export peft``). ``reader`` is the pack's reader."""
         ...
 
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        """part -> (safetensors dtype, shape) of an encoding with ``meta`` of a delta of
+        ``shape``: what ``encode`` returns, known from the metadata alone. A stored pack keeps
+        one tensor's parts in one byte run and finds each part from this (SkillPack 3.0)."""
+        ...
+
     def layout(
         self, params: CodecParams, shape: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]] | None:

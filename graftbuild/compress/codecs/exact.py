@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from graftbuild.compress.codecs._common import as_float32, not_low_rank, numel
+from graftbuild.compress.codecs._common import as_float32, exact_parts, not_low_rank, numel
 from graftbuild.compress.codecs.base import (
     CodecParams,
     Encoded,
@@ -78,9 +78,14 @@ class ExactCodec:
     def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
         return not_low_rank(self.name)
 
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        return exact_parts(shape)
+
     def layout(
         self, params: CodecParams, shape: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]]:
         """(meta, part -> (safetensors dtype, shape)) of any delta of ``shape``, known before
         encoding, so the pack writer can write the file's header first (skillpack.plan_layout)."""
-        return {}, {"data": ("F32", [int(d) for d in shape])}
+        return {}, exact_parts(shape)

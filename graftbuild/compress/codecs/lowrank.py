@@ -24,9 +24,11 @@ from pydantic import Field, model_validator
 
 from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
+    ST_TAG,
     ValueDType,
     as_float32,
     descending_counts,
+    exact_parts,
     expect_params,
     numel,
     randomized_svd,
@@ -198,6 +200,15 @@ class LowRankCodec:
         a = reader.part(name, "a").to(torch.float32)
         b = reader.part(name, "b").to(torch.float32)
         return b.contiguous(), a.contiguous()
+
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        if meta.get("fallback") == FALLBACK:
+            return exact_parts(shape)
+        m, n = shape
+        k, tag = int(meta["rank"]), ST_TAG[meta["dtype"]]
+        return {"a": (tag, [m, k]), "b": (tag, [k, n])}
 
     def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
         return None  # the rank depends on the delta

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from graftbuild.compress.bitpack import packed_nbytes
 from graftbuild.compress.codecs._common import (
     as_float32,
+    exact_parts,
     expect_params,
     numel,
     svd,
@@ -303,6 +305,23 @@ class MixedCodec:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         lora_b = (u[:, :rank] * s[:rank]).to(torch.float32).contiguous()
         return vh[:rank].to(torch.float32).contiguous(), lora_b
+
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        if meta.get("fallback") == FALLBACK:
+            return exact_parts(shape)
+        m, n = shape
+        g = int(meta["group_size"])
+        parts: dict[str, tuple[str, list[int]]] = {}
+        for i, band in enumerate(meta["bands"]):
+            r, bits = int(band["rank"]), int(band["bits"])
+            for side, length in (("u", m), ("v", n)):
+                parts[f"b{i}.{side}.codes"] = ("U8", [packed_nbytes(r * length, bits)])
+                parts[f"b{i}.{side}.scale"] = ("F16", [r, n_groups(length, g)])
+                parts[f"b{i}.{side}.zero"] = ("F16", [r, n_groups(length, g)])
+        parts["sigma"] = ("F32", [sum(int(b["rank"]) for b in meta["bands"])])
+        return parts
 
     def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
         return None  # the bands' ranks are known, but sigma and codes follow the delta

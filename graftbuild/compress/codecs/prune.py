@@ -14,6 +14,7 @@ from pydantic import Field
 
 from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
+    ST_TAG,
     ValueDType,
     as_float32,
     descending_counts,
@@ -154,6 +155,15 @@ class PruneCodec:
 
     def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
         return not_low_rank(self.name)
+
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        k = int(meta["kept"])
+        return {
+            "indices": (ST_TAG[meta["index_dtype"]], [k]),
+            "values": (ST_TAG[meta["dtype"]], [k]),
+        }
 
     def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
         return None  # which entries are kept depends on the delta

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from graftbuild.compress.codecs._common import (
     DTYPE_NBYTES,
+    ST_TAG,
     ValueDType,
     as_float32,
     expect_params,
@@ -225,6 +226,11 @@ class SparseCodec:
 
     def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
         return not_low_rank(self.name)
+
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        return {"values": (ST_TAG[meta["dtype"]], [int(meta["kept"])])}
 
     def layout(self, params: CodecParams, shape: tuple[int, ...]) -> None:
         return None  # how many entries the mask keeps is known, but not cheaply before encoding

@@ -54,6 +54,11 @@ class ZeroCodec:
     def lora_factors(self, reader: Any, name: str, entry: dict[str, Any]) -> str:
         return "its delta is zero"
 
+    def stored_parts(
+        self, meta: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[str, list[int]]]:
+        return {}
+
     def layout(
         self, params: CodecParams, shape: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, tuple[str, list[int]]]]:
