@@ -39,6 +39,9 @@ weights = {{ y = 0.5 }}
 [fuse.options]
 base_prompts = "{DATA}/lang.train.txt"
 prompts = {{ x = "{DATA}/arith.train.txt", y = "PROMPTS_Y" }}
+# x and y are random perturbations with no skill: these tests check the classifier and the
+# switching, each domain to its own pack (tests/test_router_options.py: choosing by loss)
+select = "domain"
 
 [[fuse]]
 name = "x"

@@ -2,10 +2,13 @@
 
 Layout (``bundle.json`` describes it)::
 
-    bundle.json            {"format": "graftbuild.bundle", "version": 1, "base", "packs", "router"}
+    bundle.json            {"format": "graftbuild.bundle", "version": 2, "base", "packs", "router"}
     base/                  the base model folder (config, tokenizer, safetensors weights)
     packs/NAME.safetensors each pack's SkillPack file, unchanged
     router.safetensors     the router's tensors (graftbuild/runtime/router.py)
+
+Version 2 added the router's options (no pack, packs, mixes), the domain -> option ``choice``
+and the losses it was chosen by; a version 1 bundle still loads (each class its own option).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from graftbuild.errors import UserError
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "graftbuild.bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def write_bundle(folder: Path, packs: list[dict[str, Any]], router: dict[str, Any]) -> None:
@@ -44,7 +48,7 @@ def read_bundle(folder: Path) -> dict[str, Any]:
     if (
         not isinstance(doc, dict)
         or doc.get("format") != BUNDLE_FORMAT
-        or doc.get("version") != BUNDLE_VERSION
+        or doc.get("version") not in READABLE_VERSIONS
     ):
         raise UserError(f"{folder / BUNDLE_FILE}: unsupported bundle format or version")
     return doc

@@ -23,7 +23,7 @@ from graftbuild.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from graftbuild.runtime.router import Router
+    from graftbuild.runtime.router import Decision, Router
     from graftbuild.skillpack import PackReader
 
 
@@ -142,23 +142,46 @@ class GraftedModel:
 
     # -- routing and generation ----------------------------------------------------------------
 
-    def route(self, prompts: list[str], return_scores: bool = False) -> Any:
-        """For each prompt, the packs the router activates for it (``[]``: the base alone).
-
-        With ``return_scores``: ``(routes, scores)``, where ``scores[i]`` maps every pack, and
-        ``"base"`` for no pack, to the router's probability for prompt ``i`` (they sum to 1; the
-        route is the most probable)."""
-        from graftbuild.runtime.router import BASE
-
+    def decide(self, prompts: list[str]) -> list[Decision]:
+        """Per prompt, what the router answers: the option (``base``, a pack, or a mix such as
+        ``x+y``), the packs it activates, its probability (``confidence``) and every option's
+        and domain's probability (graftbuild/runtime/router.py ``Decision``)."""
         if self.router is None:
             raise UserError(f"{self.folder}: this bundle has no router")
         with self.using(None):
-            probs = self.router.probabilities(self.model, self.tokenizer, prompts)
-        routes = [[c] if c else [] for c in (max(p, key=p.__getitem__) for p in probs)]
+            return self.router.decide(self.model, self.tokenizer, prompts)
+
+    def route(self, prompts: list[str], return_scores: bool = False) -> Any:
+        """For each prompt, the packs the router activates for it (``[]``: the base alone; two
+        or more: a mix).
+
+        With ``return_scores``: ``(routes, scores)``, where ``scores[i]`` maps every option
+        (``"base"`` for no pack, a pack's name, ``"x+y"`` for a mix) to the router's probability
+        for prompt ``i`` (they sum to 1; the route is the most probable)."""
+        decisions = self.decide(prompts)
+        routes = [d.packs for d in decisions]
         if not return_scores:
             return routes
-        named = [{("base" if c == BASE else c): v for c, v in p.items()} for p in probs]
-        return routes, named
+        return routes, [d.options for d in decisions]
+
+    def option_losses(
+        self, texts: dict[str, list[str]], options: list[list[str]], max_len: int
+    ) -> dict[str, dict[str, float]]:
+        """Domain -> option label -> mean next-token loss of ``texts[domain]`` with that option
+        active (each text cut at ``max_len`` tokens). What the build chooses options by."""
+        from graftbuild.runtime.router import option_label
+
+        out: dict[str, dict[str, float]] = {d: {} for d in texts}
+        before = self.active
+        try:
+            for option in options:
+                self.activate(option)
+                for domain, lines in texts.items():
+                    loss = text_loss(self.model, self.tokenizer, lines, max_len)
+                    out[domain][option_label(option)] = loss
+        finally:
+            self.activate(before)
+        return out
 
     def generate(
         self,
@@ -171,8 +194,9 @@ class GraftedModel:
         """Greedy (unless ``kwargs`` say otherwise) continuations, each prompt with the packs the
         router picks for it (or ``packs[i]``), grouped so each pack set is switched in once.
 
-        ``log_routes``: True logs, per prompt, the packs it ran with and the router's scores
-        (logger ``graftbuild.runtime``, level INFO); a function is called with each line."""
+        ``log_routes``: True logs, per prompt, the packs it ran with, the chosen option and its
+        probability, then every option's (logger ``graftbuild.runtime``, level INFO); a
+        function is called with each line."""
         import torch
 
         if not hasattr(self.model, "generate") or not self.model.can_generate():
@@ -180,19 +204,22 @@ class GraftedModel:
                 f"{self.folder}: the base is an encoder ({type(self.model).__name__}); it has no "
                 "generate: use route() and the model's hidden states"
             )
-        scores: list[dict[str, float]] | None = None
+        decisions: list[Decision] | None = None
         if packs is not None:
             chosen = packs
-        elif log_routes:
-            chosen, scores = self.route(prompts, return_scores=True)
         else:
-            chosen = self.route(prompts)
+            decisions = self.decide(prompts)
+            chosen = [d.packs for d in decisions]
         if log_routes:
             emit = log_routes if callable(log_routes) else logging.getLogger(__name__).info
             for i, prompt in enumerate(prompts):
-                how = "given" if scores is None else ", ".join(
-                    f"{k} {v:.2f}" for k, v in sorted(scores[i].items(), key=lambda kv: -kv[1])
-                )
+                if decisions is None:
+                    how = "given"
+                else:
+                    d = decisions[i]
+                    how = f"{d.option} {d.confidence:.2f}; " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in sorted(d.options.items(), key=lambda kv: -kv[1])
+                    )
                 emit(f"route {i}: {prompt[:60]!r} -> {chosen[i] or ['base']} ({how})")
         out: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
@@ -235,4 +262,36 @@ def chunk_loss(model: Any, chunks: torch.Tensor, batch_size: int = 16) -> float:
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
             ).item()
             count += target.numel()
+    return total / count
+
+
+def text_loss(
+    model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int = 16
+) -> float:
+    """Mean next-token loss over the tokens of ``texts`` (each tokenized on its own, cut at
+    ``max_len``), batched with right padding; texts of fewer than two tokens are skipped."""
+    import torch
+
+    rows = [tokenizer(t)["input_ids"][:max_len] for t in texts]
+    rows = sorted((r for r in rows if len(r) > 1), key=len)
+    if not rows:
+        raise UserError("no held-out prompt has two tokens or more: cannot measure a loss")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r) for r in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, r in enumerate(batch):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
+            ).item()
+            count += int((target != -100).sum())
     return total / count

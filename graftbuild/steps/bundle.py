@@ -1,9 +1,13 @@
 """``fuse`` with ``strategy = "routed"``: a bundle folder, the base model, the packs and a router
 (layout: graftbuild/runtime/bundle.py; ``graftbuild.runtime.GraftedModel`` loads it).
 
-The router is fitted here, on the base model, from each pack's prompts (declared files of this
-node, so they are in its key): the source's finetune data unless ``options.prompts`` names other
-files, plus ``options.base_prompts`` for inputs that should go to no pack.
+The router is fitted here, on the base model, from each domain's prompts (declared files of this
+node, so they are in its key): each pack's domain (the source's finetune data unless
+``options.prompts`` names other files), the base's own domain (``options.base_prompts``) and any
+extra ``options.domains``. Then, with ``select = "loss"`` (the default), every option (no pack,
+each pack, each mix of ``options.mixes``) is switched in on the base and its loss measured on
+each domain's held-out prompts (``options.heldout``, or the tail of the domain's file held back
+from fitting); each domain is served by the option with the lowest loss.
 """
 
 from __future__ import annotations
@@ -21,14 +25,24 @@ from graftbuild.steps.fuse import strategy_components
 if TYPE_CHECKING:
     from graftbuild.recipe import FuseSpec, Recipe
 
+BASE_DOMAIN = "base"
+"""The base's own domain as recipes name it (``options.heldout.base``)."""
+FILE_KEYS = ("prompts", "base_prompts", "domains", "heldout")
+"""Options naming files: the files are inputs of the node, their paths are not in its config."""
+
 
 def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
-    """The node of a routed fuse: deps as a plain fuse, plus the router's prompts."""
+    """The node of a routed fuse: deps as a plain fuse, plus the router's prompt files."""
     opts = f.options
-    where = f"{recipe.path}: fuse {f.name!r}: options.prompts"
+    where = f"{recipe.path}: fuse {f.name!r}: options"
     unknown = sorted(set(opts["prompts"]) - set(f.packs))
     if unknown:
-        raise UserError(f"{where} names packs not in `packs`: {unknown}")
+        raise UserError(f"{where}.prompts names packs not in `packs`: {unknown}")
+    clash = sorted(d for d in opts["domains"] if d in f.packs or d == BASE_DOMAIN or "+" in d)
+    if clash:
+        raise UserError(
+            f"{where}.domains: {clash}: a domain's name must not be a pack's, 'base' or hold '+'"
+        )
     files: dict[str, Path] = {}
     for i, p in enumerate(f.packs):
         if p in opts["prompts"]:
@@ -36,10 +50,31 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
         elif recipe.sources[p].finetune is not None:
             files[f"prompts.{i}"] = recipe.sources[p].finetune.data  # type: ignore[union-attr]
         else:
-            raise UserError(f"{where}: pack {p!r} has no prompts for the router; add {p} = FILE")
+            raise UserError(
+                f"{where}.prompts: pack {p!r} has no prompts for the router; add {p} = FILE"
+            )
     if opts["base_prompts"] is not None:
         files["prompts.base"] = (recipe.root / opts["base_prompts"]).resolve()
-    options = {k: v for k, v in opts.items() if k not in ("prompts", "base_prompts")}
+    for d, path in sorted(opts["domains"].items()):
+        files[f"prompts.domain.{d}"] = (recipe.root / path).resolve()
+    domains = list(f.packs) + sorted(opts["domains"])
+    if opts["base_prompts"] is not None:
+        domains.append(BASE_DOMAIN)
+    unknown = sorted(set(opts["heldout"]) - set(domains))
+    if unknown:
+        raise UserError(f"{where}.heldout names domains the router has no prompts for: {unknown}")
+    for d, path in opts["heldout"].items():
+        key = (
+            f"heldout.{f.packs.index(d)}"
+            if d in f.packs
+            else ("heldout.base" if d == BASE_DOMAIN else f"heldout.domain.{d}")
+        )
+        files[key] = (recipe.root / path).resolve()
+    mixes = _mixes(opts["mixes"], f.packs, where)
+    options = {k: v for k, v in opts.items() if k not in FILE_KEYS} | {
+        "mixes": mixes,
+        "domains": sorted(opts["domains"]),
+    }
     return Node(
         ids.fuse(f.name),
         "bundle",
@@ -61,15 +96,60 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
         }
         | {f"dep:pack.{i}": f"pack '{p}' changed" for i, p in enumerate(f.packs)}
         | {f"file:prompts.{i}": f"router prompts of '{p}' changed" for i, p in enumerate(f.packs)}
-        | {"file:prompts.base": "router base prompts changed"},
+        | {f"file:heldout.{i}": f"held-out prompts of '{p}' changed" for i, p in enumerate(f.packs)}
+        | {"file:prompts.base": "router base prompts changed"}
+        | {"file:heldout.base": "held-out base prompts changed"}
+        | {
+            f"file:prompts.domain.{d}": f"router prompts of domain '{d}' changed"
+            for d in opts["domains"]
+        }
+        | {
+            f"file:heldout.domain.{d}": f"held-out prompts of domain '{d}' changed"
+            for d in opts["domains"]
+        },
         output=f.output or out / "fused" / f.name,
         components=strategy_components("routed"),
     )
 
 
+def _mixes(given: list[list[str]] | None, packs: list[str], where: str) -> list[list[str]]:
+    """The mixes, each in fusion order, checked: default one mix of all packs (two or more)."""
+    if given is None:
+        return [list(packs)] if len(packs) >= 2 else []
+    out: list[list[str]] = []
+    for mix in given:
+        bad = sorted(set(mix) - set(packs))
+        if bad:
+            raise UserError(f"{where}.mixes: {mix} names packs not in `packs`: {bad}")
+        ordered = [p for p in packs if p in mix]
+        if len(ordered) < 2:
+            raise UserError(f"{where}.mixes: {mix}: a mix needs two packs or more")
+        if ordered not in out:
+            out.append(ordered)
+    return out
+
+
+def split_prompts(
+    lines: list[str], heldout: list[str] | None, samples: int, choose: int, select: str
+) -> tuple[list[str], list[str]]:
+    """(prompts the classifier is fitted on, prompts the options' losses are measured on).
+
+    Without a held-out file the last ``choose`` prompts (at most a quarter of the file) are held
+    back from fitting; a file too small to split serves both (and ``select = "domain"`` measures
+    nothing, so fits on the first ``samples`` as it always did)."""
+    if select == "domain":
+        return lines[:samples], []
+    if heldout is not None:
+        return lines[:samples], heldout[:choose]
+    k = min(choose, len(lines) // 4)
+    if k == 0:
+        return lines[:samples], lines[:choose]
+    return lines[:-k][:samples], lines[-k:]
+
+
 class BundleStep:
     name: ClassVar[str] = "bundle"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     uses_accelerator: ClassVar[bool] = True
 
     def nodes(self, recipe: Recipe, out: Path) -> list[Node]:
@@ -77,7 +157,7 @@ class BundleStep:
 
     def run(self, ctx: StepContext) -> None:
         from graftbuild.runtime.bundle import write_bundle
-        from graftbuild.runtime.router import BASE, Router
+        from graftbuild.runtime.router import BASE, Router, is_causal
         from graftbuild.skillpack import PackReader, write_stored
         from graftbuild.weights.modeling import load_model, load_tokenizer, set_threads
         from graftbuild.weights.tensors import copy_non_weight_files, weight_files
@@ -124,15 +204,83 @@ class BundleStep:
                 }
             )
 
-        prompts: dict[str, list[str]] = {}
-        for i, name in enumerate(cfg["packs"]):
-            prompts[name] = read_examples(ctx.files[f"prompts.{i}"], opts["field"])
+        classes = list(cfg["packs"]) + list(opts["domains"])
+        files = [f"prompts.{i}" for i in range(len(cfg["packs"]))]
+        held = [f"heldout.{i}" for i in range(len(cfg["packs"]))]
+        files += [f"prompts.domain.{d}" for d in opts["domains"]]
+        held += [f"heldout.domain.{d}" for d in opts["domains"]]
         if cfg["base_class"]:
-            prompts[BASE] = read_examples(ctx.files["prompts.base"], opts["field"])
-        prompts = {c: texts[: opts["samples"]] for c, texts in prompts.items()}
+            classes.append(BASE)
+            files.append("prompts.base")
+            held.append("heldout.base")
+        fit: dict[str, list[str]] = {}
+        choose: dict[str, list[str]] = {}
+        for c, key, hkey in zip(classes, files, held, strict=True):
+            lines = read_examples(ctx.files[key], opts["field"])
+            heldout = read_examples(ctx.files[hkey], opts["field"]) if hkey in ctx.files else None
+            fit[c], choose[c] = split_prompts(
+                lines, heldout, opts["samples"], opts["choose_samples"], opts["select"]
+            )
         tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
         model = load_model(base_in, ctx.placement).eval()
-        with ctx.progress.task(f"router {ctx.node_id}", 1) as advance:
-            router = Router.fit(model, tok, prompts, opts["seq_len"])
+        options = [[]] + [[p] for p in cfg["packs"]] + [list(m) for m in opts["mixes"]]
+        measure = opts["select"] == "loss" and is_causal(model)
+        with ctx.progress.task(f"router {ctx.node_id}", 1 + measure) as advance:
+            router = Router.fit(model, tok, fit, opts["seq_len"])
             advance(1)
+            if measure:
+                router = self._choose(ctx, model, tok, router, packs, options, choose, advance)
+            else:
+                why = "encoder: no next-token loss" if opts["select"] == "loss" else "recipe"
+                options = options[: 1 + len(cfg["packs"])]  # no mix: no domain is chosen for one
+                choice = {
+                    c: (options.index([c]) if c in cfg["packs"] else 0) for c in router.classes
+                }
+                router = router.with_choice(options, choice, {"select": f"domain ({why})"})
         write_bundle(ctx.out, packs, router.save(ctx.out))
+
+    @staticmethod
+    def _choose(
+        ctx: StepContext,
+        model: Any,
+        tok: Any,
+        router: Any,
+        packs: list[dict[str, Any]],
+        options: list[list[str]],
+        texts: dict[str, list[str]],
+        advance: Any,
+    ) -> Any:
+        """The router answering the option with the lowest loss on each domain's held-out
+        prompts, every option switched in on the base in place (as ``GraftedModel`` serves)."""
+        from graftbuild.runtime.grafted import GraftedModel
+        from graftbuild.runtime.router import best_option, domain_label, option_label
+        from graftbuild.skillpack import PackReader
+
+        readers = {p["name"]: PackReader(ctx.out / p["file"]) for p in packs}
+        try:
+            g = GraftedModel(
+                ctx.out,
+                model,
+                tok,
+                readers,
+                {p["name"]: float(p["weight"]) for p in packs},
+                {p["name"]: p["parent"] for p in packs},
+                None,
+            )
+            named = {domain_label(c): t for c, t in texts.items()}
+            try:
+                losses = g.option_losses(named, options, ctx.config["options"]["loss_len"])
+            except UserError as e:
+                raise UserError(f"{ctx.node_id}: held-out prompts: {e}") from None
+            advance(1)
+        finally:
+            for r in readers.values():
+                r.close()
+        labels = [option_label(o) for o in options]
+        choice = {c: labels.index(best_option(losses[domain_label(c)])) for c in router.classes}
+        info = {
+            "select": "loss",
+            "losses": losses,
+            "measured_on": {domain_label(c): len(t) for c, t in texts.items()},
+        }
+        return router.with_choice(options, choice, info)
