@@ -270,12 +270,20 @@ def text_loss(
 ) -> float:
     """Mean next-token loss over the tokens of ``texts`` (each tokenized on its own, cut at
     ``max_len``), batched with right padding; texts of fewer than two tokens are skipped."""
+    total, count = text_loss_sum(model, tokenizer, texts, max_len, batch_size)
+    if count == 0:
+        raise UserError("no held-out prompt has two tokens or more: cannot measure a loss")
+    return total / count
+
+
+def text_loss_sum(
+    model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int = 16
+) -> tuple[float, int]:
+    """(summed next-token loss, predicted tokens) of ``texts``, as ``text_loss`` measures them."""
     import torch
 
     rows = [tokenizer(t)["input_ids"][:max_len] for t in texts]
     rows = sorted((r for r in rows if len(r) > 1), key=len)
-    if not rows:
-        raise UserError("no held-out prompt has two tokens or more: cannot measure a loss")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
@@ -294,4 +302,4 @@ def text_loss(
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
             ).item()
             count += int((target != -100).sum())
-    return total / count
+    return total, count
