@@ -187,7 +187,8 @@ def test_route_scores_and_logged_routes(built: dict) -> None:
     routes, scores = g.route(prompts, return_scores=True)
     assert routes == g.route(prompts)
     for route, s in zip(routes, scores, strict=True):
-        assert set(s) == {"x", "y", "base"} and abs(sum(s.values()) - 1.0) < 1e-5
+        assert set(s) == {"x", "y", "x+y", "base"} and abs(sum(s.values()) - 1.0) < 1e-5
+        assert s["x+y"] == 0.0  # select = "domain": no domain is served by the mix
         best = max(s, key=s.__getitem__)
         assert route == ([] if best == "base" else [best])  # the route is the most probable
     lines: list[str] = []

@@ -232,7 +232,6 @@ class BundleStep:
                 router = self._choose(ctx, model, tok, router, packs, options, choose, advance)
             else:
                 why = "encoder: no next-token loss" if opts["select"] == "loss" else "recipe"
-                options = options[: 1 + len(cfg["packs"])]  # no mix: no domain is chosen for one
                 choice = {
                     c: (options.index([c]) if c in cfg["packs"] else 0) for c in router.classes
                 }
