@@ -130,6 +130,9 @@ def test_routed_bundle_on_an_encoder_routes_by_hidden_states(project: Path) -> N
     g = GraftedModel.from_pretrained(project.parent / "out" / "fused" / "routed")
     assert type(g.model).__name__ == "BertModel"
     assert g.router is not None and g.router.classes == ["x", "y", ""]
+    # no next-token loss to choose options by: each domain to its own pack, the base's to none
+    assert g.router.info["select"] == "domain (encoder: no next-token loss)"
+    assert g.router.choice == {"x": 1, "y": 2, "": 0}
     train = {
         "x": (DATA / "arith.train.txt").read_text().splitlines()[:40],
         "y": (DATA / "code.train.txt").read_text().splitlines()[:40],

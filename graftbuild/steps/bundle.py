@@ -213,18 +213,22 @@ class BundleStep:
             classes.append(BASE)
             files.append("prompts.base")
             held.append("heldout.base")
+        tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
+        model = load_model(base_in, ctx.placement).eval()
+        options = [[]] + [[p] for p in cfg["packs"]] + [list(m) for m in opts["mixes"]]
+        measure = opts["select"] == "loss" and is_causal(model)
         fit: dict[str, list[str]] = {}
         choose: dict[str, list[str]] = {}
         for c, key, hkey in zip(classes, files, held, strict=True):
             lines = read_examples(ctx.files[key], opts["field"])
             heldout = read_examples(ctx.files[hkey], opts["field"]) if hkey in ctx.files else None
             fit[c], choose[c] = split_prompts(
-                lines, heldout, opts["samples"], opts["choose_samples"], opts["select"]
+                lines,
+                heldout,
+                opts["samples"],
+                opts["choose_samples"],
+                "loss" if measure else "domain",
             )
-        tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
-        model = load_model(base_in, ctx.placement).eval()
-        options = [[]] + [[p] for p in cfg["packs"]] + [list(m) for m in opts["mixes"]]
-        measure = opts["select"] == "loss" and is_causal(model)
         with ctx.progress.task(f"router {ctx.node_id}", 1 + measure) as advance:
             router = Router.fit(model, tok, fit, opts["seq_len"])
             advance(1)
