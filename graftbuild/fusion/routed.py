@@ -36,15 +36,18 @@ class RoutedParams(StrategyParams):
     heldout: dict[str, str] = Field(default_factory=dict)
     """Domain (a pack's name, ``base`` or a name of ``domains``) -> a separate file of prompts
     on which the options' losses are measured. Default: the last ``choose_samples`` prompts of
-    the domain's own file (at most a quarter of it), held back from fitting the classifier."""
+    the domain's own file (at most a quarter of it), held back from fitting the classifier. A
+    ``{query, doc}`` .jsonl is a retrieval set: the option with the highest MRR serves the
+    domain (any model; the only measure an encoder base has)."""
     mixes: list[list[str]] | None = None
     """Weighted mixes of packs the router may choose (each a list of packs, switched in
     together: θ + Σ wᵢ Δ̂ᵢ with the fuse's weights). Default: one mix of all the packs when
     there are two or more; ``[]``: none."""
     select: Literal["loss", "domain"] = "loss"
     """``loss``: each domain goes to the option (no pack, a pack, a mix) with the lowest loss
-    on its held-out prompts, measured in the build (causal LMs; an encoder falls back to
-    ``domain``). ``domain``: each pack's domain to its pack, other domains to no pack."""
+    on its held-out prompts, measured in the build (causal LMs; on an encoder only domains with
+    retrieval held-out data are measured, the others keep ``domain``'s option). ``domain``:
+    each pack's domain to its pack, other domains to no pack."""
     choose_samples: int = Field(default=64, gt=0)
     """Held-out prompts per domain on which the options' losses are measured."""
     loss_len: int = Field(default=128, gt=1)

@@ -218,7 +218,8 @@ class Router:
 
         if meta.get("kind") != "logistic":
             raise ValueError(f"unknown router kind {meta.get('kind')!r}")
-        info = {k: v for k, v in meta.items() if k in ("select", "losses", "measured_on")}
+        keep = ("select", "losses", "metrics", "measured_on")
+        info = {k: v for k, v in meta.items() if k in keep}
         return cls(
             list(meta["classes"]),
             load_file(str(folder / ROUTER_FILE)),

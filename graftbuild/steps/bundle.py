@@ -161,7 +161,7 @@ class BundleStep:
         from graftbuild.skillpack import PackReader, write_stored
         from graftbuild.weights.modeling import load_model, load_tokenizer, set_threads
         from graftbuild.weights.tensors import copy_non_weight_files, weight_files
-        from graftbuild.weights.textdata import read_examples
+        from graftbuild.weights.textdata import read_examples, read_retrieval
 
         set_threads(ctx.settings.threads)
         cfg = ctx.config
@@ -216,30 +216,34 @@ class BundleStep:
         tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
         model = load_model(base_in, ctx.placement).eval()
         options = [[]] + [[p] for p in cfg["packs"]] + [list(m) for m in opts["mixes"]]
-        measure = opts["select"] == "loss" and is_causal(model)
+        causal = is_causal(model)
         fit: dict[str, list[str]] = {}
-        choose: dict[str, list[str]] = {}
+        choose: dict[str, list[str] | list[tuple[str, str]]] = {}
         for c, key, hkey in zip(classes, files, held, strict=True):
             lines = read_examples(ctx.files[key], opts["field"])
+            pairs = read_retrieval(ctx.files[hkey]) if hkey in ctx.files else None
+            if pairs is not None:  # {query, doc} rows: the option that retrieves best
+                fit[c], choose[c] = lines[: opts["samples"]], pairs[: opts["choose_samples"]]
+                continue
             heldout = read_examples(ctx.files[hkey], opts["field"]) if hkey in ctx.files else None
-            fit[c], choose[c] = split_prompts(
-                lines,
-                heldout,
-                opts["samples"],
-                opts["choose_samples"],
-                "loss" if measure else "domain",
+            mode = "loss" if causal and opts["select"] == "loss" else "domain"
+            fit[c], texts = split_prompts(
+                lines, heldout, opts["samples"], opts["choose_samples"], mode
             )
-        with ctx.progress.task(f"router {ctx.node_id}", 1 + measure) as advance:
+            if texts:
+                choose[c] = texts
+        if opts["select"] != "loss":
+            choose = {}
+        with ctx.progress.task(f"router {ctx.node_id}", 1 + bool(choose)) as advance:
             router = Router.fit(model, tok, fit, opts["seq_len"])
             advance(1)
-            if measure:
-                router = self._choose(ctx, model, tok, router, packs, options, choose, advance)
+            own = {c: (options.index([c]) if c in cfg["packs"] else 0) for c in router.classes}
+            if choose:
+                router = self._choose(ctx, model, tok, router, packs, options, choose, own)
+                advance(1)
             else:
                 why = "encoder: no next-token loss" if opts["select"] == "loss" else "recipe"
-                choice = {
-                    c: (options.index([c]) if c in cfg["packs"] else 0) for c in router.classes
-                }
-                router = router.with_choice(options, choice, {"select": f"domain ({why})"})
+                router = router.with_choice(options, own, {"select": f"domain ({why})"})
         write_bundle(ctx.out, packs, router.save(ctx.out))
 
     @staticmethod
@@ -250,16 +254,25 @@ class BundleStep:
         router: Any,
         packs: list[dict[str, Any]],
         options: list[list[str]],
-        texts: dict[str, list[str]],
-        advance: Any,
+        heldout: dict[str, Any],
+        own: dict[str, int],
     ) -> Any:
-        """The router answering the option with the lowest loss on each domain's held-out
-        prompts, every option switched in on the base in place (as ``GraftedModel`` serves)."""
-        from graftbuild.runtime.grafted import GraftedModel
+        """The router answering, for each domain with held-out data, the option that does best
+        on it, every option switched in on the base in place (as ``GraftedModel`` serves): the
+        lowest next-token loss on held-out prompts, or for {query, doc} rows the highest MRR
+        (``1 - mrr`` is recorded, lower is better). Other domains keep ``own``."""
+        from graftbuild.runtime.grafted import GraftedModel, text_loss
         from graftbuild.runtime.router import best_option, domain_label, option_label
         from graftbuild.skillpack import PackReader
+        from graftbuild.steps.evaluate import retrieval_scores
 
+        opts = ctx.config["options"]
         readers = {p["name"]: PackReader(ctx.out / p["file"]) for p in packs}
+        metrics = {
+            domain_label(c): ("1 - mrr" if isinstance(rows[0], tuple) else "loss")
+            for c, rows in heldout.items()
+        }
+        losses: dict[str, dict[str, float]] = {d: {} for d in metrics}
         try:
             g = GraftedModel(
                 ctx.out,
@@ -270,20 +283,33 @@ class BundleStep:
                 {p["name"]: p["parent"] for p in packs},
                 None,
             )
-            named = {domain_label(c): t for c, t in texts.items()}
-            try:
-                losses = g.option_losses(named, options, ctx.config["options"]["loss_len"])
-            except UserError as e:
-                raise UserError(f"{ctx.node_id}: held-out prompts: {e}") from None
-            advance(1)
+            for option in options:
+                g.activate(option)
+                for c, rows in heldout.items():
+                    d = domain_label(c)
+                    if metrics[d] == "loss":
+                        try:
+                            value = text_loss(model, tok, rows, opts["loss_len"])
+                        except UserError as e:
+                            raise UserError(f"{ctx.node_id}: domain '{d}': {e}") from None
+                    else:
+                        scores = retrieval_scores(
+                            model, tok, rows, opts["loss_len"], 16, ctx.placement
+                        )
+                        value = 1.0 - scores["mrr"]
+                    losses[d][option_label(option)] = value
+            g.activate([])
         finally:
             for r in readers.values():
                 r.close()
         labels = [option_label(o) for o in options]
-        choice = {c: labels.index(best_option(losses[domain_label(c)])) for c in router.classes}
+        choice = dict(own)
+        for c in heldout:
+            choice[c] = labels.index(best_option(losses[domain_label(c)]))
         info = {
             "select": "loss",
             "losses": losses,
-            "measured_on": {domain_label(c): len(t) for c, t in texts.items()},
+            "metrics": metrics,
+            "measured_on": {domain_label(c): len(rows) for c, rows in heldout.items()},
         }
         return router.with_choice(options, choice, info)
