@@ -76,7 +76,11 @@ packs = ["x", "y"]
 """
 
 
-def write(root: Path, extra: str = "") -> Path:
+# a domain without a pack, its held-out prompts a file of their own
+DOMAIN = 'domains = { both = "both.txt" }\nheldout = { both = "both.heldout.txt" }'
+
+
+def write(root: Path, extra: str = DOMAIN) -> Path:
     recipe = root / "graftbuild.toml"
     recipe.write_text(RECIPE.replace("EXTRA", extra))
     return recipe
@@ -88,6 +92,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = dict(TINY_LLAMA) | {"architectures": ["LlamaForCausalLM"]}
     (root / "config.json").write_text(json.dumps(cfg))
     shutil.copyfile(DATA / "general.train.txt", root / "general.txt")
+    # "both": an arithmetic line then a code line; fitted on some, chosen on others
+    a, c = (DATA / "arith.train.txt").read_text(), (DATA / "code.train.txt").read_text()
+    both = [f"{x} ; {y}" for x, y in zip(a.splitlines(), c.splitlines(), strict=True)]
+    (root / "both.txt").write_text("\n".join(both[:200]) + "\n")
+    (root / "both.heldout.txt").write_text("\n".join(both[1000:1100]) + "\n")
     recipe = write(root)
     res = make(recipe)
     return {"root": root, "recipe": recipe, "result": res}
@@ -119,7 +128,7 @@ def test_each_domain_gets_the_option_with_the_lowest_heldout_loss(built: dict) -
     router = _bundle(built)["router"]
     assert router["select"] == "loss"
     assert router["options"] == [[], ["x"], ["y"], ["x", "y"]]
-    assert router["classes"] == ["x", "y", ""]
+    assert router["classes"] == ["x", "y", "both", ""]
     # the build measured every option on every domain: check it against the fused models
     folders = {
         "base": res.node("base").output,
@@ -131,6 +140,7 @@ def test_each_domain_gets_the_option_with_the_lowest_heldout_loss(built: dict) -
     files["base"] = built["root"] / "general.txt"
     tok = AutoTokenizer.from_pretrained(str(folders["base"]))
     heldout = {d: f.read_text().splitlines()[-CHOOSE:] for d, f in files.items()}
+    heldout["both"] = (built["root"] / "both.heldout.txt").read_text().splitlines()[:CHOOSE]
     want: dict[str, dict[str, float]] = {d: {} for d in heldout}
     for option, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
@@ -143,9 +153,9 @@ def test_each_domain_gets_the_option_with_the_lowest_heldout_loss(built: dict) -
     chosen = {("base" if c == "" else c): labels[i] for c, i in router["choice"].items()}
     assert chosen == {d: min(want[d], key=want[d].__getitem__) for d in want}
     # the known answer: none, a pack and the mix each win a domain, by a clear margin
-    assert chosen == {"base": "base", "y": "y", "x": "x+y"}
+    assert {d: chosen[d] for d in ("base", "x", "y")} == {"base": "base", "y": "y", "x": "x+y"}
     assert want["x"]["x+y"] < 0.97 * want["x"]["x"]
-    assert router["measured_on"] == {"x": CHOOSE, "y": CHOOSE, "base": CHOOSE}
+    assert router["measured_on"] == {"x": CHOOSE, "y": CHOOSE, "both": CHOOSE, "base": CHOOSE}
 
 
 def test_decisions_report_the_option_and_its_confidence(built: dict) -> None:
@@ -160,7 +170,7 @@ def test_decisions_report_the_option_and_its_confidence(built: dict) -> None:
             assert set(dec.options) == {"base", "x", "y", "x+y"}
             assert abs(sum(dec.options.values()) - 1.0) < 1e-9
             assert abs(sum(dec.domains.values()) - 1.0) < 1e-9
-            assert set(dec.domains) == {"x", "y", "base"}
+            assert set(dec.domains) == {"x", "y", "both", "base"}
             assert dec.confidence == max(dec.options.values()) == dec.options[dec.option]
             assert dec.packs == ([] if dec.option == "base" else dec.option.split("+"))
             # an option's probability is the sum of its domains' (x alone serves none)
@@ -195,7 +205,7 @@ def test_a_recipe_without_a_general_domain_still_builds(built: dict) -> None:
 
 def test_version_1_bundles_still_load(built: dict, tmp_path: Path) -> None:
     folder = tmp_path / "v1"
-    shutil.copytree(built["result"].node("fuse:bundle").output, folder)
+    shutil.copytree(built["result"].node("fuse:old").output, folder)
     doc = json.loads((folder / "bundle.json").read_text())
     doc["version"] = 1
     doc["router"] = {k: doc["router"][k] for k in ("kind", "classes", "seq_len")}
@@ -203,7 +213,7 @@ def test_version_1_bundles_still_load(built: dict, tmp_path: Path) -> None:
     g = GraftedModel.from_pretrained(folder)
     routes, scores = g.route(["12 + 7 = 19", "def add_1(n):"], return_scores=True)
     assert routes == [["x"], ["y"]]  # each class its own option, as version 1 routed
-    assert set(scores[0]) == {"x", "y", "base"}
+    assert set(scores[0]) == {"x", "y"}
 
 
 def test_general_prompts_and_options_are_in_the_key(built: dict) -> None:
@@ -223,12 +233,19 @@ def test_general_prompts_and_options_are_in_the_key(built: dict) -> None:
         general.write_text(before)
     held = root / "general.heldout.txt"
     held.write_text((DATA / "general.heldout.txt").read_text())
+    both = root / "both.heldout.txt"
+    before = both.read_text()
+    try:
+        both.write_text(before + "1 + 1 = 2 ; x = 1\n")
+        assert stale() == ["fuse:bundle"]
+    finally:
+        both.write_text(before)
     for extra in (
-        f'heldout = {{ base = "{held}" }}',
-        'domains = { both = "general.txt" }',
-        "mixes = []",
-        'select = "domain"',
-        "loss_len = 32",
+        DOMAIN.replace('heldout.txt" }', f'heldout.txt", base = "{held}" }}'),
+        'domains = { both = "both.txt", chat = "general.txt" }',
+        f"{DOMAIN}\nmixes = []",
+        f'{DOMAIN}\nselect = "domain"',
+        f"{DOMAIN}\nloss_len = 32",
     ):
         write(root, extra)
         assert stale() == ["fuse:bundle"], extra
