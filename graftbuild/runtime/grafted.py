@@ -164,25 +164,6 @@ class GraftedModel:
             return routes
         return routes, [d.options for d in decisions]
 
-    def option_losses(
-        self, texts: dict[str, list[str]], options: list[list[str]], max_len: int
-    ) -> dict[str, dict[str, float]]:
-        """Domain -> option label -> mean next-token loss of ``texts[domain]`` with that option
-        active (each text cut at ``max_len`` tokens). What the build chooses options by."""
-        from graftbuild.runtime.router import option_label
-
-        out: dict[str, dict[str, float]] = {d: {} for d in texts}
-        before = self.active
-        try:
-            for option in options:
-                self.activate(option)
-                for domain, lines in texts.items():
-                    loss = text_loss(self.model, self.tokenizer, lines, max_len)
-                    out[domain][option_label(option)] = loss
-        finally:
-            self.activate(before)
-        return out
-
     def generate(
         self,
         prompts: list[str],
