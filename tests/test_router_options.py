@@ -271,3 +271,16 @@ def test_option_errors_name_the_option(
     recipe.write_text(RECIPE.replace("EXTRA", extra))
     with pytest.raises(UserError, match=message):
         Engine(load_recipe(recipe), Store(tmp_path / "c"))
+
+
+def test_pack_names_that_would_read_as_options_are_refused(built: dict, tmp_path: Path) -> None:
+    recipe = tmp_path / "graftbuild.toml"
+    shutil.copyfile(built["root"] / "config.json", tmp_path / "config.json")
+    text = (
+        RECIPE.replace("EXTRA", "")
+        .replace('"y"', '"a+b"')
+        .replace("[sources.y]", '[sources."a+b"]')
+    )
+    recipe.write_text(text)
+    with pytest.raises(UserError, match=r"must not be named 'base' or hold '\+': \['a\+b'\]"):
+        Engine(load_recipe(recipe), Store(tmp_path / "c"))

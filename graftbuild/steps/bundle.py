@@ -38,6 +38,12 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
     unknown = sorted(set(opts["prompts"]) - set(f.packs))
     if unknown:
         raise UserError(f"{where}.prompts names packs not in `packs`: {unknown}")
+    odd = sorted(p for p in f.packs if p == BASE_DOMAIN or "+" in p)
+    if odd:  # the router's labels: "base" is no pack, "x+y" a mix
+        raise UserError(
+            f"{recipe.path}: fuse {f.name!r}: a routed bundle's packs must not be named 'base' "
+            f"or hold '+': {odd}"
+        )
     clash = sorted(d for d in opts["domains"] if d in f.packs or d == BASE_DOMAIN or "+" in d)
     if clash:
         raise UserError(
