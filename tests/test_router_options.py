@@ -62,6 +62,19 @@ name = "old"
 packs = ["x", "y"]
 strategy = "routed"
 
+# the mix fused by TIES instead of a sum: stored in the bundle as one delta
+[[fuse]]
+name = "tiesmix"
+packs = ["x", "y"]
+strategy = "routed"
+options = {{ mix_strategy = "ties", mix_options = {{ density = 0.5 }}, select = "domain" }}
+
+[[fuse]]
+name = "ties"
+packs = ["x", "y"]
+strategy = "ties"
+options = {{ density = 0.5 }}
+
 [[fuse]]
 name = "fx"
 packs = ["x"]
@@ -260,6 +273,8 @@ def test_general_prompts_and_options_are_in_the_key(built: dict) -> None:
         ('mixes = [["x"]]', "a mix needs two packs or more"),
         ('domains = { x = "general.txt" }', "a domain's name must not be a pack's"),
         ('heldout = { chat = "general.txt" }', r"heldout names domains .*: \['chat'\]"),
+        ('mix_strategy = "nope"', r"mix_strategy: unknown fusion strategy 'nope'"),
+        ('mix_strategy = "ties"\nmix_options = { density = 2 }', r"mix_options: .*density"),
     ],
 )
 def test_option_errors_name_the_option(
@@ -284,3 +299,28 @@ def test_pack_names_that_would_read_as_options_are_refused(built: dict, tmp_path
     recipe.write_text(text)
     with pytest.raises(UserError, match=r"must not be named 'base' or hold '\+': \['a\+b'\]"):
         Engine(load_recipe(recipe), Store(tmp_path / "c"))
+
+
+def test_a_ties_mix_is_stored_and_switched_in_as_the_ties_fuse(built: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    res = built["result"]
+    folder = res.node("fuse:tiesmix").output
+    doc = json.loads((folder / "bundle.json").read_text())
+    assert doc["mixes"] == [
+        {"name": "x+y", "file": "mixes/x+y.safetensors", "packs": ["x", "y"], "strategy": "ties"}
+    ]
+    assert doc["router"]["options"] == [[], ["x"], ["y"], ["x+y"]]
+    g = GraftedModel.from_pretrained(folder)
+    ids = torch.arange(1, 40).unsqueeze(0)
+    want = AutoModelForCausalLM.from_pretrained(str(res.node("fuse:ties").output)).eval()
+    with torch.no_grad(), g.using(["x+y"]):
+        torch.testing.assert_close(g(input_ids=ids).logits, want(input_ids=ids).logits)
+    with torch.no_grad(), g.using([]):
+        base = AutoModelForCausalLM.from_pretrained(str(res.node("base").output)).eval()
+        torch.testing.assert_close(g(input_ids=ids).logits, base(input_ids=ids).logits)
+    g.close()
+    with pytest.raises(UserError, match="export bundle supports mixes of mix_strategy"):
+        from graftbuild.release.serving import export_bundle
+
+        export_bundle(folder, built["root"] / "exported")

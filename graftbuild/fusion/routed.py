@@ -12,7 +12,7 @@ in the build, on held-out prompts of every domain, the base's own included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -43,6 +43,12 @@ class RoutedParams(StrategyParams):
     """Weighted mixes of packs the router may choose (each a list of packs, switched in
     together: θ + Σ wᵢ Δ̂ᵢ with the fuse's weights). Default: one mix of all the packs when
     there are two or more; ``[]``: none."""
+    mix_strategy: str = "sum"
+    """How a mix fuses its packs: ``sum`` (task arithmetic with the fuse's weights, switched in
+    pack by pack at no storage cost) or another static strategy (``ties``, ``dare``, ...), whose
+    fused delta the bundle stores once per mix (``mixes/x+y.safetensors``, float32)."""
+    mix_options: dict[str, Any] = Field(default_factory=dict)
+    """That strategy's options, as a fuse of it takes them (``{ density = 0.5 }``)."""
     select: Literal["loss", "domain"] = "loss"
     """``loss``: each domain goes to the option (no pack, a pack, a mix) with the lowest loss
     on its held-out prompts, measured in the build (causal LMs; on an encoder only domains with

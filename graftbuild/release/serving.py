@@ -56,6 +56,12 @@ def export_bundle(
             "hold a base variant per adapter; use --extras refuse or --extras drop"
         )
     doc = read_bundle(folder)
+    if doc.get("mixes"):  # a stored delta, not packs: export_adapter folds pack files only
+        m = doc["mixes"][0]
+        raise UserError(
+            f"{folder}: mix {m['name']!r} is a {m['strategy']} fusion stored as a delta; "
+            'export bundle supports mixes of mix_strategy = "sum" only'
+        )
     packs = {p["name"]: p for p in doc["packs"]}
     base = folder / doc["base"]
     data = data or {}

@@ -51,7 +51,7 @@ class GraftedModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> GraftedModel:
         """Load a bundle folder written by a ``strategy = "routed"`` fuse node."""
-        from graftbuild.runtime.bundle import read_bundle
+        from graftbuild.runtime.bundle import StoredDelta, read_bundle
         from graftbuild.runtime.router import Router
         from graftbuild.skillpack import PackReader
         from graftbuild.weights.modeling import load_model, load_tokenizer
@@ -61,9 +61,12 @@ class GraftedModel:
         base = folder / doc["base"]
         model = load_model(base, device).eval()  # a causal LM, or an encoder (no generate)
         tok = load_tokenizer(base, need_eos=False)
-        packs = {p["name"]: PackReader(folder / p["file"]) for p in doc["packs"]}
+        packs: dict[str, Any] = {p["name"]: PackReader(folder / p["file"]) for p in doc["packs"]}
         weights = {p["name"]: float(p["weight"]) for p in doc["packs"]}
         parents = {p["name"]: p.get("parent") for p in doc["packs"]}
+        for m in doc.get("mixes", []):  # a stored mix is switched in like one pack of weight 1
+            packs[m["name"]] = StoredDelta(folder / m["file"])
+            weights[m["name"]], parents[m["name"]] = 1.0, None
         router = Router.load(folder, doc["router"]) if doc.get("router") else None
         return cls(folder, model, tok, packs, weights, parents, router)
 
@@ -71,6 +74,7 @@ class GraftedModel:
 
     @property
     def packs(self) -> list[str]:
+        """What ``activate`` takes: the packs, then any stored mix (``x+y``) by name."""
         return list(self._packs)
 
     @property

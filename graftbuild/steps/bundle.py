@@ -77,6 +77,9 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
         )
         files[key] = (recipe.root / path).resolve()
     mixes = _mixes(opts["mixes"], f.packs, where)
+    components = strategy_components("routed")
+    if opts["mix_strategy"] != "sum" and mixes:
+        components |= _mix_strategy(recipe, f, mixes, where)
     options = {k: v for k, v in opts.items() if k not in FILE_KEYS} | {
         "mixes": mixes,
         "domains": sorted(opts["domains"]),
@@ -114,8 +117,36 @@ def bundle_node(recipe: Recipe, f: FuseSpec, out: Path) -> Node:
             for d in opts["domains"]
         },
         output=f.output or out / "fused" / f.name,
-        components=strategy_components("routed"),
+        components=components,
     )
+
+
+def _mix_strategy(recipe: Recipe, f: FuseSpec, mixes: list[list[str]], where: str) -> dict:
+    """The mix strategy's component version, its options checked (a plan-time user error)."""
+    from pydantic import ValidationError
+
+    from graftbuild.fusion import get_strategy
+
+    name = f.options["mix_strategy"]
+    try:
+        strategy = get_strategy(name)
+    except ValueError as e:
+        raise UserError(f"{where}.mix_strategy: {e}") from None
+    if getattr(strategy, "bundle", False):
+        raise UserError(f"{where}.mix_strategy: {name!r} is not a static fusion")
+    try:
+        strategy.Params.model_validate(f.options["mix_options"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = "".join(f".{x}" for x in first["loc"])
+        raise UserError(f"{where}.mix_options{loc}: {first['msg']}") from None
+    chained = sorted(p for m in mixes for p in m if recipe.sources[p].parent is not None)
+    if chained:
+        raise UserError(
+            f"{where}.mix_strategy: {name!r} mixes of chained packs are not supported "
+            f'({chained}); use mix_strategy = "sum"'
+        )
+    return strategy_components(name)
 
 
 def _mixes(given: list[list[str]] | None, packs: list[str], where: str) -> list[list[str]]:
@@ -219,9 +250,16 @@ class BundleStep:
             classes.append(BASE)
             files.append("prompts.base")
             held.append("heldout.base")
+        stored: list[dict[str, Any]] = []
+        if opts["mix_strategy"] != "sum" and opts["mixes"]:
+            (ctx.out / "mixes").mkdir()
+            for mix in opts["mixes"]:
+                stored.append(_write_mix(ctx, mix, packs))
         tok = load_tokenizer(base_in, need_eos=False)  # the router reads hidden states only
         model = load_model(base_in, ctx.placement).eval()
-        options = [[]] + [[p] for p in cfg["packs"]] + [list(m) for m in opts["mixes"]]
+        options = [[]] + [[p] for p in cfg["packs"]]
+        # a stored mix is switched in as one entry, named by its label
+        options += [[m["name"]] for m in stored] or [list(m) for m in opts["mixes"]]
         causal = is_causal(model)
         fit: dict[str, list[str]] = {}
         choose: dict[str, list[str] | list[tuple[str, str]]] = {}
@@ -245,12 +283,12 @@ class BundleStep:
             advance(1)
             own = {c: (options.index([c]) if c in cfg["packs"] else 0) for c in router.classes}
             if choose:
-                router = self._choose(ctx, model, tok, router, packs, options, choose, own)
+                router = self._choose(ctx, model, tok, router, packs, stored, options, choose, own)
                 advance(1)
             else:
                 why = "encoder: no next-token loss" if opts["select"] == "loss" else "recipe"
                 router = router.with_choice(options, own, {"select": f"domain ({why})"})
-        write_bundle(ctx.out, packs, router.save(ctx.out))
+        write_bundle(ctx.out, packs, router.save(ctx.out), stored)
 
     @staticmethod
     def _choose(
@@ -259,6 +297,7 @@ class BundleStep:
         tok: Any,
         router: Any,
         packs: list[dict[str, Any]],
+        stored: list[dict[str, Any]],
         options: list[list[str]],
         heldout: dict[str, Any],
         own: dict[str, int],
@@ -267,13 +306,17 @@ class BundleStep:
         on it, every option switched in on the base in place (as ``GraftedModel`` serves): the
         lowest next-token loss on held-out prompts, or for {query, doc} rows the highest MRR
         (``1 - mrr`` is recorded, lower is better). Other domains keep ``own``."""
+        from graftbuild.runtime.bundle import StoredDelta
         from graftbuild.runtime.grafted import GraftedModel, text_loss
         from graftbuild.runtime.router import best_option, domain_label, option_label
         from graftbuild.skillpack import PackReader
         from graftbuild.steps.evaluate import retrieval_scores
 
         opts = ctx.config["options"]
-        readers = {p["name"]: PackReader(ctx.out / p["file"]) for p in packs}
+        readers: dict[str, Any] = {p["name"]: PackReader(ctx.out / p["file"]) for p in packs}
+        readers |= {m["name"]: StoredDelta(ctx.out / m["file"]) for m in stored}
+        weights = {p["name"]: float(p["weight"]) for p in packs} | {m["name"]: 1.0 for m in stored}
+        parents = {p["name"]: p["parent"] for p in packs} | {m["name"]: None for m in stored}
         metrics = {
             domain_label(c): ("1 - mrr" if isinstance(rows[0], tuple) else "loss")
             for c, rows in heldout.items()
@@ -285,8 +328,8 @@ class BundleStep:
                 model,
                 tok,
                 readers,
-                {p["name"]: float(p["weight"]) for p in packs},
-                {p["name"]: p["parent"] for p in packs},
+                weights,
+                parents,
                 None,
             )
             for option in options:
@@ -319,3 +362,49 @@ class BundleStep:
             "measured_on": {domain_label(c): len(rows) for c, rows in heldout.items()},
         }
         return router.with_choice(options, choice, info)
+
+
+def _write_mix(ctx: StepContext, mix: list[str], packs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``mixes/LABEL.safetensors``: the mix's fused delta (the mix strategy over its packs'
+    decoded deltas, minus the base), float32, one tensor at a time."""
+    import json
+
+    import torch
+
+    from graftbuild.fusion import get_strategy
+    from graftbuild.runtime.router import option_label
+    from graftbuild.skillpack import PackReader
+    from graftbuild.weights.tensors import ModelWeights, SafetensorsStreamWriter, TensorInfo
+
+    opts = ctx.config["options"]
+    strategy = get_strategy(opts["mix_strategy"])
+    params: Any = strategy.Params.model_validate(opts["mix_options"])
+    by_name = {p["name"]: p for p in packs}
+    weights = [float(by_name[m]["weight"]) for m in mix]
+    bind = getattr(strategy, "bind", None)  # mergekit-named strategies: per-pack settings
+    if bind is not None:
+        base_cfg = json.loads((ctx.inputs["base"] / "config.json").read_text())
+        params = bind(params, [{}] * len(mix), base_cfg, weights)
+    label = option_label(mix)
+    rel = f"mixes/{label}.safetensors"
+    readers = [PackReader(ctx.out / by_name[m]["file"]) for m in mix]
+    try:
+        touched = [set(r.names()) for r in readers]
+        names = sorted(set().union(*touched))
+        with ModelWeights(ctx.inputs["base"]) as base:
+            infos = [TensorInfo(n, base.infos[n].shape, "F32", ctx.out / rel) for n in names]
+            writer = SafetensorsStreamWriter(ctx.out / rel, infos, {"format": "pt"})
+            with torch.no_grad():
+                for n in names:
+                    b = base.get(n).float()
+                    deltas = [
+                        r.decode(n, "cpu") if n in t else None
+                        for r, t in zip(readers, touched, strict=True)
+                    ]
+                    fused = strategy.combine(b, deltas, weights, params, n)
+                    writer.write(n, (fused - b).contiguous())
+            writer.close()
+    finally:
+        for r in readers:
+            r.close()
+    return {"name": label, "file": rel, "packs": mix, "strategy": opts["mix_strategy"]}
