@@ -257,7 +257,8 @@ name = "skills"
 packs = ["x", "y"]
 strategy = "routed"
 weights = { y = 0.5 }
-options = { prompts = { x = "px.txt", y = "py.txt" }, samples = 16 }
+# random-perturbation packs: each domain to its own pack (the mix is an option all the same)
+options = { prompts = { x = "px.txt", y = "py.txt" }, samples = 16, select = "domain" }
 """
 
 
@@ -274,8 +275,9 @@ def test_a_routed_bundle_exported_for_peft_answers_like_grafted_model(
     out = root / "bundle"
     res = run("export", "bundle", "skills", out, "--recipe", path_project)
     assert res.exit_code == 0, res.output
-    assert {p.name for p in (out / "adapters").iterdir()} == {"x", "y"}
-    assert "--lora-modules x=adapters/x y=adapters/y" in (out / "README.md").read_text()
+    assert {p.name for p in (out / "adapters").iterdir()} == {"x", "y", "x+y"}
+    readme = (out / "README.md").read_text()
+    assert "--lora-modules x=adapters/x y=adapters/y x+y=adapters/x+y" in readme
 
     spec = importlib.util.spec_from_file_location("serve_peft", out / "serve_peft.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
@@ -287,6 +289,8 @@ def test_a_routed_bundle_exported_for_peft_answers_like_grafted_model(
     routes = grafted.route(prompts)
     assert [[a] if a else [] for a in server.route(prompts)] == routes
     assert {r[0] for r in routes if r} == {"x", "y"}  # both adapters are exercised
+    for got, want in zip(server.decide(prompts), grafted.decide(prompts), strict=True):
+        assert got.option == want.option and abs(got.confidence - want.confidence) < 1e-5
     for prompt, packs in zip(prompts, routes, strict=True):
         ids = grafted.tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad(), grafted.using(packs):
@@ -296,6 +300,11 @@ def test_a_routed_bundle_exported_for_peft_answers_like_grafted_model(
     ids = grafted.tokenizer(prompts[0], return_tensors="pt")["input_ids"]
     with torch.no_grad(), grafted.using(None):
         close(server.logits(prompts[0], None), grafted(input_ids=ids).logits)
+    # the mix the router may choose is an adapter of its own, the packs folded together
+    meta = json.loads((out / "router.json").read_text())
+    assert meta["options"] == {"base": None, "x": "x", "y": "y", "x+y": "x+y"}
+    with torch.no_grad(), grafted.using(["x", "y"]):
+        close(server.logits(prompts[0], "x+y"), grafted(input_ids=ids).logits)
     grafted.close()
 
     res = run("export", "bundle", "skills", root / "b2", "--recipe", path_project, "--target",

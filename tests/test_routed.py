@@ -39,6 +39,9 @@ weights = {{ y = 0.5 }}
 [fuse.options]
 base_prompts = "{DATA}/lang.train.txt"
 prompts = {{ x = "{DATA}/arith.train.txt", y = "PROMPTS_Y" }}
+# x and y are random perturbations with no skill: these tests check the classifier and the
+# switching, each domain to its own pack (tests/test_router_options.py: choosing by loss)
+select = "domain"
 
 [[fuse]]
 name = "x"
@@ -184,7 +187,8 @@ def test_route_scores_and_logged_routes(built: dict) -> None:
     routes, scores = g.route(prompts, return_scores=True)
     assert routes == g.route(prompts)
     for route, s in zip(routes, scores, strict=True):
-        assert set(s) == {"x", "y", "base"} and abs(sum(s.values()) - 1.0) < 1e-5
+        assert set(s) == {"x", "y", "x+y", "base"} and abs(sum(s.values()) - 1.0) < 1e-5
+        assert s["x+y"] == 0.0  # select = "domain": no domain is served by the mix
         best = max(s, key=s.__getitem__)
         assert route == ([] if best == "base" else [best])  # the route is the most probable
     lines: list[str] = []

@@ -5,8 +5,10 @@ adapter per request with graftbuild's router.
 Layout written::
 
     adapters/NAME/        one adapter per pack (graftbuild/release/peft.py), its chain and
-                          weight folded in, with its README card
-    router.json           {"format", "version", "target", "router", "adapters": {class: NAME}}
+                          weight folded in, with its README card; and one per mix the router
+                          may choose (``adapters/x+y``: the mix's packs folded into one adapter)
+    router.json           {"format", "version", "target", "router", "adapters": {NAME: folder},
+                          "options": {option: adapter or null}} (null: the base alone)
     router.safetensors    the bundle's router, unchanged (graftbuild/runtime/router.py)
     serve_peft.py         the example server (PEFT + graftbuild's router)
     README.md             how to serve the same adapters with PEFT, vLLM and LoRAX
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from graftbuild.release.peft import ExportReport
 
 FORMAT = "graftbuild.adapter-bundle"
-VERSION = 1
+VERSION = 2
 EXAMPLE = "serve_peft.py"
 
 
@@ -44,7 +46,7 @@ def export_bundle(
     """Export the routed bundle in ``folder`` into ``out`` (see the module docstring)."""
     from graftbuild.release.peft import export_adapter
     from graftbuild.runtime.bundle import read_bundle
-    from graftbuild.runtime.router import ROUTER_FILE
+    from graftbuild.runtime.router import ROUTER_FILE, option_label
 
     if target not in ("peft", "vllm"):
         raise UserError(f"--target {target!r}: a bundle is exported for peft or vllm")
@@ -54,19 +56,38 @@ def export_bundle(
             "hold a base variant per adapter; use --extras refuse or --extras drop"
         )
     doc = read_bundle(folder)
+    if doc.get("mixes"):  # a stored delta, not packs: export_adapter folds pack files only
+        m = doc["mixes"][0]
+        raise UserError(
+            f"{folder}: mix {m['name']!r} is a {m['strategy']} fusion stored as a delta; "
+            'export bundle supports mixes of mix_strategy = "sum" only'
+        )
     packs = {p["name"]: p for p in doc["packs"]}
     base = folder / doc["base"]
     data = data or {}
     reports: dict[str, ExportReport] = {}
     out.mkdir(parents=True, exist_ok=True)
-    for name in packs:
-        chain, cur = [], name
+
+    def chain(name: str) -> list[str]:
+        out, cur = [], name
         while cur is not None:
             if cur not in packs:
                 raise UserError(f"{folder}: pack {name!r} names a missing parent {cur!r}")
-            chain.append(cur)
+            out.append(cur)
             cur = packs[cur].get("parent")
-        layers = [(folder / packs[c]["file"], float(packs[c]["weight"])) for c in reversed(chain)]
+        return out[::-1]
+
+    router = doc.get("router")
+    # a version-1 router has no options: each class is its own
+    options = (router or {}).get("options") or [[p] for p in packs]
+    adapters: dict[str, list[str]] = {name: chain(name) for name in packs}
+    for option in options:
+        if len(option) > 1:  # a mix: its packs' chains, each pack once, folded into one adapter
+            adapters[option_label(option)] = list(
+                dict.fromkeys(c for p in option for c in chain(p))
+            )
+    for name, layer_names in adapters.items():
+        layers = [(folder / packs[c]["file"], float(packs[c]["weight"])) for c in layer_names]
         reports[name] = export_adapter(
             layers,
             out / "adapters" / name,
@@ -79,7 +100,6 @@ def export_bundle(
             dtype=dtype,
             data=data.get(name),
         )
-    router = doc.get("router")
     if router:
         shutil.copyfile(folder / ROUTER_FILE, out / ROUTER_FILE)
     meta = {
@@ -87,12 +107,13 @@ def export_bundle(
         "version": VERSION,
         "target": target,
         "router": router,
-        "adapters": {name: f"adapters/{name}" for name in packs},
+        "adapters": {name: f"adapters/{name}" for name in adapters},
+        "options": {option_label(o): (option_label(o) if o else None) for o in options},
     }
     (out / "router.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (out / EXAMPLE).write_text(SERVE_PEFT)
     ranks = [r for rep in reports.values() for r in rep.modules.values()]
-    (out / "README.md").write_text(_readme(list(packs), target, max(ranks, default=16)))
+    (out / "README.md").write_text(_readme(list(adapters), target, max(ranks, default=16)))
     return reports
 
 
@@ -109,7 +130,11 @@ picks the skill for a prompt from the base model's hidden states (or none: the b
     python serve_peft.py BASE_MODEL_FOLDER "12 + 7 =" "def add(x):"
 
 `serve_peft.py` loads the base once, every adapter with `load_adapter`, routes each prompt
-with the router (on the base, adapters disabled) and answers it with `set_adapter`.
+with the router (on the base, adapters disabled) and answers it with `set_adapter`. The router
+chooses an option per prompt: the base alone, one skill, or a mix of skills (served by its own
+adapter, `adapters/x+y`, the mix's packs folded together); `router.json` names each option's
+adapter. `BundleServer.decide` reports the chosen option and the router's probability for it
+and for every option.
 
 ## vLLM
 
@@ -176,14 +201,19 @@ class BundleServer:
                 str(folder / meta["adapters"][name]), adapter_name=name, local_files_only=True
             )
         self.router = Router.load(folder, meta["router"]) if meta["router"] else None
+        self.options = meta["options"]
 
-    def route(self, prompts: list[str]) -> list[str | None]:
-        """The adapter for each prompt (None: the base model alone)."""
+    def decide(self, prompts: list[str]):
+        """Per prompt, the router's decision: ``option`` (``base``, a pack, or ``x+y`` for a
+        mix), ``confidence`` (its probability) and every option's probability (``options``)."""
         if self.router is None:
             raise ValueError("this bundle has no router")
         with self.model.disable_adapter():
-            classes = self.router.predict(self.model, self.tokenizer, prompts)
-        return [c or None for c in classes]
+            return self.router.decide(self.model, self.tokenizer, prompts)
+
+    def route(self, prompts: list[str]) -> list[str | None]:
+        """The adapter for each prompt (None: the base model alone)."""
+        return [self.options[d.option] for d in self.decide(prompts)]
 
     def _using(self, adapter: str | None):
         if adapter is None:
@@ -212,6 +242,6 @@ class BundleServer:
 if __name__ == "__main__":
     server = BundleServer(sys.argv[1])
     for prompt in sys.argv[2:]:
-        adapter = server.route([prompt])[0]
-        print(f"[{adapter or 'base'}] {prompt!r} -> {server.generate(prompt)!r}")
+        d = server.decide([prompt])[0]
+        print(f"[{d.option} {d.confidence:.2f}] {prompt!r} -> {server.generate(prompt)!r}")
 '''

@@ -2,10 +2,15 @@
 
 Layout (``bundle.json`` describes it)::
 
-    bundle.json            {"format": "graftbuild.bundle", "version": 1, "base", "packs", "router"}
+    bundle.json            {"format": "graftbuild.bundle", "version": 2, "base", "packs", "router"}
     base/                  the base model folder (config, tokenizer, safetensors weights)
     packs/NAME.safetensors each pack's SkillPack file, unchanged
     router.safetensors     the router's tensors (graftbuild/runtime/router.py)
+    mixes/x+y.safetensors  a mix fused by a strategy other than ``sum``: its float32 delta per
+                           tensor (``mixes`` in bundle.json; GraftedModel switches it in whole)
+
+Version 2 added the router's options (no pack, packs, mixes), the domain -> option ``choice``
+and the losses it was chosen by; a version 1 bundle still loads (each class its own option).
 """
 
 from __future__ import annotations
@@ -18,10 +23,16 @@ from graftbuild.errors import UserError
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "graftbuild.bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
-def write_bundle(folder: Path, packs: list[dict[str, Any]], router: dict[str, Any]) -> None:
+def write_bundle(
+    folder: Path,
+    packs: list[dict[str, Any]],
+    router: dict[str, Any],
+    mixes: list[dict[str, Any]] | None = None,
+) -> None:
     """``bundle.json`` for a folder holding ``base/``, the pack files and the router's files."""
     doc = {
         "format": BUNDLE_FORMAT,
@@ -30,6 +41,8 @@ def write_bundle(folder: Path, packs: list[dict[str, Any]], router: dict[str, An
         "packs": packs,
         "router": router,
     }
+    if mixes:
+        doc["mixes"] = mixes
     (folder / BUNDLE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -44,7 +57,27 @@ def read_bundle(folder: Path) -> dict[str, Any]:
     if (
         not isinstance(doc, dict)
         or doc.get("format") != BUNDLE_FORMAT
-        or doc.get("version") != BUNDLE_VERSION
+        or doc.get("version") not in READABLE_VERSIONS
     ):
         raise UserError(f"{folder / BUNDLE_FILE}: unsupported bundle format or version")
     return doc
+
+
+class StoredDelta:
+    """A stored mix (``mixes/NAME.safetensors``): read like a pack (``names``, ``decode``)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self._f = safe_open(str(path), framework="pt")
+        self.header: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self._f.keys())
+
+    def decode(self, name: str, device: str = "cpu") -> Any:
+        return self._f.get_tensor(name).float().to(device)
+
+    def close(self) -> None:
+        self._f = None

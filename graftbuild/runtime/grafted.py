@@ -23,7 +23,7 @@ from graftbuild.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from graftbuild.runtime.router import Router
+    from graftbuild.runtime.router import Decision, Router
     from graftbuild.skillpack import PackReader
 
 
@@ -51,7 +51,7 @@ class GraftedModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> GraftedModel:
         """Load a bundle folder written by a ``strategy = "routed"`` fuse node."""
-        from graftbuild.runtime.bundle import read_bundle
+        from graftbuild.runtime.bundle import StoredDelta, read_bundle
         from graftbuild.runtime.router import Router
         from graftbuild.skillpack import PackReader
         from graftbuild.weights.modeling import load_model, load_tokenizer
@@ -61,9 +61,12 @@ class GraftedModel:
         base = folder / doc["base"]
         model = load_model(base, device).eval()  # a causal LM, or an encoder (no generate)
         tok = load_tokenizer(base, need_eos=False)
-        packs = {p["name"]: PackReader(folder / p["file"]) for p in doc["packs"]}
+        packs: dict[str, Any] = {p["name"]: PackReader(folder / p["file"]) for p in doc["packs"]}
         weights = {p["name"]: float(p["weight"]) for p in doc["packs"]}
         parents = {p["name"]: p.get("parent") for p in doc["packs"]}
+        for m in doc.get("mixes", []):  # a stored mix is switched in like one pack of weight 1
+            packs[m["name"]] = StoredDelta(folder / m["file"])
+            weights[m["name"]], parents[m["name"]] = 1.0, None
         router = Router.load(folder, doc["router"]) if doc.get("router") else None
         return cls(folder, model, tok, packs, weights, parents, router)
 
@@ -71,6 +74,7 @@ class GraftedModel:
 
     @property
     def packs(self) -> list[str]:
+        """What ``activate`` takes: the packs, then any stored mix (``x+y``) by name."""
         return list(self._packs)
 
     @property
@@ -142,23 +146,27 @@ class GraftedModel:
 
     # -- routing and generation ----------------------------------------------------------------
 
-    def route(self, prompts: list[str], return_scores: bool = False) -> Any:
-        """For each prompt, the packs the router activates for it (``[]``: the base alone).
-
-        With ``return_scores``: ``(routes, scores)``, where ``scores[i]`` maps every pack, and
-        ``"base"`` for no pack, to the router's probability for prompt ``i`` (they sum to 1; the
-        route is the most probable)."""
-        from graftbuild.runtime.router import BASE
-
+    def decide(self, prompts: list[str]) -> list[Decision]:
+        """Per prompt, what the router answers: the option (``base``, a pack, or a mix such as
+        ``x+y``), the packs it activates, its probability (``confidence``) and every option's
+        and domain's probability (graftbuild/runtime/router.py ``Decision``)."""
         if self.router is None:
             raise UserError(f"{self.folder}: this bundle has no router")
         with self.using(None):
-            probs = self.router.probabilities(self.model, self.tokenizer, prompts)
-        routes = [[c] if c else [] for c in (max(p, key=p.__getitem__) for p in probs)]
+            return self.router.decide(self.model, self.tokenizer, prompts)
+
+    def route(self, prompts: list[str], return_scores: bool = False) -> Any:
+        """For each prompt, the packs the router activates for it (``[]``: the base alone; two
+        or more: a mix).
+
+        With ``return_scores``: ``(routes, scores)``, where ``scores[i]`` maps every option
+        (``"base"`` for no pack, a pack's name, ``"x+y"`` for a mix) to the router's probability
+        for prompt ``i`` (they sum to 1; the route is the most probable)."""
+        decisions = self.decide(prompts)
+        routes = [d.packs for d in decisions]
         if not return_scores:
             return routes
-        named = [{("base" if c == BASE else c): v for c, v in p.items()} for p in probs]
-        return routes, named
+        return routes, [d.options for d in decisions]
 
     def generate(
         self,
@@ -171,8 +179,9 @@ class GraftedModel:
         """Greedy (unless ``kwargs`` say otherwise) continuations, each prompt with the packs the
         router picks for it (or ``packs[i]``), grouped so each pack set is switched in once.
 
-        ``log_routes``: True logs, per prompt, the packs it ran with and the router's scores
-        (logger ``graftbuild.runtime``, level INFO); a function is called with each line."""
+        ``log_routes``: True logs, per prompt, the packs it ran with, the chosen option and its
+        probability, then every option's (logger ``graftbuild.runtime``, level INFO); a
+        function is called with each line."""
         import torch
 
         if not hasattr(self.model, "generate") or not self.model.can_generate():
@@ -180,19 +189,22 @@ class GraftedModel:
                 f"{self.folder}: the base is an encoder ({type(self.model).__name__}); it has no "
                 "generate: use route() and the model's hidden states"
             )
-        scores: list[dict[str, float]] | None = None
+        decisions: list[Decision] | None = None
         if packs is not None:
             chosen = packs
-        elif log_routes:
-            chosen, scores = self.route(prompts, return_scores=True)
         else:
-            chosen = self.route(prompts)
+            decisions = self.decide(prompts)
+            chosen = [d.packs for d in decisions]
         if log_routes:
             emit = log_routes if callable(log_routes) else logging.getLogger(__name__).info
             for i, prompt in enumerate(prompts):
-                how = "given" if scores is None else ", ".join(
-                    f"{k} {v:.2f}" for k, v in sorted(scores[i].items(), key=lambda kv: -kv[1])
-                )
+                if decisions is None:
+                    how = "given"
+                else:
+                    d = decisions[i]
+                    how = f"{d.option} {d.confidence:.2f}; " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in sorted(d.options.items(), key=lambda kv: -kv[1])
+                    )
                 emit(f"route {i}: {prompt[:60]!r} -> {chosen[i] or ['base']} ({how})")
         out: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
@@ -236,3 +248,43 @@ def chunk_loss(model: Any, chunks: torch.Tensor, batch_size: int = 16) -> float:
             ).item()
             count += target.numel()
     return total / count
+
+
+def text_loss(
+    model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int = 16
+) -> float:
+    """Mean next-token loss over the tokens of ``texts`` (each tokenized on its own, cut at
+    ``max_len``), batched with right padding; texts of fewer than two tokens are skipped."""
+    total, count = text_loss_sum(model, tokenizer, texts, max_len, batch_size)
+    if count == 0:
+        raise UserError("no held-out prompt has two tokens or more: cannot measure a loss")
+    return total / count
+
+
+def text_loss_sum(
+    model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int = 16
+) -> tuple[float, int]:
+    """(summed next-token loss, predicted tokens) of ``texts``, as ``text_loss`` measures them."""
+    import torch
+
+    rows = [tokenizer(t)["input_ids"][:max_len] for t in texts]
+    rows = sorted((r for r in rows if len(r) > 1), key=len)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r) for r in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, r in enumerate(batch):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
+            ).item()
+            count += int((target != -100).sum())
+    return total, count

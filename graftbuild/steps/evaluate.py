@@ -187,7 +187,6 @@ def retrieval_metrics(
     where: Placement | str | None = None,
 ) -> dict[str, float]:
     """MRR and recall@1 of each query's own doc among every distinct doc of the dataset."""
-    import torch
 
     from graftbuild.weights.modeling import load_model, load_tokenizer
     from graftbuild.weights.placement import Placement
@@ -195,6 +194,21 @@ def retrieval_metrics(
     tok = load_tokenizer(folder, need_eos=False)
     placement = Placement.of(where)
     model = load_model(folder, placement).eval()
+    return retrieval_scores(model, tok, rows, seq_len, batch_size, placement)
+
+
+def retrieval_scores(
+    model: object,
+    tokenizer: object,
+    rows: list[tuple[str, str]],
+    seq_len: int,
+    batch_size: int,
+    placement: Placement,
+) -> dict[str, float]:
+    """``retrieval_metrics`` of a loaded model (a routed bundle's, with an option active)."""
+    import torch
+
+    tok = tokenizer
     docs = list(dict.fromkeys(doc for _, doc in rows))
     gold = torch.tensor([docs.index(doc) for _, doc in rows])
     q = embed(model, tok, [query for query, _ in rows], seq_len, batch_size, placement)
