@@ -16,6 +16,7 @@ max ‖a − b‖∞/‖b‖∞ per tensor; random ones: the merged delta's dens
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,13 @@ from common import competitor, graftbuild, publish, timed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import mergekit_oracle as oracle
+
+SUM_FUSE = """[[fuse]]
+name = "sum"
+packs = ["x", "y"]
+strategy = "sum"
+weights = { x = 0.6, y = 0.4 }
+"""
 
 
 def configs(models: Path) -> dict[str, dict]:
@@ -72,17 +80,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", type=Path)
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--methods", nargs="*")
+    ap.add_argument("--methods", nargs="*", help="these methods, in this order (default: all)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the methods already in --out, run the rest"
+    )
     args = ap.parse_args()
     work: Path = args.work
     shutil.rmtree(work, ignore_errors=True)
     (work / "cfg").mkdir(parents=True)
     cfgs = configs(args.models)
     if args.methods:
-        cfgs = {k: v for k, v in cfgs.items() if k in args.methods}
+        unknown = sorted(set(args.methods) - set(cfgs))
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; expected some of {sorted(cfgs)}")
+        cfgs = {k: cfgs[k] for k in args.methods}
+    done: dict = {}
+    if args.resume and args.out and args.out.exists():
+        done = json.loads(args.out.read_text())["methods"]
+        cfgs = {k: v for k, v in cfgs.items() if k not in done}
     recipes = {}
-    for name, cfg in cfgs.items():
+    # "ties" is always imported: its recipe's packs (x and y against base) are the ones every
+    # base-model method shares, built once below.
+    for name, cfg in ({"ties": configs(args.models)["ties"]} | cfgs).items():
         path = work / "cfg" / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         recipe = work / "gb" / f"{name}.toml"
@@ -92,10 +112,23 @@ def main() -> None:
         recipe.write_text(text)
         recipes[name] = (path, recipe)
     # The packs of x and y, once (every recipe's sources are the same exact packs).
-    first = recipes["ties"][1] if "ties" in recipes else next(iter(recipes.values()))[1]
     packs = timed("graftbuild packs x, y (exact, once)", graftbuild(
-        "make", str(first), "pack:x", "pack:y", "-q"))  # fmt: skip
-    res: dict = {"models": str(args.models), "packs": packs.__dict__, "methods": {}}
+        "make", str(recipes["ties"][1]), "pack:x", "pack:y", "-q"))  # fmt: skip
+    objects = work / "cache" / "objects"
+    kept = set(objects.glob("*/*"))  # the packs; each fused model is dropped after its check
+    # The memory reference: graftbuild's own `sum` fuse of the same packs (one tensor at a time).
+    ties_toml = (work / "gb" / "ties.toml").read_text()
+    sum_recipe = work / "gb" / "sum.toml"
+    sum_recipe.write_text(ties_toml.split("[[fuse]]")[0] + SUM_FUSE)
+    ref = timed("graftbuild sum (fuse, reference)", graftbuild("make", str(sum_recipe), "-q"))
+    if "ties" not in cfgs:
+        del recipes["ties"]
+    res: dict = {
+        "models": str(args.models),
+        "packs": packs.__dict__,
+        "graftbuild_sum_fuse": ref.__dict__,
+        "methods": done,
+    }
     for name, (cfg, recipe) in recipes.items():
         mk_out = work / "mk" / name
         mk = timed(f"mergekit {name}", competitor(
@@ -115,6 +148,12 @@ def main() -> None:
             "agrees": oracle.passes(method, check),
         }
         shutil.rmtree(mk_out, ignore_errors=True)
+        shutil.rmtree(work / "gb" / "out" / "fused" / name, ignore_errors=True)
+        for obj in set(objects.glob("*/*")) - kept:  # 3 GB each: the disk would not hold 18
+            shutil.rmtree(obj)
+        if args.out:  # after every method, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
     publish(res, args.out)
 
 
