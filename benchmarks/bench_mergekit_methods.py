@@ -102,7 +102,7 @@ def main() -> None:
     recipes = {}
     # "ties" is always imported: its recipe's packs (x and y against base) are the ones every
     # base-model method shares, built once below.
-    for name, cfg in ({"ties": configs(args.models)["ties"]} | cfgs).items():
+    for name, cfg in (cfgs | {"ties": configs(args.models)["ties"]}).items():
         path = work / "cfg" / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         recipe = work / "gb" / f"{name}.toml"
