@@ -76,6 +76,41 @@ def configs(models: Path) -> dict[str, dict]:
     }
 
 
+def table(res: dict) -> str:
+    """The results as the markdown table of docs/BENCHMARKS.md (peak RSS also against the
+    graftbuild `sum` fuse of the same packs, the streaming reference)."""
+    ref = res.get("graftbuild_sum_fuse", {}).get("peak_rss_mb")
+    head = ["method", "mergekit s", "graftbuild fuse s", "ratio (fuse)", "ratio (packs + fuse)",
+            "mergekit peak RSS MB", "graftbuild peak RSS MB", "RSS ratio"]  # fmt: skip
+    head += ["graftbuild RSS − sum fuse's MB"] if ref else []
+    rows = ["| " + " | ".join([*head, "agreement"]) + " |", "|---" * (len(head) + 1) + "|"]
+    for m, v in res["methods"].items():
+        a = v["agreement"]
+        if "max_rel_diff" in a:
+            ag = f"max rel diff {a['max_rel_diff']:.1e}"
+        else:
+            ag = f"density {a['density_ours']:.4f} vs {a['density_mergekit']:.4f}, "
+            ag += f"norm {a['norm_rel'] * 100:.2f}% apart"
+        ag += "" if v["agrees"] else " (FAILS)"
+        mk, gb = v["mergekit"], v["graftbuild_fuse"]
+        cells = [f"`{m}`", f"{mk['wall_s']:.1f}", f"{gb['wall_s']:.1f}",
+                 f"{v['wall_ratio_fuse_vs_mergekit']:.2f}x",
+                 f"{v['wall_ratio_end_to_end_vs_mergekit']:.2f}x", f"{mk['peak_rss_mb']:.0f}",
+                 f"{gb['peak_rss_mb']:.0f}", f"{v['rss_ratio_vs_mergekit']:.2f}x"]  # fmt: skip
+        cells += [f"{gb['peak_rss_mb'] - ref:+.0f}"] if ref else []
+        rows.append("| " + " | ".join([*cells, ag]) + " |")
+    p = res["packs"]
+    rows.append(
+        f"\npacks x, y (exact, once): {p['wall_s']:.1f} s, peak RSS {p['peak_rss_mb']:.0f} MB"
+    )
+    if ref:
+        r = res["graftbuild_sum_fuse"]
+        rows.append(
+            f"graftbuild `sum` fuse of the same packs: {r['wall_s']:.1f} s, peak RSS {ref:.0f} MB"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", type=Path)
@@ -155,6 +190,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(res, indent=1) + "\n")
     publish(res, args.out)
+    print(table(res))
 
 
 if __name__ == "__main__":
