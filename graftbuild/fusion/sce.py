@@ -87,16 +87,20 @@ class SceStrategy(MergekitStrategy):
     ) -> torch.Tensor:
         import torch
 
+        # In place where the bytes allow (same values as mergekit's expressions, fewer
+        # tensor-sized temporaries); ``base`` and the deltas are not ours to change.
         tv = torch.stack([delta_or_zero(base, d) for d in deltas])
         topk = float(shared["select_topk"])
         if topk < 1:
             var = variance(tv)
             k = int(int(torch.count_nonzero(var)) * topk) if topk > 0 else 0
-            tv = tv * top_mask(var.abs().view(-1), k).view_as(var).unsqueeze(0)
-        erase = sign_consensus(tv)
+            tv.mul_(top_mask(var.abs_().view(-1), k).view_as(var))
+            del var
+        weights = sign_consensus(tv)  # the erase mask, then the erased weights
         w = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
         total = float(w.sum())
         w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
-        w = w.view(-1, *([1] * base.dim())) * erase
-        merged = (tv * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
+        weights.mul_(w.view(-1, *([1] * base.dim())))
+        merged = tv.mul_(weights).sum(dim=0)
+        merged.div_(weights.sum(dim=0).clamp_(min=1e-6))
         return base + merged
