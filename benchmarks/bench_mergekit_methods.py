@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -131,9 +132,16 @@ def main() -> None:
             raise SystemExit(f"--methods: unknown {unknown}; expected some of {sorted(cfgs)}")
         cfgs = {k: cfgs[k] for k in args.methods}
     done: dict = {}
+    earlier: list = []  # the sessions a resumed run continues (their packs and sum reference)
     if args.resume and args.out and args.out.exists():
-        done = json.loads(args.out.read_text())["methods"]
+        prev = json.loads(args.out.read_text())
+        done = prev["methods"]
+        keep = ("packs", "graftbuild_sum_fuse", "load_at_start")
+        earlier = [*prev.get("earlier", []), {k: prev[k] for k in keep if k in prev}]
+        listed = {m for e in earlier[:-1] for m in e.get("methods", [])}
+        earlier[-1]["methods"] = [m for m in done if m not in listed]
         cfgs = {k: v for k, v in cfgs.items() if k not in done}
+    load_at_start = os.getloadavg()
     recipes = {}
     # "ties" is always imported: its recipe's packs (x and y against base) are the ones every
     # base-model method shares, built once below.
@@ -162,6 +170,8 @@ def main() -> None:
         "models": str(args.models),
         "packs": packs.__dict__,
         "graftbuild_sum_fuse": ref.__dict__,
+        "load_at_start": load_at_start,
+        **({"earlier": earlier} if earlier else {}),
         "methods": done,
     }
     for name, (cfg, recipe) in recipes.items():
@@ -181,6 +191,7 @@ def main() -> None:
             "rss_ratio_vs_mergekit": round(gb.peak_rss_mb / mk.peak_rss_mb, 3),
             "agreement": check,
             "agrees": oracle.passes(method, check),
+            "load_after": os.getloadavg(),  # 1, 5, 15 min load averages (2 cores)
         }
         shutil.rmtree(mk_out, ignore_errors=True)
         shutil.rmtree(work / "gb" / "out" / "fused" / name, ignore_errors=True)
