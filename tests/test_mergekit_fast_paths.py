@@ -11,6 +11,7 @@ import torch
 
 from graftbuild.fusion.arcee_fusion import ArceeFusionStrategy
 from graftbuild.fusion.karcher import karcher_mean
+from graftbuild.fusion.mkbase import sign_consensus
 from graftbuild.fusion.sce import top_mask, variance
 
 
@@ -114,3 +115,18 @@ def test_arcee_fusion_quartiles_are_the_sorted_samples(shape: tuple[int, int]) -
     mask = importance >= med + 1.5 * (q3 - q1)
     assert 0 < int(mask.sum()) < mask.numel()
     assert torch.equal(out, base + (t1 - base) * mask.float())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sign_election_in_place_is_mergekits_mask(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    stacked = torch.randn(k, 4000, generator=g)
+    stacked[:, :100] = 0  # zero entries, and sums of exactly zero (which elect +)
+    if k > 1:
+        stacked[1, 100:200] = -stacked[0, 100:200]
+        stacked[2 % k, 200:300] = float("nan")
+    majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
+    ref = (stacked.sign() == majority).to(stacked.dtype)
+    before = stacked.clone()
+    assert torch.equal(sign_consensus(stacked), ref)
+    assert torch.equal(stacked.nan_to_num(7.0), before.nan_to_num(7.0))  # input untouched
