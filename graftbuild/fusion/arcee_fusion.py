@@ -41,18 +41,22 @@ class ArceeFusionStrategy(MergekitStrategy):
         import torch
         import torch.nn.functional as F
 
-        d = delta_or_zero(base, deltas[0])
-        theta1 = base + d
-        p = F.softmax(theta1, dim=-1) + 1e-8
-        q = F.softmax(base, dim=-1) + 1e-8
-        kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-        del p, q
-        importance = (theta1 - base).abs() * kl
+        # mergekit's expressions, in place where the bytes allow (fewer tensor-sized temporaries).
+        theta1 = base + delta_or_zero(base, deltas[0])
+        p = F.softmax(theta1, dim=-1).add_(1e-8)
+        ratio = F.softmax(base, dim=-1).add_(1e-8)  # q, then p / q, then p · log(p / q)
+        torch.div(p, ratio, out=ratio)
+        kl = torch.sum(ratio.log_().mul_(p), dim=-1, keepdim=True)
+        del p, ratio
+        diff = theta1.sub_(base)  # θ₁ − θ
+        importance = diff.abs().mul_(kl)
         flat = importance.reshape(-1)
         if flat.numel() > _SAMPLE:
             idx = torch.randint(flat.numel(), (_SAMPLE,), generator=generator(seed, tensor_name, 0))
             flat = flat[idx]
-        s = torch.sort(flat).values
-        q1, med, q3 = (s[int(f * (s.numel() - 1))] for f in (0.25, 0.5, 0.75))
+        # The sorted sample's entries at three positions, by selection (mergekit sorts it all).
+        n = flat.numel()
+        q1, med, q3 = (torch.kthvalue(flat, int(f * (n - 1)) + 1).values for f in (0.25, 0.5, 0.75))
         mask = (importance >= med + 1.5 * (q3 - q1)).to(base.dtype)
-        return base + (theta1 - base) * mask
+        del importance, flat
+        return base + diff.mul_(mask)

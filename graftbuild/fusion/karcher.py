@@ -18,6 +18,14 @@ class KarcherParams(MergeParams):
 
 
 def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's ``karcher_merge_tensors`` (equal weights), value for value.
+
+    The same float32 operations in the same order as mergekit's loop (so the same bytes: on a
+    32M-entry head mergekit's float32 dot products put the result ~3·10⁻⁴ from the exact mean,
+    and agreeing with mergekit means agreeing with that), but into three reused buffers instead
+    of five fresh tensors per model and iteration: most of the loop's time was allocating and
+    first touching them.
+    """
     import torch
 
     if len(tensors) == 1:
@@ -34,27 +42,32 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     alph = [alphas[i] / a_sum for i in valid]
     us = [units[i] for i in valid]
     mean = torch.zeros_like(us[0])
+    buf = torch.empty_like(mean)
     for a, u in zip(alph, us, strict=True):
-        mean += a * u
+        mean.add_(torch.mul(u, a, out=buf))  # mean += a * u
     mn = torch.linalg.vector_norm(mean)
-    mean = us[0].clone() if mn.item() < tol else mean / mn
+    mean = us[0].clone() if mn.item() < tol else mean.div_(mn)
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
         for a, u in zip(alph, us, strict=True):
             dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+            # tangent += a · (θ / sin θ) · (u − dot · mean)
+            torch.sub(u, torch.mul(mean, dot, out=buf), out=buf)
+            tangent.add_(buf.mul_(a * (theta / torch.sin(theta))))
         tn = torch.linalg.vector_norm(tangent)
         if tn.item() < tol:
             break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        # mean = cos(tn) · mean + sin(tn) · (tangent / tn)
+        mean.mul_(torch.cos(tn)).add_(tangent.div_(tn).mul_(torch.sin(tn)))
         un = torch.linalg.vector_norm(mean)
         if un.item() > tol:
-            mean = mean / un
+            mean.div_(un)
     scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
-    return scale * mean
+    return mean.mul_(scale)
 
 
 class KarcherStrategy(MergekitStrategy):

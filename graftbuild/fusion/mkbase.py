@@ -228,5 +228,6 @@ def sparsify(
 def sign_consensus(stacked: torch.Tensor) -> torch.Tensor:
     """TIES's election by mass: 1.0 where an entry's sign equals the sign of the entries' sum
     (a sum of 0 elects +), else 0.0."""
-    majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-    return (stacked.sign() == majority).to(stacked.dtype)
+    majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype).mul_(2).sub_(1)
+    # sign − majority is 0 exactly where they are equal; in place, one n-sized buffer.
+    return stacked.sign().sub_(majority).eq_(0)

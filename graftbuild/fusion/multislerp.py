@@ -44,26 +44,30 @@ class MultislerpStrategy(MergekitStrategy):
         vecs = [delta_or_zero(base, d) if use_base else model(base, d) for d in deltas]
         if len(vecs) == 1:
             return base + vecs[0] if use_base else vecs[0]
-        x = torch.stack(vecs).view(len(vecs), -1)
-        del vecs
+        # mergekit's expressions, in place where the bytes allow (fewer k·n-sized buffers).
         w = torch.tensor([float(p["weight"]) for p in per], dtype=torch.float32)
         if shared["normalize_weights"]:
             w = w / w.sum()
+        x = torch.stack(vecs).view(len(vecs), -1)
         norms = torch.norm(x, dim=-1, keepdim=True)
-        units = x / (norms + eps)
+        units = x.div_(norms + eps)
+        del x
         mean = (units * w.view(-1, 1)).sum(0)
         mean_norm = torch.norm(mean)
         if mean_norm < eps:
-            if x.shape[0] != 2:
+            if len(vecs) != 2:
                 raise ValueError(
                     f"{tensor_name}: the weighted directions cancel out; change the weights"
                 )
-            out = (x[0] * w[0] + x[1] * w[1]).view(base.shape)
+            out = (vecs[0].reshape(-1) * w[0] + vecs[1].reshape(-1) * w[1]).view(base.shape)
         else:
+            del vecs
             mean = mean / mean_norm
-            tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-            moved = (tangent * w.view(-1, 1)).sum(0)
+            dots = (units * mean).sum(-1, keepdim=True)
+            tangent = units.sub_(dots * mean)
+            moved = tangent.mul_(w.view(-1, 1)).sum(0)
+            del units, tangent
             tn = torch.norm(moved) + eps
-            out = mean * torch.cos(tn) + moved * (torch.sin(tn) / tn)
-            out = (out * (norms.squeeze(-1) * w).sum()).view(base.shape)
+            out = mean.mul_(torch.cos(tn)).add_(moved.mul_(torch.sin(tn) / tn))
+            out = out.mul_((norms.squeeze(-1) * w).sum()).view(base.shape)
         return base + out if use_base else out

@@ -54,10 +54,11 @@ class GeneralizedTaskArithmetic(MergekitStrategy):
                 stacked[i] = sparsify(self.sparsification, d, p, rescale, seed, tensor_name, i)
             stacked.mul_(ws)
             mask = sign_consensus(stacked)
-            divisor = (mask * ws).sum(dim=0)
-            divisor[divisor == 0] = 1
             mixed = stacked.mul_(mask).sum(dim=0)
-            del stacked, mask
+            del stacked
+            divisor = mask.mul_(ws).sum(dim=0)
+            divisor[divisor == 0] = 1
+            del mask
         else:
             # A running sum: one sparsified delta in memory at a time.
             mixed = torch.zeros_like(base)
