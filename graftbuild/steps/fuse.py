@@ -69,10 +69,11 @@ class FuseStep:
         return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from contextlib import ExitStack
+        from contextlib import ExitStack, nullcontext
 
         from graftbuild.fusion import get_strategy
         from graftbuild.skillpack import PackReader
+        from graftbuild.weights.determinism import elementwise_threads
         from graftbuild.weights.memory import release_freed_tensors
         from graftbuild.weights.parallel import ordered_map
         from graftbuild.weights.tensors import (
@@ -245,7 +246,12 @@ class FuseStep:
                 set_config_dtype(ctx.out, out_dtype)
             if sliced is not None:
                 set_config_layers(ctx.out, n_layers, layer_types(ctx, sliced))
-            write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
+            # A sum of reference packs is elementwise from end to end (subtract, weighted add,
+            # convert): its bytes do not depend on intra-op threads, so it may use them.
+            threaded = elementwise and sliced is None and not rows
+            threaded = threaded and all(r.is_reference for r in readers)
+            with elementwise_threads() if threaded else nullcontext():
+                write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
 
 
 def fused_vocabulary(
