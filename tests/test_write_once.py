@@ -129,14 +129,23 @@ def test_only_codecs_that_know_their_layout_plan_one() -> None:
     assert plan_layout({"method": "prune", "keep": 0.5}, "mlp", (3, 5), "float32") is None
 
 
-def test_hashed_writer_hashes_exactly_what_it_wrote(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece", [None, 7, 4096])
+def test_hashed_writer_hashes_exactly_what_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int | None
+) -> None:
+    import graftbuild.cache.writing as writing
+
+    if piece is not None:  # buffers written in pieces that do not divide them
+        monkeypatch.setattr(writing, "WRITE_PIECE", piece)
     path = tmp_path / "f.bin"
     writer = HashedWriter(path)
-    chunks = [b"header", torch.arange(100_000, dtype=torch.int32).numpy(), bytearray(3)]
+    big = torch.arange(300_000, dtype=torch.int32)  # more than one default piece
+    chunks = [b"header", big.numpy(), bytearray(3)]
     for chunk in chunks:
         writer.write(chunk)
     writer.close()
-    assert writer.size == path.stat().st_size == 6 + 400_000 + 3
+    assert writer.size == path.stat().st_size == 6 + 1_200_000 + 3
+    assert path.read_bytes() == b"header" + big.numpy().tobytes() + bytes(3)
     assert writer.digest == hash_file(path)
 
 
