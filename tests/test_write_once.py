@@ -263,15 +263,32 @@ def test_fresh_buffers_are_writable_tensors_of_their_size(nbytes: int) -> None:
     assert float(like.sum()) == 1.5 * like.numel()
 
 
+@pytest.mark.parametrize("mapped", [True, False])
 @pytest.mark.parametrize("size", [0, 1, 4096, 100_003])
 def test_pipelined_file_hash_equals_the_hash_of_the_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, mapped: bool
 ) -> None:
+    import mmap
+
     import xxhash
 
     data = os.urandom(size)
     path = tmp_path / "f"
     path.write_bytes(data)
-    monkeypatch.setattr(hashing, "PIPELINE_MIN", 0)  # every file through the reader thread
+    monkeypatch.setattr(hashing, "PIPELINE_MIN", 0)  # every file through the large-file paths
     monkeypatch.setattr(hashing, "CHUNK", 4096)  # many buffers in flight
+    monkeypatch.setattr(hashing, "MAP_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)  # many windows
+    maps: list[int] = []
+    real_mmap = mmap.mmap
+
+    def counting_mmap(*args: object, **kwargs: object) -> mmap.mmap:
+        if not mapped:
+            raise OSError(19, "this filesystem cannot map files")  # the reader thread instead
+        m = real_mmap(*args, **kwargs)  # type: ignore[arg-type]
+        maps.append(1)
+        return m
+
+    monkeypatch.setattr(mmap, "mmap", counting_mmap)
     assert hash_file(path) == xxhash.xxh3_128_hexdigest(data)
+    expected_maps = -(-size // (2 * mmap.ALLOCATIONGRANULARITY)) if mapped else 0
+    assert len(maps) == expected_maps  # every window of a non-empty file, each mapped once
