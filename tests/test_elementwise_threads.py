@@ -170,3 +170,25 @@ def test_elementwise_threads_restores_the_pin() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_reference_fuse_gives_the_stored_exact_pack_bytes(
+    tmp_path: Path, wide_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 base is widened to float32 piece by piece before the folds (the path the float32
+    base skips); reference and stored packs give the same fused bytes, on 3 threads."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from graftbuild.steps import pack as pack_step
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(wide_models, bf16)
+    for m in ("base", "x", "y"):
+        f = bf16 / m / "model.safetensors"
+        state = {k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
+        save_file(state, str(f), metadata={"format": "pt"})
+    monkeypatch.setattr(determinism, "ELEMENTWISE_THREADS", 3)
+    by_reference = _fuse(tmp_path / "ref", bf16)
+    monkeypatch.setattr(pack_step, "REFERENCE_LOSSLESS", False)
+    assert _fuse(tmp_path / "stored", bf16) == by_reference

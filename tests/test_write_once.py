@@ -292,3 +292,40 @@ def test_pipelined_file_hash_equals_the_hash_of_the_bytes(
     assert hash_file(path) == xxhash.xxh3_128_hexdigest(data)
     expected_maps = -(-size // (2 * mmap.ALLOCATIONGRANULARITY)) if mapped else 0
     assert len(maps) == expected_maps  # every window of a non-empty file, each mapped once
+
+
+def test_weights_are_checked_and_written_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer checks finiteness piece by piece as it writes: a tensor spanning many pieces
+    is written as in one piece, and a NaN in a late piece fails naming the tensor, counted over
+    the whole tensor."""
+    import graftbuild.weights.tensors as tensors
+    from graftbuild.errors import BuildError
+
+    gen = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(37, 11, generator=gen), "b": torch.arange(5, dtype=torch.int64)}
+    infos = [
+        TensorInfo(k, tuple(v.shape), tensors.torch_dtype_to_st(v.dtype), Path())
+        for k, v in state.items()
+    ]
+    for d in ("one", "many", "bad"):
+        (tmp_path / d).mkdir()
+    write_model_weights(tmp_path / "one", infos, iter(state.items()), 2**40)
+    monkeypatch.setattr(tensors, "WRITE_PIECE", 64)  # 16 floats a piece, pieces cut mid-row
+    write_model_weights(tmp_path / "many", infos, iter(state.items()), 2**40)
+    one = (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert (tmp_path / "many" / "model.safetensors").read_bytes() == one
+    assert load_weights_equal(tmp_path / "many", state)
+
+    bad = state["a"].clone()
+    bad[30, 3] = bad[36, 10] = float("nan")
+    with pytest.raises(BuildError, match=r"tensor 'a' is not finite: 2 NaN value\(s\)"):
+        write_model_weights(tmp_path / "bad", infos, iter([("a", bad), ("b", state["b"])]), 2**40)
+
+
+def load_weights_equal(folder: Path, state: dict) -> bool:
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(folder / "model.safetensors"))
+    return loaded.keys() == state.keys() and all(loaded[k].equal(v) for k, v in state.items())
