@@ -329,3 +329,34 @@ def load_weights_equal(folder: Path, state: dict) -> bool:
 
     loaded = load_file(str(folder / "model.safetensors"))
     return loaded.keys() == state.keys() and all(loaded[k].equal(v) for k, v in state.items())
+
+
+def test_forgotten_pages_of_a_mapped_tensor_read_back_from_the_file(tmp_path: Path) -> None:
+    """``forget_pages`` drops whole pages of a range: a file-mapped tensor reads the file's
+    values again afterwards; fresh memory's whole pages in the range read as zeros (it really
+    let them go), and entries outside the range are untouched."""
+    import mmap
+
+    from safetensors.torch import save_file
+
+    from graftbuild.weights.memory import forget_pages
+    from graftbuild.weights.tensors import TensorFile
+
+    values = torch.arange(3 * mmap.PAGESIZE, dtype=torch.float32)  # 12 pages of float32
+    save_file({"t": values}, str(tmp_path / "m.safetensors"))
+    f = TensorFile(tmp_path / "m.safetensors")
+    try:
+        mapped = f.map("t")
+        assert mapped.sum() == values.sum()  # every page touched
+        forget_pages(mapped, 100, values.numel() - 100)
+        assert mapped.equal(values)
+    finally:
+        f.close()
+
+    fresh = empty(values.numel() * 4).view(torch.float32)
+    fresh.fill_(1.0)
+    forget_pages(fresh, 100, values.numel() - 100)
+    per_page = mmap.PAGESIZE // 4
+    assert fresh[:100].eq(1).all() and fresh[-100:].eq(1).all()
+    # all but the range's two partial pages are gone
+    assert int(fresh.eq(0).sum()) >= values.numel() - 200 - 2 * per_page
