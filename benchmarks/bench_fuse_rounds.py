@@ -95,12 +95,14 @@ def main() -> None:
             shutil.rmtree(work / "cp", ignore_errors=True)
             cmd = ["cp", "-r", str(models / "base"), str(work / "cp")]
             runs["cp_base"].append(synced("cp_base", cmd, work, syncs))
+            shutil.rmtree(work / "cp")  # each output deleted once timed: a model's worth of disk
             cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *inputs]
             runs["cat_inputs"].append(synced("cat_inputs", cmd, work, syncs))
         shutil.rmtree(work / "mk", ignore_errors=True)
         runs["mergekit"].append(
             synced("mergekit", competitor("mergekit-yaml", str(cfg), str(work / "mk")), work, syncs)
         )
+        shutil.rmtree(work / "mk", ignore_errors=True)
         sides = [("fuse", graftbuild, "cache", [])]
         sides += [("fuse_fsync", graftbuild, "cache", f) for f in fsync_variants]
         if base_src is not None:
@@ -116,6 +118,11 @@ def main() -> None:
             digests.setdefault(label, set()).add(
                 file_digest(work / "gb" / "out" / "fused" / "fused")
             )
+            shutil.rmtree(work / "gb" / "out", ignore_errors=True)
+            if base_src is None:  # (both sides share the lockfile: gc would drop the packs)
+                # the previous rounds' fused objects, untimed: the packs and this one stay
+                cmd = tool("gc", str(recipe), "--cache", cache)
+                subprocess.run(cmd, cwd=work / "gb", check=True, capture_output=True)
         sides = [("end_to_end", graftbuild, [])]
         sides += [("end_to_end_fsync", graftbuild, f) for f in fsync_variants]
         if base_src is not None:
