@@ -2,7 +2,8 @@
 
 Every step runs on one intra-op thread (weights/determinism.py): SVDs and reductions change
 bytes with the thread count. The ``sum`` fuse of reference packs is elementwise from end to end
-(subtract, weighted add, dtype conversion), so it lifts the pin (``elementwise_threads``); these
+(subtract, weighted add, dtype conversion), so it may lift the pin when asked
+(``elementwise_threads``, ``GRAFTBUILD_ELEMENTWISE_THREADS``); these
 tests check the premise on the kernels it uses, at sizes whose per-thread ranges end inside a
 vector (the scalar tails), and on a whole fuse built with 1 and 3 threads.
 """
@@ -147,14 +148,15 @@ def test_reference_fuse_on_three_threads_gives_the_one_thread_bytes(
     assert seen and set(seen) == {1}
 
 
-def test_thread_count_follows_the_setting_then_omp_num_threads(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_thread_count_is_one_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(determinism, "ELEMENTWISE_THREADS", None)
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert determinism.elementwise_thread_count() == 5
-    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
-    assert determinism.elementwise_thread_count() >= 1
+    monkeypatch.delenv("GRAFTBUILD_ELEMENTWISE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # not ours: torch's default, pinned to one
+    assert determinism.elementwise_thread_count() == 1
+    monkeypatch.setenv("GRAFTBUILD_ELEMENTWISE_THREADS", "4")
+    assert determinism.elementwise_thread_count() == 4
+    monkeypatch.setenv("GRAFTBUILD_ELEMENTWISE_THREADS", "not a number")
+    assert determinism.elementwise_thread_count() == 1
     monkeypatch.setattr(determinism, "ELEMENTWISE_THREADS", 2)
     assert determinism.elementwise_thread_count() == 2
 

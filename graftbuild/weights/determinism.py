@@ -13,8 +13,9 @@ runs with
 - one intra-op thread (:func:`deterministic_math`, around every step's ``run``): parallelism
   comes from ``-j`` across tensors, which never changes bytes. Work made only of elementwise
   ops (no reductions: each output entry computed alone by the same kernel, whatever range a
-  thread gets) may run on more (:func:`elementwise_threads`: the ``sum`` fuse of reference
-  packs); tests/test_elementwise_threads.py checks that its bytes do not depend on the count;
+  thread gets) may run on more when asked (:func:`elementwise_threads`: the ``sum`` fuse of
+  reference packs, ``GRAFTBUILD_ELEMENTWISE_THREADS``); tests/test_elementwise_threads.py
+  checks that its bytes do not depend on the count;
 - torch's deterministic algorithms on a GPU, where torch has them (``--device cuda`` is then
   compared within a tolerance, not by bytes: docs/REPRODUCIBILITY.md).
 
@@ -46,8 +47,10 @@ STEP_THREADS = 1
 """Intra-op threads of every step's math (``-j`` parallelises across tensors instead)."""
 
 ELEMENTWISE_THREADS: int | None = None
-"""Intra-op threads of :func:`elementwise_threads`; None: ``OMP_NUM_THREADS`` where set, else
-the CPUs this process may run on."""
+"""Intra-op threads of :func:`elementwise_threads`; None: ``GRAFTBUILD_ELEMENTWISE_THREADS``
+where set, else 1. One by default: on a loaded 2-vCPU machine, the fuse's 1 MiB pieces on two
+threads ran 2-9x slower than on one (each piece a parallel region whose second thread must be
+woken and scheduled; docs/PERFORMANCE.md)."""
 
 PACKAGES = ("graftbuild", "torch", "transformers", "safetensors", "numpy")
 TRAINING = ("trl", "datasets", "accelerate", "peft")
@@ -91,15 +94,12 @@ def deterministic_math(device: str = "cpu") -> Iterator[None]:
 
 def elementwise_thread_count() -> int:
     """The intra-op threads :func:`elementwise_threads` gives (``ELEMENTWISE_THREADS``, else
-    ``OMP_NUM_THREADS``, else the usable CPUs)."""
+    ``GRAFTBUILD_ELEMENTWISE_THREADS``, else 1)."""
     if ELEMENTWISE_THREADS is not None:
         return max(1, ELEMENTWISE_THREADS)
     with contextlib.suppress(ValueError):
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        return max(1, int(os.environ.get("GRAFTBUILD_ELEMENTWISE_THREADS", "")))
+    return 1
 
 
 @contextlib.contextmanager
