@@ -103,12 +103,9 @@ def forget_pages(t: torch.Tensor, start: int, stop: int) -> None:
 def _madvise() -> object | None:
     if not hasattr(mmap, "MADV_DONTNEED"):
         return None
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).madvise
-    except (OSError, AttributeError):
+    try:  # the process's own symbols (libc's among them): no library search at import
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
