@@ -68,6 +68,11 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="cp of the base, cat of all inputs")
     ap.add_argument("--baseline", type=Path, help="another graftbuild source tree, same rounds")
     ap.add_argument("--no-fsync", action="store_true", help="leave out the --fsync variants")
+    ap.add_argument(
+        "--no-mergekit",
+        action="store_true",
+        help="leave mergekit out (its 3 GB run needs 13 GB of RAM): the floor ratios only",
+    )
     args = ap.parse_args()
     models, work = args.models.resolve(), args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -83,7 +88,7 @@ def main() -> None:
         cmd = baseline_graftbuild(base_src, "make", str(recipe), "--cache", "base-cache", *j)
         synced("baseline_packs", cmd, work / "gb", syncs)
     fsync_variants = [] if args.no_fsync else [["--fsync"]]
-    labels = ["mergekit", "fuse", "end_to_end"]
+    labels = ([] if args.no_mergekit else ["mergekit"]) + ["fuse", "end_to_end"]
     labels += [] if args.no_fsync else ["fuse_fsync", "end_to_end_fsync"]
     labels += ["baseline_fuse", "baseline_end_to_end"] if base_src else []
     labels += ["cp_base", "cat_inputs"] if args.floor else []
@@ -95,12 +100,14 @@ def main() -> None:
             shutil.rmtree(work / "cp", ignore_errors=True)
             cmd = ["cp", "-r", str(models / "base"), str(work / "cp")]
             runs["cp_base"].append(synced("cp_base", cmd, work, syncs))
+            shutil.rmtree(work / "cp")  # each output deleted once timed: a model's worth of disk
             cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *inputs]
             runs["cat_inputs"].append(synced("cat_inputs", cmd, work, syncs))
-        shutil.rmtree(work / "mk", ignore_errors=True)
-        runs["mergekit"].append(
-            synced("mergekit", competitor("mergekit-yaml", str(cfg), str(work / "mk")), work, syncs)
-        )
+        if not args.no_mergekit:
+            shutil.rmtree(work / "mk", ignore_errors=True)
+            cmd = competitor("mergekit-yaml", str(cfg), str(work / "mk"))
+            runs["mergekit"].append(synced("mergekit", cmd, work, syncs))
+            shutil.rmtree(work / "mk", ignore_errors=True)
         sides = [("fuse", graftbuild, "cache", [])]
         sides += [("fuse_fsync", graftbuild, "cache", f) for f in fsync_variants]
         if base_src is not None:
@@ -116,6 +123,11 @@ def main() -> None:
             digests.setdefault(label, set()).add(
                 file_digest(work / "gb" / "out" / "fused" / "fused")
             )
+            shutil.rmtree(work / "gb" / "out", ignore_errors=True)
+            if base_src is None:  # (both sides share the lockfile: gc would drop the packs)
+                # the previous rounds' fused objects, untimed: the packs and this one stay
+                cmd = tool("gc", str(recipe), "--cache", cache)
+                subprocess.run(cmd, cwd=work / "gb", check=True, capture_output=True)
         sides = [("end_to_end", graftbuild, [])]
         sides += [("end_to_end_fsync", graftbuild, f) for f in fsync_variants]
         if base_src is not None:
@@ -131,14 +143,15 @@ def main() -> None:
             r.wall_s + s for r, s in zip(v, syncs[k], strict=True)
         )
     rss = {k: max(r.peak_rss_mb for r in v) for k, v in runs.items()}
-    mk, mks = med["mergekit"], med["mergekit_plus_sync"]
+    mk, mks = med.get("mergekit", float("nan")), med.get("mergekit_plus_sync", float("nan"))
+    mk_rss = rss.get("mergekit", float("nan"))
     ratios = {
         "fuse_only_wall": round(med["fuse"] / mk, 3),
         "end_to_end_wall": round(med["end_to_end"] / mk, 3),
         "fuse_only_plus_sync_vs_mergekit_plus_sync": round(med["fuse_plus_sync"] / mks, 3),
         "end_to_end_plus_sync_vs_mergekit_plus_sync": round(med["end_to_end_plus_sync"] / mks, 3),
-        "fuse_only_peak_rss": round(rss["fuse"] / rss["mergekit"], 3),
-        "end_to_end_peak_rss": round(rss["end_to_end"] / rss["mergekit"], 3),
+        "fuse_only_peak_rss": round(rss["fuse"] / mk_rss, 3),
+        "end_to_end_peak_rss": round(rss["end_to_end"] / mk_rss, 3),
     }
     if not args.no_fsync:
         ratios["fuse_only_fsync_wall"] = round(med["fuse_fsync"] / mk, 3)
@@ -155,7 +168,10 @@ def main() -> None:
             ),
             "fuse_vs_cat_inputs": round(med["fuse"] / med["cat_inputs"], 3),
             "mergekit_vs_cp_base": round(mk / med["cp_base"], 3),
+            "end_to_end_vs_cp_base": round(med["end_to_end"] / med["cp_base"], 3),
         }
+        if base_src is not None:
+            floor["baseline_fuse_vs_cp_base"] = round(med["baseline_fuse"] / med["cp_base"], 3)
     res = {
         "model_bytes": sum(f.stat().st_size for f in (models / "base").glob("*.safetensors")),
         "rounds": args.rounds,

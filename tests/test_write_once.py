@@ -126,14 +126,23 @@ def test_only_codecs_that_know_their_layout_plan_one() -> None:
     assert plan_layout({"method": "prune", "keep": 0.5}, "mlp", (3, 5), "float32") is None
 
 
-def test_hashed_writer_hashes_exactly_what_it_wrote(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece", [None, 7, 4096])
+def test_hashed_writer_hashes_exactly_what_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int | None
+) -> None:
+    import graftbuild.cache.writing as writing
+
+    if piece is not None:  # buffers written in pieces that do not divide them
+        monkeypatch.setattr(writing, "WRITE_PIECE", piece)
     path = tmp_path / "f.bin"
     writer = HashedWriter(path)
-    chunks = [b"header", torch.arange(100_000, dtype=torch.int32).numpy(), bytearray(3)]
+    big = torch.arange(300_000, dtype=torch.int32)  # more than one default piece
+    chunks = [b"header", big.numpy(), bytearray(3)]
     for chunk in chunks:
         writer.write(chunk)
     writer.close()
-    assert writer.size == path.stat().st_size == 6 + 400_000 + 3
+    assert writer.size == path.stat().st_size == 6 + 1_200_000 + 3
+    assert path.read_bytes() == b"header" + big.numpy().tobytes() + bytes(3)
     assert writer.digest == hash_file(path)
 
 
@@ -251,15 +260,100 @@ def test_fresh_buffers_are_writable_tensors_of_their_size(nbytes: int) -> None:
     assert float(like.sum()) == 1.5 * like.numel()
 
 
+@pytest.mark.parametrize("mapped", [True, False])
 @pytest.mark.parametrize("size", [0, 1, 4096, 100_003])
 def test_pipelined_file_hash_equals_the_hash_of_the_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, mapped: bool
 ) -> None:
+    import mmap
+
     import xxhash
 
     data = os.urandom(size)
     path = tmp_path / "f"
     path.write_bytes(data)
-    monkeypatch.setattr(hashing, "PIPELINE_MIN", 0)  # every file through the reader thread
+    monkeypatch.setattr(hashing, "PIPELINE_MIN", 0)  # every file through the large-file paths
     monkeypatch.setattr(hashing, "CHUNK", 4096)  # many buffers in flight
+    monkeypatch.setattr(hashing, "MAP_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)  # many windows
+    maps: list[int] = []
+    real_mmap = mmap.mmap
+
+    def counting_mmap(*args: object, **kwargs: object) -> mmap.mmap:
+        if not mapped:
+            raise OSError(19, "this filesystem cannot map files")  # the reader thread instead
+        m = real_mmap(*args, **kwargs)  # type: ignore[arg-type]
+        maps.append(1)
+        return m
+
+    monkeypatch.setattr(mmap, "mmap", counting_mmap)
     assert hash_file(path) == xxhash.xxh3_128_hexdigest(data)
+    expected_maps = -(-size // (2 * mmap.ALLOCATIONGRANULARITY)) if mapped else 0
+    assert len(maps) == expected_maps  # every window of a non-empty file, each mapped once
+
+
+def test_weights_are_checked_and_written_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer checks finiteness piece by piece as it writes: a tensor spanning many pieces
+    is written as in one piece, and a NaN in a late piece fails naming the tensor, counted over
+    the whole tensor."""
+    import graftbuild.weights.tensors as tensors
+    from graftbuild.errors import BuildError
+
+    gen = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(37, 11, generator=gen), "b": torch.arange(5, dtype=torch.int64)}
+    infos = [
+        TensorInfo(k, tuple(v.shape), tensors.torch_dtype_to_st(v.dtype), Path())
+        for k, v in state.items()
+    ]
+    for d in ("one", "many", "bad"):
+        (tmp_path / d).mkdir()
+    write_model_weights(tmp_path / "one", infos, iter(state.items()), 2**40)
+    monkeypatch.setattr(tensors, "WRITE_PIECE", 64)  # 16 floats a piece, pieces cut mid-row
+    write_model_weights(tmp_path / "many", infos, iter(state.items()), 2**40)
+    one = (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert (tmp_path / "many" / "model.safetensors").read_bytes() == one
+    assert load_weights_equal(tmp_path / "many", state)
+
+    bad = state["a"].clone()
+    bad[30, 3] = bad[36, 10] = float("nan")
+    with pytest.raises(BuildError, match=r"tensor 'a' is not finite: 2 NaN value\(s\)"):
+        write_model_weights(tmp_path / "bad", infos, iter([("a", bad), ("b", state["b"])]), 2**40)
+
+
+def load_weights_equal(folder: Path, state: dict) -> bool:
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(folder / "model.safetensors"))
+    return loaded.keys() == state.keys() and all(loaded[k].equal(v) for k, v in state.items())
+
+
+def test_forgotten_pages_of_a_mapped_tensor_read_back_from_the_file(tmp_path: Path) -> None:
+    """``forget_pages`` drops whole pages of a range: a file-mapped tensor reads the file's
+    values again afterwards; fresh memory's whole pages in the range read as zeros (it really
+    let them go), and entries outside the range are untouched."""
+    import mmap
+
+    from safetensors.torch import save_file
+
+    from graftbuild.weights.memory import forget_pages
+    from graftbuild.weights.tensors import TensorFile
+
+    values = torch.arange(3 * mmap.PAGESIZE, dtype=torch.float32)  # 12 pages of float32
+    save_file({"t": values}, str(tmp_path / "m.safetensors"))
+    f = TensorFile(tmp_path / "m.safetensors")
+    try:
+        mapped = f.map("t")
+        assert mapped.sum() == values.sum()  # every page touched
+        forget_pages(mapped, 100, values.numel() - 100)
+        assert mapped.equal(values)
+    finally:
+        f.close()
+
+    fresh = empty(values.numel() * 4).view(torch.float32)
+    fresh.fill_(1.0)
+    forget_pages(fresh, 100, values.numel() - 100)
+    per_page = mmap.PAGESIZE // 4
+    assert fresh[:100].eq(1).all() and fresh[-100:].eq(1).all()
+    # all but the range's two partial pages are gone
+    assert int(fresh.eq(0).sum()) >= values.numel() - 200 - 2 * per_page

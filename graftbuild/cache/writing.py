@@ -32,6 +32,10 @@ from graftbuild.cache.durability import fsync_objects
 from graftbuild.cache.hashing import note_written
 
 FLUSH_EVERY = 32 << 20
+WRITE_PIECE = 1 << 20
+"""Bytes hashed then written at a time: within a core's L2 cache. Writing 655 MB of 131 MB
+tensors took a median 1.09 s in one piece each against 0.49 s in 1 MiB pieces (5 runs each,
+loaded machine; docs/PERFORMANCE.md)."""
 _SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback of dirty pages, do not wait
 
 
@@ -94,13 +98,17 @@ class HashedWriter:
         return self._fd
 
     def write(self, data: Any) -> None:
-        """Write all of ``data`` (any object exposing a buffer: bytes, a numpy array)."""
-        view = memoryview(data).cast("B")
-        self._hash.update(view)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self.size += n
+        """Write all of ``data`` (any object exposing a buffer: bytes, a numpy array), in pieces
+        of ``WRITE_PIECE`` bytes, each hashed and then written while it is still in the CPU's
+        cache (one pass over memory instead of two for a tensor larger than the cache)."""
+        whole = memoryview(data).cast("B")
+        for lo in range(0, len(whole), WRITE_PIECE):
+            view = whole[lo : lo + WRITE_PIECE]
+            self._hash.update(view)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
         if self.size - self._flushed >= FLUSH_EVERY and fsync_objects():
             fn = _sync_file_range()
             if fn is not None:

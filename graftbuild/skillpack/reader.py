@@ -283,10 +283,12 @@ class PackReader:
             delta = self.decode(name, placement)
             yield 0, delta.numel(), delta.reshape(-1)
             return
+        from graftbuild.weights.memory import forget_pages
+
         self._entry(name)
         base, source = self._model("base", name), self._model("source", name)
         b = (base_tensor if base_tensor is not None else base.map(name)).reshape(-1)
-        x = source.map(name).reshape(-1)
+        x = source.map(name).reshape(-1)  # ours alone: its pages are let go once subtracted
         if b.numel() != x.numel():
             raise UserError(f"{self.path}: tensor {name!r}: base and source sizes differ")
         buf = placement.put(torch.empty(0)).new_empty(min(DELTA_CHUNK, x.numel()))
@@ -299,6 +301,9 @@ class PackReader:
             )
             if check_finite and not all_finite(d):
                 raise UserError(f"{source.folder}: tensor {name!r}: NaN or Inf in the delta")
+            forget_pages(x, lo, hi)  # resident memory: one piece of the source, not its tensor
+            if base_tensor is None:
+                forget_pages(b, lo, hi)
             yield lo, hi, d
 
     def source_tensor(self, name: str, device: Placement | str | None = None) -> torch.Tensor:

@@ -69,10 +69,11 @@ class FuseStep:
         return nodes
 
     def run(self, ctx: StepContext) -> None:
-        from contextlib import ExitStack
+        from contextlib import ExitStack, nullcontext
 
         from graftbuild.fusion import get_strategy
         from graftbuild.skillpack import PackReader
+        from graftbuild.weights.determinism import elementwise_threads
         from graftbuild.weights.memory import release_freed_tensors
         from graftbuild.weights.parallel import ordered_map
         from graftbuild.weights.tensors import (
@@ -153,6 +154,41 @@ class FuseStep:
                     d = r.decode(name, placement, base_tensor=b0)  # decoded on the device
                     return widen(r, name, d, i) if name in rows else d
 
+                def fold_pieces(
+                    b: torch.Tensor, out: torch.Tensor, packs: list[tuple[int, PackReader, float]]
+                ) -> torch.Tensor:
+                    """``out`` = base ⊕ every reference pack's delta, piece by piece: each
+                    piece of the base, of every source and of ``out`` is read or written once,
+                    all the folds done while it is in the CPU's cache (per entry, the same ops
+                    in the same order as pack by pack over the whole tensor: the same bytes).
+                    Finiteness is checked on each finished piece; a non-finite one has the
+                    deltas checked for the error naming the source (check_reference_deltas)."""
+                    from graftbuild.weights.tensors import all_finite
+
+                    bp = placement.put(b)
+                    of, bf = out.view(-1), bp.reshape(-1)
+                    pieces = [
+                        r.delta_chunks(name, placement, bp, check_finite=False) for _, r, _ in packs
+                    ]
+                    weights = [w for _, _, w in packs]
+                    from_base = fold_first is not None and b.dtype == torch.float32
+                    finite = True
+                    for chunk in zip(*pieces, strict=True):
+                        lo, hi, d = chunk[0]
+                        o = of[lo:hi]
+                        if from_base:  # added straight from the base into ``out``
+                            fold_first(bf[lo:hi], d, weights[0], params, name, o)
+                        else:
+                            fold(o.copy_(bf[lo:hi]), d, weights[0], params, name)
+                        for (_, _, d), w in zip(chunk[1:], weights[1:], strict=True):
+                            fold(o, d, w, params, name)
+                        finite = finite and all_finite(o)
+                    if not finite:
+                        check_reference_deltas(
+                            name, out, [(r, w) for _, r, w in packs], b, placement
+                        )
+                    return out
+
                 out = placement.empty_like(b, torch.float32)
                 if fold is not None:
                     # One delta in memory at a time; ``out`` is a fresh buffer, ours to overwrite.
@@ -162,6 +198,8 @@ class FuseStep:
                     # a reference pack's delta folded piece by piece (not when another pack
                     # widens this tensor with added token rows)
                     chunked = elementwise and name not in rows
+                    if chunked and packs and all(r.is_reference for _, r, _ in packs):
+                        return name, placement.host(fold_pieces(b, out, packs), b.dtype)
                     if packs and fold_first is not None and b.dtype == torch.float32:
                         i, r, w = packs.pop(0)  # added straight from the base into ``out``
                         bp = placement.put(b)
@@ -246,7 +284,12 @@ class FuseStep:
                 set_config_dtype(ctx.out, out_dtype)
             if sliced is not None:
                 set_config_layers(ctx.out, n_layers, layer_types(ctx, sliced))
-            write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
+            # A sum of reference packs is elementwise from end to end (subtract, weighted add,
+            # convert): its bytes do not depend on intra-op threads, so it may use them.
+            threaded = elementwise and sliced is None and not rows
+            threaded = threaded and all(r.is_reference for r in readers)
+            with elementwise_threads() if threaded else nullcontext():
+                write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
 
 
 def fused_vocabulary(

@@ -11,7 +11,11 @@ runs with
   loads, so :func:`pin_environment` runs before anything imports torch (the console entry, the
   test suite's conftest, Ray workers' runtime environment);
 - one intra-op thread (:func:`deterministic_math`, around every step's ``run``): parallelism
-  comes from ``-j`` across tensors, which never changes bytes;
+  comes from ``-j`` across tensors, which never changes bytes. Work made only of elementwise
+  ops (no reductions: each output entry computed alone by the same kernel, whatever range a
+  thread gets) may run on more when asked (:func:`elementwise_threads`: the ``sum`` fuse of
+  reference packs, ``GRAFTBUILD_ELEMENTWISE_THREADS``); tests/test_elementwise_threads.py
+  checks that its bytes do not depend on the count;
 - torch's deterministic algorithms on a GPU, where torch has them (``--device cuda`` is then
   compared within a tolerance, not by bytes: docs/REPRODUCIBILITY.md).
 
@@ -41,6 +45,12 @@ PINNED_ENV = {
 
 STEP_THREADS = 1
 """Intra-op threads of every step's math (``-j`` parallelises across tensors instead)."""
+
+ELEMENTWISE_THREADS: int | None = None
+"""Intra-op threads of :func:`elementwise_threads`; None: ``GRAFTBUILD_ELEMENTWISE_THREADS``
+where set, else 1. One by default: on a loaded 2-vCPU machine, the fuse's 1 MiB pieces on two
+threads ran 2-9x slower than on one (each piece a parallel region whose second thread must be
+woken and scheduled; docs/PERFORMANCE.md)."""
 
 PACKAGES = ("graftbuild", "torch", "transformers", "safetensors", "numpy")
 TRAINING = ("trl", "datasets", "accelerate", "peft")
@@ -80,6 +90,36 @@ def deterministic_math(device: str = "cpu") -> Iterator[None]:
         torch.set_num_threads(threads)
         if gpu:
             torch.use_deterministic_algorithms(deterministic)
+
+
+def elementwise_thread_count() -> int:
+    """The intra-op threads :func:`elementwise_threads` gives (``ELEMENTWISE_THREADS``, else
+    ``GRAFTBUILD_ELEMENTWISE_THREADS``, else 1)."""
+    if ELEMENTWISE_THREADS is not None:
+        return max(1, ELEMENTWISE_THREADS)
+    with contextlib.suppress(ValueError):
+        return max(1, int(os.environ.get("GRAFTBUILD_ELEMENTWISE_THREADS", "")))
+    return 1
+
+
+@contextlib.contextmanager
+def elementwise_threads() -> Iterator[int]:
+    """Lift :func:`deterministic_math`'s one intra-op thread while the caller runs only
+    elementwise ops (subtractions, weighted adds, dtype conversions, copies) and reductions whose
+    outcome is order-free (a finiteness check). ATen splits an elementwise op's range between
+    threads and every entry is computed by the same kernel (the vectorised loop's scalar tail
+    included: tests/test_elementwise_threads.py), so the bytes are those of one thread. Threads
+    started inside (``-j`` workers) take the count when they start. Never around matrix
+    products, SVDs or reductions that feed values: those change bytes with the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = elementwise_thread_count()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache

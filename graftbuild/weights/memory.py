@@ -73,3 +73,43 @@ def empty_like(
         return torch.empty(t.shape, dtype=dtype, device=target)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return empty(t.numel() * itemsize).view(dtype).view(t.shape)
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def forget_pages(t: torch.Tensor, start: int, stop: int) -> None:
+    """Let go of the whole pages holding entries ``[start, stop)`` of ``t``, a contiguous CPU
+    tensor of our own mapped from a file (``TensorFile.map``) that will not read those entries
+    again: ``MADV_DONTNEED`` drops them from this process's resident memory (the page cache
+    keeps them; a later read would fault them in again from the file). A tensor read into fresh
+    memory instead (``map``'s fallback) loses those entries' values: only for ranges never read
+    again. Does nothing where ``madvise`` is not available.
+
+    Mapped pages count as the process's own resident memory while mapped: a fuse that reads one
+    tensor of every source at once would hold each source's whole tensor resident without this.
+    """
+    if _MADVISE is None or t.device.type != "cpu" or stop <= start:
+        return
+    size = t.element_size()
+    lo = t.data_ptr() + start * size
+    hi = t.data_ptr() + stop * size
+    lo = -(-lo // _PAGE) * _PAGE  # whole pages only: the neighbours may still be read
+    hi -= hi % _PAGE
+    if hi > lo:
+        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+def _madvise() -> object | None:
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:  # the process's own symbols (libc's among them): no library search at import
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graftbuild.cache.hashing import file_kind, is_tracked, open_regular
-from graftbuild.cache.writing import HashedWriter
+from graftbuild.cache.writing import WRITE_PIECE, HashedWriter
 from graftbuild.errors import BuildError, UserError
 
 if TYPE_CHECKING:
@@ -509,9 +509,18 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"stream writer expected {info.name} {info.shape}, got {name}")
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
-        check_finite(name, tensor)
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(_byte_dtype())
-        self._f.write(data.numpy())  # no intermediate bytes copy
+        flat = tensor.detach().contiguous().cpu().reshape(-1)
+        if not flat.is_floating_point() or flat.numel() == 0:
+            self._f.write(flat.view(_byte_dtype()).numpy())  # no intermediate bytes copy
+            return
+        # checked and written piece by piece, each piece still in the CPU's cache for the
+        # hash and the write (one pass over the tensor instead of two)
+        step = max(1, WRITE_PIECE // flat.element_size())
+        for lo in range(0, flat.numel(), step):
+            piece = flat[lo : lo + step]
+            if not all_finite(piece):
+                check_finite(name, tensor)  # raises, counting over the whole tensor
+            self._f.write(piece.view(_byte_dtype()).numpy())
 
     def close(self) -> None:
         if self._expected:
