@@ -306,6 +306,22 @@ class PackReader:
                 forget_pages(b, lo, hi)
             yield lo, hi, d
 
+    def reference_source(self, name: str) -> torch.Tensor:
+        """A reference pack's source tensor ``name`` as stored, mapped from the source folder
+        (no copy), after checking that the source holds it with the pack's shape. For readers
+        that compute ``source - base`` themselves (the streamed fuse)."""
+        if self._reference is None:
+            raise ValueError(f"{self.path}: not a reference pack")
+        entry = self._entry(name)
+        source = self._model("source", name)
+        info = source.infos.get(name)
+        if info is None or list(info.shape) != list(entry["shape"]):
+            raise UserError(
+                f"{self.path}: tensor {name!r}: {source.folder} does not hold it with shape "
+                f"{entry['shape']} (is this the pack's source?)"
+            )
+        return source.map(name)
+
     def source_tensor(self, name: str, device: Placement | str | None = None) -> torch.Tensor:
         """The fine-tuned (source) tensor ``name`` in float32 on ``device``: read from the
         source folder for a reference pack, base + decoded delta for a stored one (then only

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from graftbuild.recipe import Recipe
     from graftbuild.recipe.schema import FuseSpec
     from graftbuild.skillpack import PackReader
-    from graftbuild.weights.tensors import TensorInfo
+    from graftbuild.weights.tensors import Streamed, TensorInfo
 
 
 class FuseStep:
@@ -253,8 +253,29 @@ class FuseStep:
                 ]
                 names = list(layer_plan)
 
-            def fused() -> Iterator[tuple[str, torch.Tensor]]:
+            # A sum of reference packs (the lossless pipeline) on the CPU: streamed piece by
+            # piece into reused buffers, nothing tensor-sized in memory (steps/fuse_stream.py).
+            streamed = elementwise and sliced is None and not rows and out_dtype is None
+            streamed = streamed and not placement.on_accelerator and bool(readers)
+            streamed = streamed and all(r.is_reference for r in readers)
+
+            def fused() -> Iterator[tuple[str, torch.Tensor | Streamed]]:
                 with ctx.progress.task(f"fuse {ctx.node_id}", len(names), unit="tensor") as advance:
+                    if streamed:
+                        from graftbuild.steps.fuse_stream import streamed_fuse
+
+                        yield from streamed_fuse(
+                            names,
+                            base,
+                            readers,
+                            cfg["weights"],
+                            strategy,
+                            params,
+                            ctx.settings.jobs,
+                            lambda name: fuse_one(name)[1],
+                            advance,
+                        )
+                        return
                     sizes = {i.name: i.nbytes for i in infos}
                     ctx.placement.warm_up()  # before -j threads make their first linalg calls
                     work = ordered_map(

@@ -13,6 +13,7 @@ Weights are read from safetensors only: pickle formats are refused, never loaded
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -481,6 +482,21 @@ def plan_shards(infos: list[TensorInfo], shard_size: int) -> list[list[TensorInf
     return shards
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A tensor handed to ``SafetensorsStreamWriter`` as its flat entries, piece by piece, in
+    order, so that nothing tensor-sized is ever in memory (the streamed fuse: each piece is
+    computed into a reused buffer, written, and its buffer computed into again).
+
+    ``pieces`` yields contiguous CPU tensors of ``dtype``; a piece may be overwritten once the
+    next one is asked for. The producer has checked every piece is finite (it alone can name the
+    cause); the writer checks that the pieces add up to ``shape``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: Iterator[torch.Tensor]
+
+
 class SafetensorsStreamWriter:
     """Writes one safetensors file whose tensors (names, shapes, dtypes) are known in advance,
     taking their data one at a time, in the declared order."""
@@ -503,12 +519,20 @@ class SafetensorsStreamWriter:
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Streamed) -> None:
         info = self._expected.pop(0)
         if info.name != name or tuple(tensor.shape) != info.shape:
             raise RuntimeError(f"stream writer expected {info.name} {info.shape}, got {name}")
         if torch_dtype_to_st(tensor.dtype) != info.dtype:
             raise RuntimeError(f"stream writer expected {info.dtype} for {name}")
+        if isinstance(tensor, Streamed):
+            written = 0
+            for piece in tensor.pieces:  # each valid until the next is asked for
+                self._f.write(piece.view(_byte_dtype()).numpy())
+                written += piece.numel()
+            if written != math.prod(info.shape):
+                raise RuntimeError(f"stream writer got {written} entries of {name}, {info.shape}")
+            return
         flat = tensor.detach().contiguous().cpu().reshape(-1)
         if not flat.is_floating_point() or flat.numel() == 0:
             self._f.write(flat.view(_byte_dtype()).numpy())  # no intermediate bytes copy
@@ -539,7 +563,7 @@ def _byte_dtype() -> torch.dtype:
 def write_model_weights(
     out: Path,
     infos: list[TensorInfo],
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: Iterator[tuple[str, torch.Tensor | Streamed]],
     shard_size: int,
 ) -> list[Path]:
     """Stream tensors into ``model.safetensors`` or HF-style shards plus an index."""
