@@ -43,6 +43,8 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     code: int
+    node_s: dict[str, float] | None = None
+    """Each node's own wall seconds, when the command was ``graftbuild make --json``."""
 
 
 def timed(label: str, cmd: list[str], cwd: Path | None = None, check: bool = True) -> Run:
@@ -61,6 +63,9 @@ def timed(label: str, cmd: list[str], cwd: Path | None = None, check: bool = Tru
     run = Run(
         label, round(wall, 4), round(int(rss.group(1)) / 1024, 1) if rss else -1, proc.returncode
     )
+    if "--json" in cmd and proc.returncode == 0:  # make's report: per-node seconds
+        report = json.loads(proc.stdout)
+        run.node_s = {n["id"]: n["seconds"] for n in report["nodes"] if n["seconds"]}
     print(json.dumps(asdict(run)), flush=True)
     return run
 
