@@ -156,6 +156,38 @@ weights = { x = 1.0, y = 0.5 }
 """
 
 
+def exact_pair_recipe(wx: float | str, wy: float | str) -> str:
+    """A recipe fusing two lossless packs, ``x`` and ``y`` (sources ``models/x``, ``models/y`` of
+    the base ``models/base``), as ``release`` with weights ``wx`` and ``wy``."""
+    return f"""
+[project]
+name = "t"
+cache = "cache"
+
+[base]
+path = "models/base"
+
+[compression.exact]
+embed = "exact"
+head = "exact"
+attn = "exact"
+mlp = "exact"
+
+[sources.x]
+path = "models/x"
+compression = "exact"
+
+[sources.y]
+path = "models/y"
+compression = "exact"
+
+[[fuse]]
+name = "release"
+packs = ["x", "y"]
+weights = {{ x = {wx}, y = {wy} }}
+"""
+
+
 @pytest.fixture(scope="session")
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LLAMA, make_base, make_source, write_recipe
+from conftest import TINY_LLAMA, exact_pair_recipe, make_base, make_source, write_recipe
 
 from graftbuild.build.engine import Engine, cache_dir
 from graftbuild.cache.store import Store
@@ -34,33 +34,7 @@ WIDE_LLAMA = TINY_LLAMA | {
     "num_key_value_heads": 2,
 }
 
-RECIPE = """
-[project]
-name = "t"
-cache = "cache"
-
-[base]
-path = "models/base"
-
-[compression.exact]
-embed = "exact"
-head = "exact"
-attn = "exact"
-mlp = "exact"
-
-[sources.x]
-path = "models/x"
-compression = "exact"
-
-[sources.y]
-path = "models/y"
-compression = "exact"
-
-[[fuse]]
-name = "release"
-packs = ["x", "y"]
-weights = { x = 1.0, y = 0.3 }
-"""
+RECIPE = exact_pair_recipe(1.0, 0.3)
 
 
 @pytest.mark.parametrize("n", [1_000_003, 262_144, 87_383, 5_000_011])

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_base, save_model, write_recipe
+from conftest import exact_pair_recipe, make_base, save_model, write_recipe
 from helpers import load_weights
 from safetensors.torch import load
 
@@ -22,34 +22,6 @@ from graftbuild.steps import fuse_stream
 from graftbuild.steps import pack as pack_step
 from graftbuild.steps.base import BuildSettings
 from graftbuild.weights import memory
-
-RECIPE = """
-[project]
-name = "t"
-cache = "cache"
-
-[base]
-path = "models/base"
-
-[compression.exact]
-embed = "exact"
-head = "exact"
-attn = "exact"
-mlp = "exact"
-
-[sources.x]
-path = "models/x"
-compression = "exact"
-
-[sources.y]
-path = "models/y"
-compression = "exact"
-
-[[fuse]]
-name = "release"
-packs = ["x", "y"]
-weights = {{ x = {wx}, y = -0.375 }}
-"""
 
 
 def _models(root: Path, dtype: str) -> None:
@@ -87,7 +59,7 @@ def test_streamed_fuse_gives_the_stored_exact_path_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
 ) -> None:
     _models(tmp_path / "models", dtype)
-    recipe = write_recipe(tmp_path / "graftbuild.toml", RECIPE.format(wx=1.0))
+    recipe = write_recipe(tmp_path / "graftbuild.toml", exact_pair_recipe(1.0, -0.375))
 
     calls: list[str] = []
     real = fuse_stream.streamed_fuse
@@ -122,7 +94,7 @@ def test_streamed_fuse_holds_no_tensor_sized_buffer(
     """Every buffer it fills is one task's piece, taken from its pool: fresh tensor-sized memory
     is what it exists to avoid."""
     _models(tmp_path / "models", "float32")
-    recipe = write_recipe(tmp_path / "graftbuild.toml", RECIPE.format(wx=1.0))
+    recipe = write_recipe(tmp_path / "graftbuild.toml", exact_pair_recipe(1.0, -0.375))
     monkeypatch.setattr(reader_module, "DELTA_CHUNK", 256)
     taken: list[int] = []
     real_take = fuse_stream._Buffers.take
@@ -136,7 +108,8 @@ def test_streamed_fuse_holds_no_tensor_sized_buffer(
         raise AssertionError(f"a tensor-sized buffer of {nbytes} bytes")
 
     _build(recipe, tmp_path / "cache", jobs=2)  # packs built
-    (tmp_path / "graftbuild.toml").write_text(RECIPE.format(wx=0.5))  # only the fuse is stale
+    # only the fuse is stale
+    (tmp_path / "graftbuild.toml").write_text(exact_pair_recipe(0.5, -0.375))
     monkeypatch.setattr(memory, "empty", no_fresh_buffers)
     monkeypatch.setattr(fuse_stream._Buffers, "take", take)
     _build(recipe, tmp_path / "cache", jobs=2)
@@ -156,7 +129,7 @@ def test_an_overflowing_streamed_sum_fails_naming_the_tensor(
     state = load_file(str(x / "model.safetensors"))
     state["model.layers.1.mlp.up_proj.weight"][2, 3] = big
     save_model(x, state, config_from=tmp_path / "models" / "init")
-    recipe = write_recipe(tmp_path / "graftbuild.toml", RECIPE.format(wx=2.0))
+    recipe = write_recipe(tmp_path / "graftbuild.toml", exact_pair_recipe(2.0, -0.375))
     with pytest.raises(
         BuildError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is not finite"
     ):

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_source, write_recipe
+from conftest import exact_pair_recipe, make_source, write_recipe
 from helpers import engine, load_weights, make
 
 from graftbuild.errors import UserError
@@ -20,33 +20,7 @@ from graftbuild.skillpack import reader as reader_module
 from graftbuild.skillpack.format import PACK_FILE, REFERENCE_FORMAT_VERSION
 from graftbuild.steps import pack as pack_step
 
-RECIPE = """
-[project]
-name = "t"
-cache = "cache"
-
-[base]
-path = "models/base"
-
-[compression.exact]
-embed = "exact"
-head = "exact"
-attn = "exact"
-mlp = "exact"
-
-[sources.x]
-path = "models/x"
-compression = "exact"
-
-[sources.y]
-path = "models/y"
-compression = "exact"
-
-[[fuse]]
-name = "release"
-packs = ["x", "y"]
-weights = { x = 1.0, y = 0.5 }
-"""
+RECIPE = exact_pair_recipe(1.0, 0.5)
 
 
 @pytest.fixture
