@@ -136,15 +136,17 @@ def streamed_fuse(
                 sources.append((x.reshape(-1), w))
         return _Tensor(name, b.reshape(-1), sources, b.dtype)
 
+    def cuts(n: int, floating: bool) -> list[tuple[int, int]]:
+        """A tensor's tasks; a buffer (position_ids) or an empty tensor is one, the base's as is."""
+        if not floating or n == 0:
+            return [(0, n)]
+        return [(lo, min(lo + task, n)) for lo in range(0, n, task)]
+
     def tasks() -> Iterator[tuple[_Tensor, int, int]]:
         for name in names:
             t = operands(name)  # mapped as the pool reaches it; unmapped with its last task
-            n = t.base.numel()
-            if not t.base.is_floating_point() or n == 0:
-                yield t, 0, n  # a buffer (position_ids) or an empty tensor: the base's, as is
-                continue
-            for lo in range(0, n, task):
-                yield t, lo, min(lo + task, n)
+            for lo, hi in cuts(t.base.numel(), t.base.is_floating_point()):
+                yield t, lo, hi
 
     def compute(item: tuple[_Tensor, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One task's piece of the output, and the pool buffer it lives in (None: a view of
@@ -199,7 +201,7 @@ def streamed_fuse(
 
     for name in names:
         info = base.infos[name]
-        n, dtype = math.prod(info.shape), st_to_torch_dtype(info.dtype)
-        count = -(-n // task) if dtype.is_floating_point and n else 1  # as tasks() cuts it
+        dtype = st_to_torch_dtype(info.dtype)
+        count = len(cuts(math.prod(info.shape), dtype.is_floating_point))
         yield name, Streamed(tuple(info.shape), dtype, pieces(count))
         advance(1)
