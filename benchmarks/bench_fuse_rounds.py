@@ -200,7 +200,7 @@ def main() -> None:
                 med["baseline_fuse_step"] / med["cp_base"], 3
             )
     res = {
-        "model_bytes": sum(f.stat().st_size for f in (models / "base").glob("*.safetensors")),
+        "model_bytes": model_bytes,
         "rounds": args.rounds,
         "baseline": str(base_src) if base_src else None,
         "runs": {k: [r.__dict__ for r in v] for k, v in runs.items()},
