@@ -50,7 +50,8 @@ def test_make_writes_a_stable_lock(path_project: Path) -> None:
     assert env["torch"].startswith("2.") and env["transformers"] and env["graftbuild"]
     assert env["device"] == "cpu" and env["threads"] == 1  # one intra-op thread, any machine
     # the numerical paths in effect and the CPU's instruction set (weights/determinism.py)
-    assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "AVX2"
+    assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "COMPATIBLE"
+    assert env["mkl_branch"] == "COMPATIBLE"  # the branch MKL took, read back from MKL
     assert isinstance(env["cpu_flags"], list) and "avx2" in env["cpu_flags"]
     assert {e["env"] for e in lock["nodes"].values() if e["step"] != "input"} == set(
         lock["environments"]

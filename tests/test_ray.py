@@ -60,6 +60,7 @@ def test_ray_builds_a_trained_and_packed_recipe_to_the_local_bytes(ray_run: dict
     assert set(envs) >= EVERY_KIND
     for env in envs.values():  # measured on the worker, reported back
         assert env["threads"] == 1 and env["cpu_capability"] == "AVX2"
+        assert env["mkl_branch"] == "COMPATIBLE"
 
 
 def test_independent_packs_run_concurrently(ray_run: dict) -> None:

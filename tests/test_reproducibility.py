@@ -8,12 +8,18 @@ with torch's default thread count, with one OpenMP thread and ``-j 2``. The Ray 
 builds are compared in tests/test_ray.py. Without the pinned kernels
 (``ATEN_CPU_CAPABILITY=default``, the scalar ones) the trained models' bytes change: the pins
 are what makes the bytes the same.
+
+MKL picks its code paths by CPU vendor as well as by instruction set: a build is also made with
+MKL told the CPU is the other vendor's (Intel on an AMD machine, not Intel on an Intel one;
+``mkl_serv_intel_cpu`` interposed through ``LD_PRELOAD``, the function MKL asks), which gives
+a CI machine of one vendor the other vendor's MKL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,5 +160,53 @@ def test_the_lock_names_each_nodes_threads_kernels_and_instruction_set(
             continue
         env = envs[entry["env"]]
         assert env["threads"] == 1, node
-        assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "AVX2", node
+        assert env["cpu_capability"] == "AVX2" and env["MKL_CBWR"] == "COMPATIBLE", node
+        assert env["mkl_branch"] == "COMPATIBLE", node
         assert "avx2" in env["cpu_flags"], node
+
+
+@pytest.fixture(scope="module")
+def other_vendor(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment under which torch's MKL sees the other CPU vendor than this one."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the MKL vendor shim")
+    intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    folder = tmp_path_factory.mktemp("vendor")
+    source = folder / "vendor.c"
+    source.write_text(
+        f"int mkl_serv_intel_cpu_true(void) {{ return {int(not intel)}; }}\n"
+        f"int mkl_serv_intel_cpu(void) {{ return {int(not intel)}; }}\n"
+    )
+    shim = folder / "libvendor.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", shim, source], check=True)
+    return {"LD_PRELOAD": str(shim)}
+
+
+def branch_taken(**env: str) -> str:
+    """The MKL branch a fresh process takes under ``env`` (and the user's MKL_CBWR=AVX2)."""
+    code = (
+        "from graftbuild.weights.determinism import mkl_branch, pin_environment\n"
+        "pin_environment()\nimport torch\nprint(mkl_branch())"
+    )
+    environ = os.environ | {"MKL_CBWR": "AVX2", "PYTHONPATH": str(REPO)} | env
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    return run.stdout.strip()
+
+
+def test_the_vendor_shim_changes_the_branch_mkl_takes(other_vendor: dict[str, str]) -> None:
+    # MKL honours an ISA branch only on Intel CPUs and falls back to AUTO elsewhere: the shim
+    # really gives this process the other vendor's MKL, so the next test can fail.
+    intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    here, there = branch_taken(), branch_taken(**other_vendor)
+    assert (here, there) == (("AVX2", "AUTO") if intel else ("AUTO", "AVX2"))
+
+
+def test_the_other_vendors_mkl_gives_the_same_bytes(
+    default_build: dict, other_vendor: dict[str, str], tmp_path: Path
+) -> None:
+    other = build(tmp_path / "vendor", **other_vendor)
+    assert outputs(other) == outputs(default_build)
+    assert set(outputs(other)) >= EVERY_KIND

@@ -49,7 +49,7 @@ class Build(Protocol):
 
 
 LOCK_FORMAT = 1
-PINNED = (*PACKAGES, "device", "threads", "cpu_capability", "MKL_CBWR")
+PINNED = (*PACKAGES, "device", "threads", "cpu_capability", "MKL_CBWR", "mkl_branch")
 """Environment fields that must match the lock for a node that ``make --locked`` rebuilds."""
 
 
@@ -57,12 +57,12 @@ def lock_path(recipe: Path) -> Path:
     return recipe.with_suffix(".lock")
 
 
-def environment(settings: BuildSettings) -> dict[str, Any]:
+def environment(settings: BuildSettings, load_torch: bool = False) -> dict[str, Any]:
     """This process's environment (weights/determinism.py): what may change a step's bytes
     without changing its key (docs/REPRODUCIBILITY.md)."""
     from graftbuild.weights.determinism import environment as measured
 
-    return measured(settings.device)
+    return measured(settings.device, load_torch)
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -287,7 +287,7 @@ def check_inputs(engine: Build, targets: list[str] | None = None) -> None:
         )
     root = engine.recipe.root
     nodes: dict[str, Any] = lock.get("nodes", {})
-    env_now = environment(engine.settings)
+    env_now: dict[str, Any] | None = None  # measured (torch loaded) once a node must rebuild
     problems: list[str] = []
     order = engine.graph.order(targets)
     if not targets:
@@ -348,6 +348,8 @@ def check_inputs(engine: Build, targets: list[str] | None = None) -> None:
         if lock_deps != dict(node.deps):
             problems.append(f"{node.id}: its inputs {node.deps} differ from the lock's {lock_deps}")
         if engine.store.lookup(entry.get("key", "")) is None:
+            if env_now is None:
+                env_now = environment(engine.settings, load_torch=True)
             env_lock = lock.get("environments", {}).get(entry.get("env"), {})
             for k in PINNED:
                 if k in env_lock and env_lock[k] != env_now.get(k):

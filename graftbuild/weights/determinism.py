@@ -6,10 +6,13 @@ bytes of packs depend, besides, on the number of threads LAPACK's SVD runs on. S
 runs with
 
 - ATen's kernels pinned to AVX2 (``ATEN_CPU_CAPABILITY``), which every x86-64 CPU of the last
-  decade has, and MKL's and oneDNN's code paths pinned to their AVX2 branch (``MKL_CBWR``,
-  conditional numerical reproducibility; ``ONEDNN_MAX_CPU_ISA``). These are read when torch
-  loads, so :func:`pin_environment` runs before anything imports torch (the console entry, the
-  test suite's conftest, Ray workers' runtime environment);
+  decade has; MKL (BLAS, LAPACK's SVD) pinned to its ``COMPATIBLE`` branch (``MKL_CBWR``,
+  conditional numerical reproducibility), the one branch MKL honours on every vendor's CPU: it
+  ignores ``AVX2`` and the other ISA branches on a non-Intel CPU and dispatches as it likes
+  (``AUTO``), so an AVX2 pin gave other bytes on AMD than on Intel. oneDNN is capped at AVX2
+  (``ONEDNN_MAX_CPU_ISA``). These are read when torch loads, so :func:`pin_environment` runs
+  before anything imports torch (the console entry, the test suite's conftest, Ray workers'
+  runtime environment), and :func:`mkl_branch` reads back the branch MKL actually took;
 - one intra-op thread (:func:`deterministic_math`, around every step's ``run``): parallelism
   comes from ``-j`` across tensors, which never changes bytes. Work made only of elementwise
   ops (no reductions: each output entry computed alone by the same kernel, whatever range a
@@ -37,7 +40,7 @@ from typing import Any
 
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS (read when CUDA starts)
 }
@@ -122,6 +125,42 @@ def elementwise_threads() -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+MKL_BRANCHES = {
+    1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+    9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1",
+}
+"""MKL's code-branch numbers (``mkl_cbwr.h``) and their ``MKL_CBWR`` names."""
+
+
+def mkl_branch() -> str | None:
+    """The code branch MKL runs in this process (``MKL_CBWR``'s name for it), which is not
+    always the one asked for: on a non-Intel CPU an ISA branch falls back to ``AUTO``. None
+    where torch is not loaded or its MKL cannot say (no MKL, or the query symbol missing).
+
+    torch links MKL statically and exports only MKL's internal ``mkl_serv_cbwr_get``, which
+    takes the public ``mkl_cbwr_get``'s argument (1: the branch)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else _mkl_branch(os.path.dirname(torch.__file__))
+
+
+@functools.cache
+def _mkl_branch(torch_dir: str) -> str | None:
+    import ctypes
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return None
+    lib = os.path.join(torch_dir, "lib", "libtorch_cpu.so")
+    try:
+        query = ctypes.CDLL(lib).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    query.restype, query.argtypes = ctypes.c_int, [ctypes.c_int]
+    branch = query(1)
+    return MKL_BRANCHES.get(branch, str(branch))
+
+
 @functools.cache
 def _versions() -> tuple[tuple[str, str | None], ...]:
     """Installed versions of the recorded packages (read once per process: ~20 ms a call)."""
@@ -154,12 +193,15 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def environment(device: str) -> dict[str, Any]:
+def environment(device: str, load_torch: bool = False) -> dict[str, Any]:
     """What may change a step's bytes without changing its key, as this process has it: package
-    versions, the numerical settings in effect, the CPU's instruction set, the device. Does not
-    import torch (a no-op build writes its lock without it): the kernels and threads in use are
-    read from torch only when it is loaded."""
+    versions, the numerical settings in effect, the CPU's instruction set, the device. Imports
+    torch only with ``load_torch`` (a no-op build writes its lock without it): the kernels and
+    MKL branch in use are read from torch only when it is loaded."""
     import platform
+
+    if load_torch:
+        import torch
 
     env: dict[str, Any] = dict(_versions())
     torch = sys.modules.get("torch")
@@ -175,6 +217,7 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_capability": capability or os.environ.get("ATEN_CPU_CAPABILITY", "").upper() or None,
         "cpu_flags": list(_cpu_flags()),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "mkl_branch": mkl_branch() if torch is not None else None,
         "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
     return env
