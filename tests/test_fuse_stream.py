@@ -135,3 +135,37 @@ def test_an_overflowing_streamed_sum_fails_naming_the_tensor(
     ):
         _build(recipe, tmp_path / "cache", jobs=2)
     assert not (tmp_path / "out" / "fused" / "release").exists()
+
+
+def test_the_collector_pauses_while_streaming_and_resumes_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's cyclic collector is off while pieces are made (its full passes walk torch's
+    import-time objects) and on again afterwards, after a failure too."""
+    import gc
+
+    _models(tmp_path / "models", "float32")
+    recipe = write_recipe(tmp_path / "graftbuild.toml", exact_pair_recipe(1.0, -0.375))
+    monkeypatch.setattr(reader_module, "DELTA_CHUNK", 256)
+    _build(recipe, tmp_path / "cache", jobs=1)  # packs built
+    seen: list[bool] = []
+    real_take = fuse_stream._Buffers.take
+
+    def take(self, dtype):  # type: ignore[no-untyped-def]
+        seen.append(gc.isenabled())
+        return real_take(self, dtype)
+
+    monkeypatch.setattr(fuse_stream._Buffers, "take", take)
+    (tmp_path / "graftbuild.toml").write_text(exact_pair_recipe(0.5, -0.375))
+    _build(recipe, tmp_path / "cache", jobs=1)
+    assert seen and not any(seen)
+    assert gc.isenabled()
+
+    def broken(self, dtype):  # type: ignore[no-untyped-def]
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(fuse_stream._Buffers, "take", broken)
+    (tmp_path / "graftbuild.toml").write_text(exact_pair_recipe(0.25, -0.375))
+    with pytest.raises(Exception, match="disk gone"):
+        _build(recipe, tmp_path / "cache", jobs=1)
+    assert gc.isenabled()

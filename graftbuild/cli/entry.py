@@ -107,6 +107,8 @@ def _noop_json(nodes: list[dict[str, Any]], gates: list[Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console entry; ``argv`` given: called in-process (tests), not as the program."""
+    program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     from graftbuild.weights.determinism import pin_environment
 
@@ -115,4 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     from graftbuild.cli.app import main as cli
 
-    cli.main(args=argv, prog_name="graftbuild")
+    try:
+        cli.main(args=argv, prog_name="graftbuild")
+    finally:
+        if program:
+            # The interpreter's last full collection, at exit, walks every object torch and
+            # transformers made at import: 0.2-0.3 s of every command that loaded torch
+            # (docs/PERFORMANCE.md). Frozen objects are left out of it; the process ends.
+            import gc
+
+            gc.freeze()

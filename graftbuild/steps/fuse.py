@@ -74,7 +74,7 @@ class FuseStep:
         from graftbuild.fusion import get_strategy
         from graftbuild.skillpack import PackReader
         from graftbuild.weights.determinism import elementwise_threads
-        from graftbuild.weights.memory import release_freed_tensors
+        from graftbuild.weights.memory import paused_gc, release_freed_tensors
         from graftbuild.weights.parallel import ordered_map
         from graftbuild.weights.tensors import (
             ModelWeights,
@@ -309,7 +309,12 @@ class FuseStep:
             # convert): its bytes do not depend on intra-op threads, so it may use them.
             threaded = elementwise and sliced is None and not rows
             threaded = threaded and all(r.is_reference for r in readers)
-            with elementwise_threads() if threaded else nullcontext():
+            # The streamed fuse makes a few short-lived, acyclic tensor views per piece: the
+            # cyclic collector's passes over torch's objects are pure cost there.
+            with (
+                elementwise_threads() if threaded else nullcontext(),
+                paused_gc() if streamed else nullcontext(),
+            ):
                 write_model_weights(ctx.out, infos, fused(), cfg["shard_size"])
 
 

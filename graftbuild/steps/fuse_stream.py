@@ -175,10 +175,13 @@ def streamed_fuse(
                     fold_first(b, d, w, params, t.name, acc)
                 else:
                     fold(acc.copy_(b), d, w, params, t.name)
-                forget_pages(x, a, e)  # this source's piece is done: let its pages go
-            forget_pages(t.base, a, e)
             if not f32:
                 out[a - lo : e - lo].copy_(acc)  # the one conversion to the tensor's dtype
+        # the task's inputs are done: let their pages go, once per task (each madvise is a TLB
+        # shootdown on every CPU; per 1 MiB piece and source they were ~3.5% of the fuse)
+        for x, _ in t.sources:
+            forget_pages(x, lo, hi)
+        forget_pages(t.base, lo, hi)
         if not all_finite(out):
             buffers.give(buf)
             raise _NotFinite(t.name)
