@@ -112,6 +112,22 @@ def main() -> None:
     digests: dict[str, set[str]] = {}
     model_bytes = sum(f.stat().st_size for f in (models / "base").glob("*.safetensors"))
     for i in range(args.rounds):
+        # mergekit and the cold pipelines first, under the same conditions; then the floor and
+        # the fuse alone, each after its inputs are read into the page cache
+        if not args.no_mergekit:
+            shutil.rmtree(work / "mk", ignore_errors=True)
+            cmd = competitor("mergekit-yaml", str(cfg), str(work / "mk"))
+            runs["mergekit"].append(synced("mergekit", cmd, work, syncs))
+            shutil.rmtree(work / "mk", ignore_errors=True)
+        sides = [("end_to_end", graftbuild, [])]
+        sides += [("end_to_end_fsync", graftbuild, f) for f in fsync_variants]
+        if base_src is not None:
+            sides.append(("baseline_end_to_end", lambda *a: baseline_graftbuild(base_src, *a), []))
+        for label, tool, flags in sides:
+            shutil.rmtree(work / "gb" / "out", ignore_errors=True)
+            cmd = tool("make", str(recipe), "--cache", "cold-cache", *j, *flags, "--json")
+            runs[label].append(synced(label, cmd, work / "gb", syncs))
+            shutil.rmtree(work / "gb" / "cold-cache")
         if args.floor:
             # cp under the fuse's conditions: its inputs in the page cache, and its output
             # written onto pages the kernel just freed (the fuse's previous output is deleted
@@ -126,11 +142,6 @@ def main() -> None:
             shutil.rmtree(work / "cp")  # each output deleted once timed: a model's worth of disk
             cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *inputs]
             runs["cat_inputs"].append(synced("cat_inputs", cmd, work, syncs))
-        if not args.no_mergekit:
-            shutil.rmtree(work / "mk", ignore_errors=True)
-            cmd = competitor("mergekit-yaml", str(cfg), str(work / "mk"))
-            runs["mergekit"].append(synced("mergekit", cmd, work, syncs))
-            shutil.rmtree(work / "mk", ignore_errors=True)
         sides = [("fuse", graftbuild, "cache", [])]
         sides += [("fuse_fsync", graftbuild, "cache", f) for f in fsync_variants]
         if base_src is not None:
@@ -157,15 +168,6 @@ def main() -> None:
                 # the previous rounds' fused objects, untimed: the packs and this one stay
                 cmd = tool("gc", str(recipe), "--cache", cache)
                 subprocess.run(cmd, cwd=work / "gb", check=True, capture_output=True)
-        sides = [("end_to_end", graftbuild, [])]
-        sides += [("end_to_end_fsync", graftbuild, f) for f in fsync_variants]
-        if base_src is not None:
-            sides.append(("baseline_end_to_end", lambda *a: baseline_graftbuild(base_src, *a), []))
-        for label, tool, flags in sides:
-            shutil.rmtree(work / "gb" / "out", ignore_errors=True)
-            cmd = tool("make", str(recipe), "--cache", "cold-cache", *j, *flags)
-            runs[label].append(synced(label, cmd, work / "gb", syncs))
-            shutil.rmtree(work / "gb" / "cold-cache")
     med = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
     for k, v in runs.items():
         med[f"{k}_plus_sync"] = statistics.median(
