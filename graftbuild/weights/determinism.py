@@ -76,6 +76,11 @@ def pinned_env_vars() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in PINNED_ENV.items()}
 
 
+def load_math() -> None:
+    """Load torch (once per process; the pins must be set before: :func:`pin_environment`)."""
+    import torch  # noqa: F401
+
+
 @contextlib.contextmanager
 def deterministic_math(device: str = "cpu") -> Iterator[None]:
     """One intra-op thread (and deterministic GPU algorithms) while a step runs."""
@@ -201,7 +206,7 @@ def environment(device: str, load_torch: bool = False) -> dict[str, Any]:
     import platform
 
     if load_torch:
-        import torch
+        load_math()
 
     env: dict[str, Any] = dict(_versions())
     torch = sys.modules.get("torch")

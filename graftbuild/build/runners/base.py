@@ -78,15 +78,13 @@ def execute(store: Store, job: Job, settings: BuildSettings, progress: Reporter)
     """Build ``job`` into ``store``: its step runs into a staging folder that is committed as an
     object only when complete. Failures come back as the outcome's error, naming the node. The
     timing holds what it cost: wall time, peak RSS (and GPU memory), bytes written."""
-    # Every step's math runs under torch (deterministic_math): it loads here, once per process,
-    # before the clock starts, so a node's seconds are its own work and not the ~1 s import of
-    # whichever node ran first.
-    import torch  # noqa: F401
-
     from graftbuild.build.resources import measured, tree_bytes
     from graftbuild.steps.base import StepContext
-    from graftbuild.weights.determinism import deterministic_math, environment
+    from graftbuild.weights.determinism import deterministic_math, environment, load_math
 
+    # every step's math runs under torch: it loads before the clock starts, so a node's seconds
+    # are its own work and not the ~1 s import of whichever node ran first
+    load_math()
     start = time.time()
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     with progress.building(job.node_id), measured(settings.device) as cost:
