@@ -347,7 +347,7 @@ class Engine:
             timing = outcome.timing if outcome is not None else {}
             if timing:
                 where = f" on {timing['host']}" if timing.get("host") else ""
-                took = timing["end"] - timing["start"]
+                took = _took(timing)
                 self.reporter.log(f"[bold]built[/] {node.id}{where} in {took:.1f}s")
         state, reasons = ("fresh" if action == "reused" else "stale"), visit.reasons
         why = self._place_output(node, digest)
@@ -473,6 +473,7 @@ def node_event(result: NodeResult) -> dict[str, Any]:
 
 
 def _took(timing: dict[str, Any] | None) -> float | None:
+    """A node's own seconds: from the worker's math stack being loaded to the end."""
     if not timing or "end" not in timing:
         return None
-    return float(timing["end"] - timing["start"])
+    return float(timing["end"] - timing.get("loaded", timing["start"]))

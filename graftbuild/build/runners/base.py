@@ -82,10 +82,12 @@ def execute(store: Store, job: Job, settings: BuildSettings, progress: Reporter)
     from graftbuild.steps.base import StepContext
     from graftbuild.weights.determinism import deterministic_math, environment, load_math
 
-    # every step's math runs under torch: it loads before the clock starts, so a node's seconds
-    # are its own work and not the ~1 s import of whichever node ran first
-    load_math()
+    # Every step's math runs under torch. "start" is when the job began on this worker;
+    # "loaded" follows torch's one import per process, and a node's seconds count from there
+    # (engine._took): its own work, not the ~1 s import of whichever node ran first.
     start = time.time()
+    load_math()
+    loaded = time.time()
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     with progress.building(job.node_id), measured(settings.device) as cost:
         try:
@@ -108,7 +110,7 @@ def execute(store: Store, job: Job, settings: BuildSettings, progress: Reporter)
             error = e
         else:
             error = None
-    timing = {"start": start, "end": time.time(), **where, **cost}
+    timing = {"start": start, "loaded": loaded, "end": time.time(), **where, **cost}
     if error is not None:
         return Outcome(error=error, timing=timing)
     timing["bytes"] = tree_bytes(store.object_path(digest))
